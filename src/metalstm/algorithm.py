@@ -1,0 +1,111 @@
+"""The one small interface every few-shot method implements.
+
+A method is an ``nn.Module`` whose parameters are its meta-parameters. It is meta-trained by the
+shared training loop through :meth:`Algorithm.meta_loss` (one episode in, a differentiable loss
+out), adapts to a support set with :meth:`Algorithm.adapt`, and labels a query set with the
+returned classifier. Every method uses the same episodes, learner, checkpoints and evaluation.
+
+Optional hooks (all with defaults, for methods that are not meta-trained on episodes):
+``trains_on`` says what the Trainer trains the method on (``"episodes"``, ``"batches"`` of
+ordinary mini-batches over all training classes through :meth:`Algorithm.batch_loss`, or
+``"nothing"``); :meth:`Algorithm.configure` fills in settings that depend on the training classes
+before the method is built; :meth:`Algorithm.validate` lets a method choose evaluation settings
+on the validation episodes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import chain
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .config import Config
+from .data import ClassImages, Episode
+from .learner import Learner, LearnerShape
+
+Classifier = Callable[[Tensor], Tensor]
+"""An adapted model: images [B, C, H, W] → logits [B, N]."""
+
+
+@dataclass
+class EpisodeLoss:
+    """Result of one meta-training episode."""
+
+    loss: Tensor  # scalar, differentiable w.r.t. the meta-parameters
+    accuracy: float  # query accuracy in [0, 1]
+
+
+class Algorithm(nn.Module, ABC):
+    """A few-shot learning method: meta-train on episodes, adapt to a support set, predict."""
+
+    name: ClassVar[str]
+    trains_on: ClassVar[str] = "episodes"
+    """What the shared Trainer trains: ``"episodes"`` (:meth:`meta_loss` on N-way K-shot episodes),
+    ``"batches"`` (:meth:`batch_loss` on ordinary mini-batches over every image of every training
+    class; ``pretrain_epochs`` and ``pretrain_batch`` set their number and size) or ``"nothing"``
+    (no parameters to train)."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.learner = Learner(learner_shape(config), config.bn_momentum, config.bn_eps)
+
+    @abstractmethod
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        """Query loss after adapting to the support set; differentiable in the meta-parameters."""
+
+    @abstractmethod
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        """Fit to a support set (images [N*K, C, H, W], labels [N*K]) at evaluation time."""
+
+    def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
+        """Logits [N*Q, N] of the query images after adapting to the support set."""
+        return self.adapt(support_x, support_y)(query_x)
+
+    @classmethod
+    def configure(cls, config: Config, train: ClassImages) -> Config:
+        """``config`` with the settings that depend on the training classes filled in.
+
+        The Trainer calls this before building the method, so a shape that depends on the data
+        (e.g. a classifier with one output per training class) is fixed in the config saved with
+        every checkpoint. Default: ``config`` unchanged.
+        """
+        return config
+
+    def batch_loss(self, images: Tensor, labels: Tensor) -> EpisodeLoss:
+        """Loss on a mini-batch of training images [B, C, H, W] with their class indices [B].
+
+        Called by the Trainer instead of :meth:`meta_loss` when ``trains_on == "batches"``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not trained on mini-batches")
+
+    def validate(self, score: Callable[[], float]) -> float:
+        """Validation accuracy; ``score()`` is the mean accuracy of the method as it stands on the
+        Trainer's validation episodes.
+
+        A method whose evaluation settings are chosen on validation episodes (the fine-tuning
+        baseline's learning rate and steps) overrides this to try each with ``score()`` and keep
+        the best in its buffers, so the best checkpoint carries them. Default: ``score()``.
+        """
+        return score()
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the parameters (or buffers); the CPU for a method with neither."""
+        for tensor in chain(self.parameters(), self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+
+def learner_shape(config: Config) -> LearnerShape:
+    return LearnerShape(config.channels, config.image_size, config.n_way, config.filters)
+
+
+def accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of rows whose arg-max is the label."""
+    return (logits.argmax(-1) == labels).float().mean().item()

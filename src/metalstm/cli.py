@@ -1,0 +1,248 @@
+"""Command-line interface: a thin layer over the Python API.
+
+Every command exits 0 on success and 2 on a usage or input error, printing one line that says what
+is wrong and how to fix it (no traceback). Commands that report results take ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import MetaLSTMError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="metalstm",
+        description="Few-shot image classification with the LSTM meta-learner "
+        "(Ravi & Larochelle, ICLR 2017).",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"metalstm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+
+    data = commands.add_parser("data", help="find, download and verify data sets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    verify = data_commands.add_parser("verify", help="check a data set and print its counts")
+    verify.add_argument("dataset", choices=["omniglot"])
+    verify.add_argument("--data-root", help="folder holding omniglot/ (default: $METALSTM_DATA)")
+    verify.add_argument("--json", action="store_true", help="print the counts as JSON")
+
+    train = commands.add_parser("train", help="meta-train a model into a run folder")
+    start = train.add_mutually_exclusive_group(required=True)
+    start.add_argument("--preset", help="named preset (see metalstm presets)")
+    start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    train.add_argument("--out", metavar="RUN_DIR", help="run folder for a new run")
+    train.add_argument("--episodes", type=int, help="meta-training episodes")
+    train.add_argument("--seed", type=int, help="random seed")
+    train.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
+    train.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], help="override a config field"
+    )
+    train.add_argument("--force", action="store_true", help="overwrite an existing run folder")
+    train.add_argument("--quiet", action="store_true", help="no progress line")
+
+    evaluate = commands.add_parser("evaluate", help="accuracy on the fixed test episodes")
+    _checkpoint_argument(evaluate)
+    evaluate.add_argument("--episodes", type=int, help="test episodes (default 600)")
+    evaluate.add_argument("--seed", type=int, help="seed of the fixed test episodes (default 0)")
+    evaluate.add_argument(
+        "--split-part",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which part of the split to draw episodes from",
+    )
+    evaluate.add_argument("--steps", type=int, help="inner steps at test (default: as trained)")
+    evaluate.add_argument(
+        "--transductive",
+        action="store_true",
+        help="BN statistics from the query batch instead of the support set",
+    )
+    evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
+
+    presets = commands.add_parser("presets", help="list the named presets")
+    presets.add_argument("--json", action="store_true")
+
+    plot = commands.add_parser("plot", help="figures")
+    plots = plot.add_subparsers(dest="plot_command", required=True, parser_class=ArgumentParser)
+    gates = plots.add_parser("gates", help="σ(i) and σ(f) per learner layer across inner steps")
+    _checkpoint_argument(gates)
+    gates.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gates.add_argument("--episodes", type=int, default=100, help="validation episodes to average")
+    gates.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
+    curves = plots.add_parser("curves", help="training and validation curves of a run")
+    curves.add_argument("--run", type=Path, required=True, help="run folder")
+    curves.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    return parser
+
+
+def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="PATH_OR_NAME",
+        help="a .safetensors checkpoint, a run folder, or the name of a shipped meta-learner",
+    )
+
+
+# -- commands --------------------------------------------------------------------------------------
+def cmd_data(args: argparse.Namespace) -> None:
+    from .data import omniglot_counts
+
+    counts = omniglot_counts(args.data_root)
+    if args.json:
+        print(json.dumps(counts, indent=2))
+        return
+    print(f"{'set':<20}{'alphabets':>10}{'characters':>12}{'images':>9}")
+    for name, row in counts.items():
+        print(f"{name:<20}{row['alphabets']:>10}{row['characters']:>12}{row['images']:>9}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .config import load_preset, override, parse_overrides
+    from .distributed import Distributed
+    from .training import resolve_device, resume, train
+
+    log = None if args.quiet else sys.stderr
+    if args.resume:
+        if args.preset or args.set or args.seed is not None:
+            raise MetaLSTMError("--resume takes the run's own config; drop --preset/--set/--seed")
+        config_device = "auto"
+        dist = Distributed.from_environment(resolve_device(config_device))
+        trainer = resume(args.resume, episodes=args.episodes, dist=dist, log=log)
+    else:
+        if not args.out:
+            raise MetaLSTMError("train --preset needs --out RUN_DIR (the folder for the run)")
+        values: dict[str, Any] = parse_overrides(args.set)
+        for key in ("episodes", "seed", "data_root"):
+            if getattr(args, key) is not None:
+                values[key] = getattr(args, key)
+        config = override(load_preset(args.preset), values)
+        dist = Distributed.from_environment(resolve_device(config.device))
+        trainer = train(config, args.out, force=args.force, dist=dist, log=log)
+    state = trainer.state
+    if dist.is_main:
+        print(
+            f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
+            f"{state.elapsed:.0f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
+            f"at episode {state.best_step * trainer.config.meta_batch}; "
+            f"checkpoints in {trainer.run_dir}"
+        )
+    if state.stopped == "interrupted":
+        raise SystemExit(130)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation import evaluate
+    from .serialization import load_algorithm
+    from .training import resolve_device
+
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["eval_inner_steps"] = args.steps
+    if args.transductive:
+        overrides["transductive"] = True
+    if args.data_root is not None:
+        overrides["data_root"] = args.data_root
+    device = resolve_device(args.device)
+    overrides["device"] = str(device)
+    algorithm, meta = load_algorithm(args.checkpoint, device=device, **overrides)
+    result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
+    result.extra["checkpoint"] = meta["path"]
+    result.extra["algorithm"] = algorithm.name
+    if args.out is not None:
+        _write_json(args.out, result.to_json())
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.line())
+        print(f"protocol: {result.protocol.describe()}")
+        print(f"checkpoint: {meta['path']} ({algorithm.name})")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from .config import load_preset, preset_names
+
+    rows = {name: load_preset(name).to_dict() for name in preset_names()}
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for name, cfg in rows.items():
+        print(
+            f"{name:<20} {cfg['dataset']}/{cfg['split']} {cfg['n_way']}-way {cfg['k_shot']}-shot "
+            f"T={cfg['inner_steps']} filters={cfg['filters']} episodes={cfg['episodes']}"
+        )
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from . import plots
+
+    if args.plot_command == "curves":
+        print(plots.plot_curves(args.run, args.out))
+        return
+    from .data import EpisodeSampler
+    from .metalearner import MetaLSTM
+    from .serialization import load_algorithm
+    from .training import load_part
+
+    overrides = {"data_root": args.data_root} if args.data_root else {}
+    model, meta = load_algorithm(args.checkpoint, **overrides)
+    if not isinstance(model, MetaLSTM):
+        raise MetaLSTMError(f"{meta['path']} is a {model.name!r} model; gates need an LSTM one")
+    cfg = model.config
+    sampler = EpisodeSampler(
+        load_part(cfg, "val"), cfg.n_way, cfg.k_shot, cfg.q_query, cfg.val_seed
+    )
+    gates = plots.collect_gates(model, sampler, args.episodes)
+    title = (
+        f"Meta-learner gates, {cfg.dataset} {cfg.n_way}-way {cfg.k_shot}-shot "
+        f"({args.episodes} validation episodes; mean and 10-90th percentile)"
+    )
+    print(plots.plot_gates(gates, args.out, title))
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+COMMANDS = {
+    "data": cmd_data,
+    "train": cmd_train,
+    "evaluate": cmd_evaluate,
+    "presets": cmd_presets,
+    "plot": cmd_plot,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except MetaLSTMError as error:
+        print(f"metalstm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("metalstm: interrupted", file=sys.stderr)
+        return 130
+    return 0

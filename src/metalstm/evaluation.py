@@ -1,0 +1,157 @@
+"""Evaluation on fixed episodes: mean accuracy with a 95% confidence interval.
+
+The test protocol of the paper: a fixed list of episodes (identified by split, N, K, Q, seed and
+count, see :func:`metalstm.data.fixed_episodes`), each scored by the accuracy on its query set;
+the result is ``mean ± 1.96 · std / √E``. Episodes can be sharded across ranks; the per-episode
+accuracies are gathered so the figure is the same whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .algorithm import Algorithm, accuracy
+from .config import Config
+from .data import EpisodeSampler, load_split
+from .distributed import Distributed
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a reported number was measured on: stated next to every accuracy."""
+
+    dataset: str
+    split: str
+    part: str
+    n_way: int
+    k_shot: int
+    q_query: int
+    inner_steps: int
+    bn_mode: str  # "transductive" or "support statistics"
+    episodes: int
+    seed: int
+
+    def describe(self) -> str:
+        return (
+            f"{self.dataset}/{self.split} {self.part}, {self.n_way}-way {self.k_shot}-shot, "
+            f"{self.q_query} queries per class, T = {self.inner_steps}, BN: {self.bn_mode}, "
+            f"episodes seed {self.seed}"
+        )
+
+
+@dataclass
+class EvalResult:
+    accuracies: list[float]  # per episode, in [0, 1]
+    protocol: Protocol
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean: 1.96 · std / √E."""
+        n = len(self.accuracies)
+        if n < 2:
+            return float("nan")
+        mean = self.mean
+        var = sum((a - mean) ** 2 for a in self.accuracies) / (n - 1)
+        return 1.96 * math.sqrt(var / n)
+
+    def line(self) -> str:
+        """``accuracy: MEAN ± CI % (E episodes, 95% CI)``."""
+        return (
+            f"accuracy: {100 * self.mean:.2f} ± {100 * self.ci95:.2f} % "
+            f"({len(self.accuracies)} episodes, 95% CI)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "accuracy": self.mean,
+            "ci95": self.ci95,
+            "episodes": len(self.accuracies),
+            "protocol": asdict(self.protocol),
+            "per_episode": self.accuracies,
+            **self.extra,
+        }
+
+
+def protocol_for(config: Config, part: str, episodes: int, seed: int) -> Protocol:
+    return Protocol(
+        dataset=config.dataset,
+        split=config.split,
+        part=part,
+        n_way=config.n_way,
+        k_shot=config.k_shot,
+        q_query=config.q_query,
+        inner_steps=config.test_steps,
+        bn_mode="transductive" if config.transductive else "support statistics",
+        episodes=episodes,
+        seed=seed,
+    )
+
+
+def episode_accuracies(
+    algorithm: Algorithm,
+    sampler: EpisodeSampler,
+    indices: Sequence[int],
+    on_episode: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler``."""
+    device = algorithm.device
+    scores = []
+    was_training = algorithm.training
+    algorithm.eval()
+    try:
+        for i in indices:
+            episode = sampler.episode(step=i).to(device)
+            classifier = algorithm.adapt(episode.support_x, episode.support_y)
+            with torch.inference_mode():
+                logits = classifier(episode.query_x)
+            scores.append(accuracy(logits, episode.query_y))
+            if on_episode is not None:
+                on_episode(i)
+    finally:
+        algorithm.train(was_training)
+    return scores
+
+
+def evaluate(
+    algorithm: Algorithm,
+    *,
+    part: str = "test",
+    episodes: int | None = None,
+    seed: int | None = None,
+    config: Config | None = None,
+    on_episode: Callable[[int], None] | None = None,
+    dist: Distributed | None = None,
+) -> EvalResult:
+    """Evaluate on the fixed episodes of ``part`` (default: the config's test episodes).
+
+    With ``dist``, rank r scores episodes r, r + W, ... and the accuracies are gathered, so the
+    result is exactly the single-process one.
+    """
+    dist = dist or Distributed.single()
+    config = config or algorithm.config
+    count = episodes if episodes is not None else config.test_episodes
+    seed = seed if seed is not None else config.test_seed
+    data = load_split(
+        config.dataset,
+        config.split,
+        part,
+        data_root=config.data_root,
+        image_size=config.image_size,
+        channels=config.channels,
+    )
+    sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, seed)
+    indices = range(dist.rank, count, dist.world_size)
+    accuracies = dist.gather_floats(
+        episode_accuracies(algorithm, sampler, indices, on_episode), count
+    )
+    return EvalResult(accuracies, protocol_for(config, part, count, seed))

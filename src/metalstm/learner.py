@@ -1,0 +1,182 @@
+"""The learner: the paper's 4-block convolutional classifier, evaluated on a flat parameter vector.
+
+Ravi & Larochelle (2017), Sec. 4: four blocks of [3x3 conv with ``filters`` channels, batch norm,
+ReLU, 2x2 max-pool], then a linear layer to N outputs. The meta-learner sees the learner's
+parameters θ as one flat vector of n coordinates (its cell state), so every forward pass here takes
+θ explicitly and runs the module through :func:`torch.func.functional_call`.
+
+Batch norm follows the authors' protocol: its running statistics are episode state (fresh for every
+episode, updated by the support passes), and its scale/shift are part of θ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+BatchNormState = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class LearnerShape:
+    """What fixes the size and meaning of θ."""
+
+    channels: int
+    image_size: int
+    n_way: int
+    filters: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("channels", "image_size", "n_way", "filters")}
+
+
+class Block(nn.Module):
+    """3x3 conv → batch norm → ReLU → 2x2 max-pool."""
+
+    def __init__(self, in_channels: int, filters: int, momentum: float, eps: float) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, filters, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm2d(filters, momentum=momentum, eps=eps)
+
+    def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
+        x = self.conv(x)
+        norm = self.norm
+        # batch_stats=True: normalise with this batch's statistics and update the running ones;
+        # False: normalise with the running statistics collected on this episode's support set.
+        x = F.batch_norm(
+            x,
+            norm.running_mean,
+            norm.running_var,
+            norm.weight,
+            norm.bias,
+            training=batch_stats,
+            momentum=norm.momentum if norm.momentum is not None else 0.1,
+            eps=norm.eps,
+        )
+        return F.max_pool2d(F.relu(x), 2)
+
+
+class ConvNet(nn.Module):
+    """Conv-4 classifier as an ordinary module: 4 x [conv, BN, ReLU, pool] → linear."""
+
+    def __init__(self, shape: LearnerShape, bn_momentum: float = 0.9, bn_eps: float = 1e-5) -> None:
+        super().__init__()
+        channels = [shape.channels] + [shape.filters] * 4
+        self.blocks = nn.ModuleList(
+            Block(c_in, c_out, bn_momentum, bn_eps) for c_in, c_out in zip(channels, channels[1:])
+        )
+        self.head = nn.Linear(shape.filters * feature_side(shape.image_size) ** 2, shape.n_way)
+
+    def features(self, x: Tensor, batch_stats: bool = True) -> Tensor:
+        """Embedding [B, filters * side²] of images x [B, C, H, W]."""
+        for block in self.blocks:
+            x = block(x, batch_stats)
+        return x.flatten(1)
+
+    def forward(self, x: Tensor, batch_stats: bool = True, head: bool = True) -> Tensor:
+        """Logits [B, N] (or the embedding when ``head`` is false)."""
+        features = self.features(x, batch_stats)
+        return self.head(features) if head else features
+
+
+def feature_side(image_size: int) -> int:
+    """Spatial side of the feature map after four 2x2 max-pools."""
+    side = image_size
+    for _ in range(4):
+        side //= 2
+    if side < 1:
+        raise ValueError(f"image_size {image_size} is too small for 4 pooling layers")
+    return side
+
+
+class Learner:
+    """The learner seen as a function of a flat parameter vector θ [n].
+
+    Example::
+
+        shape = LearnerShape(channels=1, image_size=28, n_way=5, filters=32)
+        learner = Learner(shape)
+        theta = learner.initial_theta()          # [n], PyTorch's default initialisation
+        bn = learner.fresh_batchnorm_state()     # new running statistics for an episode
+        logits = learner(theta, torch.rand(5, 1, 28, 28), bn)   # [5, 5]
+    """
+
+    def __init__(self, shape: LearnerShape, bn_momentum: float = 0.9, bn_eps: float = 1e-5) -> None:
+        self.shape = shape
+        self.net = ConvNet(shape, bn_momentum, bn_eps)
+        named = list(self.net.named_parameters())
+        self.names = [name for name, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
+
+    @property
+    def n_params(self) -> int:
+        """n, the number of coordinates of θ."""
+        return sum(self.sizes)
+
+    def to(self, device: torch.device | str) -> Learner:
+        self.net.to(device)
+        return self
+
+    def initial_theta(self) -> Tensor:
+        """θ at the module's own initialisation, flattened: [n]."""
+        return torch.cat([p.detach().reshape(-1) for p in self.net.parameters()])
+
+    def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
+        """Views of the flat vector θ [n] with the shapes of the named parameters."""
+        chunks = theta.split(self.sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+    def parameter_groups(self) -> list[tuple[str, slice]]:
+        """(parameter name, slice of θ) for every parameter tensor, in θ's order."""
+        groups, start = [], 0
+        for name, size in zip(self.names, self.sizes):
+            groups.append((name, slice(start, start + size)))
+            start += size
+        return groups
+
+    def fresh_batchnorm_state(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> BatchNormState:
+        """Running statistics reset for a new episode (mean 0, variance 1)."""
+        state = {}
+        for name, buffer in self.net.named_buffers():
+            if name.endswith("running_mean"):
+                state[name] = torch.zeros_like(buffer, device=device, dtype=dtype)
+            elif name.endswith("running_var"):
+                state[name] = torch.ones_like(buffer, device=device, dtype=dtype)
+        return state
+
+    def __call__(
+        self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
+    ) -> Tensor:
+        """Logits [B, N] of images x [B, C, H, W] at parameters θ [n].
+
+        ``bn`` holds the episode's running statistics; they are updated in place when
+        ``batch_stats`` is true (support passes) and used for normalisation when it is false.
+        """
+        tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
+        return functional_call(self.net, tensors, (x,), {"batch_stats": batch_stats}, strict=False)
+
+    def features(
+        self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
+    ) -> Tensor:
+        """Embedding [B, filters * side²] before the linear head, at parameters θ."""
+        tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
+        kwargs = {"batch_stats": batch_stats, "head": False}
+        return functional_call(self.net, tensors, (x,), kwargs, strict=False)
+
+
+def conv_flops(shape: LearnerShape, batch: int) -> float:
+    """Multiply-adds x 2 of one forward pass of the learner on ``batch`` images."""
+    flops, side, c_in = 0.0, shape.image_size, shape.channels
+    for _ in range(4):
+        flops += 2 * batch * side * side * c_in * shape.filters * 9
+        side //= 2
+        c_in = shape.filters
+    flops += 2 * batch * shape.filters * side * side * shape.n_way
+    return flops

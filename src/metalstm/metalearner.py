@@ -1,0 +1,442 @@
+"""The meta-learner LSTM of Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning"
+(ICLR 2017), as the authors' code implements it.
+
+The learner's parameters θ (n coordinates, see :mod:`metalstm.learner`) are the cell state of a
+two-layer, coordinate-wise LSTM. At inner step t, for every coordinate independently:
+
+1. inputs: the learner's loss L_t and gradient g_t at θ_{t-1} on the support set, each
+   preprocessed into two features (Andrychowicz et al. 2016, Sec. 3.2):   x → [n, 4];
+2. layer 1, a standard LSTM with hidden size 20 shared by all coordinates:   (h_t, c_t) [n, 20];
+3. layer 2, the meta-learner cell (the paper's Eq. 2-4, with the authors' logit feedback):
+       f_t = W_F · [h_t, θ_{t-1}, f_{t-1}] + b_F
+       i_t = W_I · [h_t, θ_{t-1}, i_{t-1}] + b_I
+       θ_t = σ(f_t) ⊙ θ_{t-1} − σ(i_t) ⊙ g_t
+   where f_{t-1}, i_{t-1} are the previous gate logits (0 at t = 1) and θ_0 = c_0 is learned.
+
+After T steps the learner's query loss at θ_T is the meta-training loss. First-order by default:
+L_t and g_t enter as constants (the paper's simplification), while the chain θ_{t-1} → θ_t, the
+gate recurrence and layer 1's state are differentiated.
+
+Example::
+
+    from metalstm import Config, MetaLSTM
+    model = MetaLSTM(Config(n_way=5, k_shot=1, inner_steps=12))
+    logits = model.predict(support_x, support_y, query_x)   # [N*Q, N]
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .algorithm import Algorithm, Classifier, EpisodeLoss, accuracy
+from .config import Config
+from .data import Episode
+from .learner import BatchNormState, Learner
+
+
+def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
+    """Andrychowicz et al. (2016) preprocessing of every scalar of x [...] into [..., 2].
+
+    (log|x| / p, sign x) when |x| ≥ e^-p, else (−1, e^p · x): gradients spanning many orders of
+    magnitude become inputs of comparable scale.
+    """
+    big = x.abs() >= torch.exp(torch.tensor(-p, dtype=x.dtype))
+    log_part = torch.where(big, x.abs().clamp_min(1e-38).log() / p, torch.full_like(x, -1.0))
+    sign_part = torch.where(big, torch.sign(x), x * float(torch.exp(torch.tensor(p))))
+    return torch.stack([log_part, sign_part], dim=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _preprocess_constants(p: float, dtype: torch.dtype) -> tuple[float, float]:
+    """(e^-p in ``dtype``, e^p in float32): exactly the constants :func:`preprocess` uses."""
+    return float(torch.exp(torch.tensor(-p, dtype=dtype))), float(torch.exp(torch.tensor(p)))
+
+
+def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
+    """:func:`preprocess` of a vector x [n], laid out as rows [2, n]: (log part, sign part)."""
+    threshold, scale = _preprocess_constants(p, x.dtype)
+    big = x.abs() >= threshold
+    log_part = torch.where(big, x.abs().clamp_min(1e-38).log() / p, torch.full_like(x, -1.0))
+    sign_part = torch.where(big, torch.sign(x), x * scale)
+    return torch.stack([log_part, sign_part])
+
+
+# -- the fused inner step --------------------------------------------------------------------------
+# Both layers of one inner step as a single autograd node with a hand-written backward. Autograd
+# over the plain formulation records ~25 element-wise nodes per step on [H, n] tensors, each a
+# full pass over memory, and its slice backward zero-fills a [4H, n] buffer per gate; here the
+# forward keeps the gate activations and the backward is the textbook LSTM backward on them.
+# Shapes: n coordinates, H hidden units; every [r, n] tensor is row-major (coordinates contiguous).
+
+
+def step_forward(
+    hidden: int,
+    grad_features: Tensor,  # [2, n]   preprocessed g_t
+    h: Tensor,  # [H, n]   layer-1 hidden state h_{t-1}
+    c: Tensor,  # [H, n]   layer-1 cell state c_{t-1}
+    theta: Tensor,  # [n]      θ_{t-1}
+    prev_logits: Tensor,  # [2, n]   (f_{t-1}, i_{t-1})
+    grad: Tensor,  # [n]      g_t
+    weight: Tensor,  # [4H, 2 + H] layer-1 weight, columns (g features, h)
+    bias: Tensor,  # [4H]     layer-1 bias with the loss features folded in
+    gate_weight: Tensor,  # [2, H + 2] W_F, W_I: columns (h, θ, previous logit)
+    gate_bias: Tensor,  # [2]      b_F, b_I
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One inner step; returns (θ_t, logits_t, h_t, c_t, gates_t, x, acts, tanh c_t).
+
+    ``x`` [2 + H, n] is layer 1's input, ``acts`` [4H, n] its activations (i, f, o σ; g tanh):
+    what :func:`step_backward` needs besides the step's inputs and outputs.
+    """
+    x = torch.cat([grad_features, h])  # [2 + H, n]
+    acts = torch.addmm(bias.unsqueeze(1), weight, x)  # pre-activations z [4H, n]
+    acts[: 3 * hidden].sigmoid_()  # i, f, o
+    acts[3 * hidden :].tanh_()  # g, the candidate
+    i, f, o, g = acts.split(hidden)
+    c_new = torch.mul(f, c).addcmul_(i, g)  # c_t = f ⊙ c_{t-1} + i ⊙ g   [H, n]
+    tanh_c = torch.tanh(c_new)
+    h_new = torch.mul(o, tanh_c)  # h_t   [H, n]
+    # Layer 2: (f_t, i_t) = W[:, :H] h_t + W[:, H] θ_{t-1} + W[:, H + 1] (f_{t-1}, i_{t-1}) + b.
+    logits = torch.addmm(gate_bias.unsqueeze(1), gate_weight[:, :hidden], h_new)  # [2, n]
+    logits.addcmul_(gate_weight[:, hidden : hidden + 1], theta)
+    logits.addcmul_(gate_weight[:, hidden + 1 :], prev_logits)
+    gates = torch.sigmoid(logits)  # σ(f_t), σ(i_t)
+    theta_new = torch.mul(gates[0], theta).addcmul_(gates[1], grad, value=-1.0)
+    return theta_new, logits, h_new, c_new, gates, x, acts, tanh_c
+
+
+def step_backward(
+    hidden: int,
+    saved: tuple[Tensor, ...],
+    d_theta: Tensor,  # [n]    ∂ℓ/∂θ_t
+    d_logits: Tensor | None,  # [2, n] ∂ℓ/∂logits_t through the next step (None: not used)
+    d_h: Tensor | None,  # [H, n]
+    d_c: Tensor | None,  # [H, n]
+    d_gates: Tensor | None,  # [2, n] when the returned gates themselves were used
+    need_inputs: tuple[bool, bool],  # (∂ wrt g_t and its features, ∂ wrt parameters)
+) -> tuple[Tensor | None, ...]:
+    """Gradients of one step w.r.t. (features, h, c, θ, logits, g, weight, bias, W2, b2)."""
+    x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = saved
+    need_grad_inputs, need_params = need_inputs
+    # Layer 2. θ_t = σ(f) θ_{t-1} − σ(i) g_t.
+    d_sig = torch.empty_like(gates)
+    torch.mul(d_theta, theta, out=d_sig[0])
+    torch.mul(d_theta, grad, out=d_sig[1]).neg_()
+    if d_gates is not None:
+        d_sig += d_gates
+    d_l = d_sig.mul_(gates).mul_(1.0 - gates)  # ∂ℓ/∂(f_t, i_t) logits [2, n]
+    if d_logits is not None:
+        d_l += d_logits
+    w_h, w_theta, w_prev = (
+        gate_weight[:, :hidden],
+        gate_weight[:, hidden],
+        gate_weight[:, hidden + 1],
+    )
+    d_theta_prev = torch.mv(d_l.t(), w_theta).addcmul_(d_theta, gates[0])  # [n]
+    d_prev_logits = d_l * w_prev.unsqueeze(1)  # [2, n]
+    d_grad = -d_theta * gates[1] if need_grad_inputs else None
+    d_gate_weight = d_gate_bias = None
+    if need_params:
+        d_gate_weight = torch.cat(
+            [d_l @ h_new.t(), (d_l @ theta).unsqueeze(1), (d_l * prev_logits).sum(1, keepdim=True)],
+            dim=1,
+        )  # [2, H + 2]
+        d_gate_bias = d_l.sum(1)
+    # Layer 1. h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g.
+    d_hn = torch.mm(w_h.t(), d_l) if d_h is None else torch.addmm(d_h, w_h.t(), d_l)  # [H, n]
+    i, f, o, g = acts.split(hidden)
+    d_cn = d_hn * o
+    d_cn.mul_(1.0 - tanh_c * tanh_c)
+    if d_c is not None:
+        d_cn += d_c
+    d_z = torch.empty_like(acts)  # ∂ℓ/∂z [4H, n]
+    dz_i, dz_f, dz_o, dz_g = d_z.split(hidden)
+    torch.mul(d_cn, g, out=dz_i)
+    torch.mul(d_cn, c, out=dz_f)
+    torch.mul(d_hn, tanh_c, out=dz_o)
+    sig = acts[: 3 * hidden]
+    d_z[: 3 * hidden].mul_(sig).mul_(1.0 - sig)  # σ' = σ (1 − σ)
+    torch.mul(d_cn, i, out=dz_g).mul_(1.0 - g * g)  # tanh' = 1 − tanh²
+    d_c_prev = d_cn.mul_(f)  # [H, n]
+    d_weight = d_bias = None
+    if need_params:
+        d_weight = torch.mm(d_z, x.t())  # [4H, 2 + H]
+        d_bias = d_z.sum(1)
+    if need_grad_inputs:
+        d_x = torch.mm(weight.t(), d_z)
+        d_features, d_h_prev = d_x[:2], d_x[2:]
+    else:
+        d_features, d_h_prev = None, torch.mm(weight[:, 2:].t(), d_z)
+    return (
+        d_features,
+        d_h_prev,
+        d_c_prev,
+        d_theta_prev,
+        d_prev_logits,
+        d_grad,
+        d_weight,
+        d_bias,
+        d_gate_weight,
+        d_gate_bias,
+    )
+
+
+@dataclass(frozen=True)
+class StepKernels:
+    """The forward and backward of one inner step: eager functions or their compiled versions."""
+
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[..., tuple[Tensor | None, ...]]
+
+
+EAGER_KERNELS = StepKernels(step_forward, step_backward)
+
+
+class _CellStep(torch.autograd.Function):
+    """One inner step (:func:`step_forward`) as a single autograd node (:func:`step_backward`)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, kernels: StepKernels, hidden: int, *inputs: Tensor
+    ) -> tuple[Tensor, ...]:
+        grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias = inputs
+        theta_new, logits, h_new, c_new, gates, x, acts, tanh_c = kernels.forward(hidden, *inputs)
+        ctx.kernels, ctx.hidden = kernels, hidden
+        ctx.save_for_backward(
+            x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new
+        )
+        return theta_new, logits, h_new, c_new, gates
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        d_theta, d_logits, d_h, d_c, d_gates = grads
+        needs = ctx.needs_input_grad  # (kernels, hidden, features, h, c, θ, logits, g, W, b, W2, b2)
+        if d_theta is None:  # θ_t unused: only the recurrent outputs carry gradient
+            d_theta = ctx.saved_tensors[2].new_zeros(ctx.saved_tensors[2].shape)
+        need_inputs = (needs[2] or needs[7], any(needs[8:]))
+        out = ctx.kernels.backward(
+            ctx.hidden, ctx.saved_tensors, d_theta, d_logits, d_h, d_c, d_gates, need_inputs
+        )
+        return (None, None, *out)
+
+
+_compiled: dict[str, StepKernels] = {}
+
+
+def compiled_kernels() -> StepKernels:
+    """The step kernels through ``torch.compile`` (built once per process, compiled lazily per
+    shape on first use); each falls back to eager for good if compilation fails, e.g. without a
+    C++ compiler on the CPU."""
+    if "kernels" not in _compiled:
+        _compiled["kernels"] = StepKernels(
+            _CompileOrEager(step_forward), _CompileOrEager(step_backward)
+        )
+    return _compiled["kernels"]
+
+
+class _CompileOrEager:
+    """``torch.compile(fn)``, or ``fn`` itself once compiling has failed (with one warning)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.compiled: Callable[..., Any] | None = None
+        try:
+            self.compiled = torch.compile(fn, dynamic=False, fullgraph=True)
+        except Exception as error:  # torch.compile unsupported here (e.g. Python version)
+            self._give_up(error)
+
+    def _give_up(self, error: Exception) -> None:
+        warnings.warn(
+            f"torch.compile unavailable for {self.fn.__name__} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}); running it eagerly",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.compiled = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as error:  # compiler missing or failing: same math, eagerly
+                self._give_up(error)
+        return self.fn(*args)
+
+
+@dataclass
+class CellState:
+    """Per-coordinate state of the meta-learner between inner steps.
+
+    Coordinates are the last (contiguous) dimension, so every element-wise operation of the
+    LSTM runs over long contiguous rows: this layout is several times faster than [n, H].
+    """
+
+    theta: Tensor  # [n]    learner parameters (layer-2 cell state)
+    gate_logits: Tensor  # [2, n] previous forget and input logits (f_{t-1}, i_{t-1})
+    hidden: Tensor  # [H, n] layer-1 LSTM hidden state
+    cell: Tensor  # [H, n] layer-1 LSTM cell state
+
+
+class MetaLearnerCell(nn.Module):
+    """Both layers of the meta-learner and the learned initialisation c_0 = θ_0."""
+
+    def __init__(self, theta0: Tensor, hidden_size: int = 20, p: float = 10.0) -> None:
+        super().__init__()
+        self.p = p
+        self.hidden_size = hidden_size
+        # Layer 1: a standard LSTM on 4 input features; one matrix for all four gates, rows
+        # ordered (input, forget, output, candidate) so the three sigmoid gates are contiguous.
+        self.lstm_weight = nn.Parameter(torch.empty(4 * hidden_size, 4 + hidden_size))
+        self.lstm_bias = nn.Parameter(torch.empty(4 * hidden_size))
+        # Layer 2: rows (forget, input); columns h_t (hidden_size), θ_{t-1}, previous logit.
+        self.gate_weight = nn.Parameter(torch.empty(2, hidden_size + 2))  # W_F, W_I
+        self.gate_bias = nn.Parameter(torch.empty(2))  # b_F, b_I
+        self.theta0 = nn.Parameter(theta0.clone())  # c_0, the learned initialisation [n]
+        # Run the step's fused kernels through torch.compile (Config.compile); eager otherwise.
+        self.use_compile = False
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The paper's initialisation: U(±0.01), b_F ~ U(4, 5), b_I ~ U(−5, −4); θ_0 untouched."""
+        with torch.no_grad():
+            for param in (self.lstm_weight, self.lstm_bias, self.gate_weight):
+                param.uniform_(-0.01, 0.01, generator=generator)
+            self.gate_bias[0].uniform_(4.0, 5.0, generator=generator)  # σ(f) ≈ 0.98: keep θ
+            self.gate_bias[1].uniform_(-5.0, -4.0, generator=generator)  # σ(i) ≈ 0.01: small step
+
+    def initial_state(self) -> CellState:
+        n, hidden = self.theta0.shape[0], self.hidden_size
+        zeros = self.theta0.new_zeros
+        return CellState(self.theta0, zeros(2, n), zeros(hidden, n), zeros(hidden, n))
+
+    def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+        """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n])."""
+        hidden, w = self.hidden_size, self.lstm_weight
+        # Inputs of layer 1. The two loss features are the same for every coordinate, so their
+        # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
+        grad_features = preprocess_rows(grad, self.p)  # [2, n]
+        loss_features = preprocess_rows(loss.reshape(1), self.p).reshape(2)  # [2]
+        bias = torch.addmv(self.lstm_bias, w[:, 2:4], loss_features)  # [4H]
+        weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
+        args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
+        params = (weight, bias, self.gate_weight, self.gate_bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params)):
+            theta, logits, h, cell, gates = _CellStep.apply(self._kernels(), hidden, *args, *params)
+        else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
+            theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
+        return CellState(theta, logits, h, cell), gates
+
+    def _kernels(self) -> StepKernels:
+        return compiled_kernels() if self.use_compile else EAGER_KERNELS
+
+
+def learner_loss_and_grad(
+    learner: Learner,
+    theta: Tensor,
+    x: Tensor,
+    y: Tensor,
+    bn: BatchNormState,
+    second_order: bool,
+) -> tuple[Tensor, Tensor]:
+    """The learner's support loss L_t and gradient g_t = ∇θ L_t [n] at θ (batch statistics).
+
+    First-order: θ is detached, so L_t and g_t are constants for the meta-gradient. Second-order:
+    the gradient keeps its graph (``create_graph``) and the meta-gradient flows through it.
+    """
+    with torch.enable_grad():
+        at = theta if second_order else theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(learner(at, x, bn, batch_stats=True), y)
+        (grad,) = torch.autograd.grad(loss, at, create_graph=second_order)
+    if second_order:
+        return loss, grad
+    return loss.detach(), grad
+
+
+@dataclass
+class InnerLoopResult:
+    theta: Tensor  # θ_T [n]
+    bn: BatchNormState  # running statistics collected on the support passes
+    gates: list[Tensor]  # per step, σ(f_t), σ(i_t) [2, n] (only when recorded)
+    support_losses: list[float]
+
+
+class MetaLSTM(Algorithm):
+    """Ravi & Larochelle's meta-learner LSTM (the paper's Algorithm 1), behind :class:`Algorithm`.
+
+    Reference: S. Ravi and H. Larochelle, "Optimization as a Model for Few-Shot Learning",
+    ICLR 2017. Example::
+
+        model = MetaLSTM(load_preset("omniglot-5w1s"))
+        out = model.meta_loss(episode); out.loss.backward()   # meta-training step
+        labels = model.predict(support_x, support_y, query_x).argmax(-1)
+    """
+
+    name: ClassVar[str] = "lstm"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.cell = MetaLearnerCell(
+            self.learner.initial_theta(), config.hidden_size, config.preprocess_p
+        )
+
+    def inner_loop(
+        self, support_x: Tensor, support_y: Tensor, steps: int, record_gates: bool = False
+    ) -> InnerLoopResult:
+        """T updates of the learner on the support set by the meta-learner (Algorithm 1, l. 5-10).
+
+        Builds the meta-graph only when gradients are enabled; under ``torch.no_grad`` it is the
+        evaluation-time optimiser (the learner's own gradient is still computed).
+        """
+        bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype)  # per episode
+        state = self.cell.initial_state()
+        second_order = self.config.second_order and torch.is_grad_enabled()
+        scale = 1.0 / support_x.shape[0] if self.config.grad_divide_batch else 1.0
+        gates, losses = [], []
+        for _ in range(steps):
+            loss, grad = learner_loss_and_grad(
+                self.learner, state.theta, support_x, support_y, bn, second_order
+            )
+            state, step_gates = self.cell(state, loss, grad * scale)
+            losses.append(float(loss))
+            if record_gates:
+                gates.append(step_gates.detach())
+        return InnerLoopResult(state.theta, bn, gates, losses)
+
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        """Query loss at θ_T with batch statistics (meta-training protocol)."""
+        result = self.inner_loop(episode.support_x, episode.support_y, self.config.inner_steps)
+        logits = self.learner(result.theta, episode.query_x, result.bn, batch_stats=True)
+        return EpisodeLoss(
+            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+        )
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        """Train the learner on the support set with the meta-learner (no meta-graph)."""
+        with torch.no_grad():
+            result = self.inner_loop(support_x, support_y, self.config.test_steps)
+        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
+
+
+@dataclass
+class AdaptedLearner:
+    """The learner at θ_T with its episode's batch-norm statistics."""
+
+    learner: Learner
+    theta: Tensor
+    bn: BatchNormState
+    transductive: bool
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # Non-transductive: the running statistics of the support passes (the authors' test
+        # protocol); transductive: the query batch's own statistics.
+        bn = {k: v.clone() for k, v in self.bn.items()}
+        with torch.no_grad():
+            return self.learner(self.theta, x, bn, batch_stats=self.transductive)

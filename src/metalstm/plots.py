@@ -1,0 +1,140 @@
+"""Figures: the learned gates across inner steps (the paper's Fig. 2) and training curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import yaml
+
+from .data import EpisodeSampler
+from .errors import ConfigError
+from .metalearner import MetaLSTM
+
+
+def layer_name(parameter: str) -> str:
+    """'blocks.2.conv.weight' → 'conv 3', 'blocks.2.norm.bias' → 'BN 3', 'head.*' → 'linear'."""
+    parts = parameter.split(".")
+    if parts[0] == "blocks":
+        kind = "conv" if parts[2] == "conv" else "BN"
+        return f"{kind} {int(parts[1]) + 1}"
+    return "linear"
+
+
+def collect_gates(model: MetaLSTM, sampler: EpisodeSampler, episodes: int) -> dict[str, np.ndarray]:
+    """Mean σ(f) and σ(i) per learner layer, step and episode: {layer: [episodes, T, 2]}."""
+    groups: dict[str, list[slice]] = {}
+    for name, part in model.learner.parameter_groups():
+        groups.setdefault(layer_name(name), []).append(part)
+    per_layer: dict[str, list[np.ndarray]] = {layer: [] for layer in groups}
+    model.eval()
+    for i in range(episodes):
+        episode = sampler.episode(step=i).to(model.device)
+        with torch.no_grad():
+            result = model.inner_loop(
+                episode.support_x, episode.support_y, model.config.test_steps, record_gates=True
+            )
+        gates = torch.stack(result.gates)  # [T, 2, n]: σ(f), σ(i)
+        for layer, parts in groups.items():
+            values = torch.cat([gates[:, :, part] for part in parts], dim=2)  # [T, 2, n_layer]
+            per_layer[layer].append(values.mean(dim=2).cpu().numpy())
+    return {layer: np.stack(v) for layer, v in per_layer.items()}
+
+
+def plot_gates(gates: dict[str, np.ndarray], out: Path, title: str = "") -> Path:
+    """One column per learner layer; top row σ(i) (learning rate), bottom row σ(f) (shrinkage).
+
+    Lines are the mean over episodes of the layer-mean gate; bands span the 10th-90th percentile.
+    """
+    layers = list(gates)
+    fig, axes = plt.subplots(
+        2, len(layers), figsize=(1.9 * len(layers) + 1, 4.6), sharex=True, squeeze=False
+    )
+    for col, layer in enumerate(layers):
+        values = gates[layer]  # [episodes, T, 2]
+        steps = np.arange(1, values.shape[1] + 1)
+        for row, (index, label, color) in enumerate(
+            [(1, "input gate σ(i)", "tab:blue"), (0, "forget gate σ(f)", "tab:orange")]
+        ):
+            ax = axes[row, col]
+            series = values[:, :, index]
+            ax.plot(steps, series.mean(0), color=color, lw=1.8)
+            lo, hi = np.percentile(series, [10, 90], axis=0)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.25, lw=0)
+            ax.grid(alpha=0.3)
+            ax.tick_params(labelsize=7)
+            if row == 0:
+                ax.set_title(layer, fontsize=9)
+            else:
+                ax.set_xlabel("inner step", fontsize=8)
+            if col == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(
+        title or "Meta-learner gates across inner steps (mean, 10-90th percentile)", fontsize=10
+    )
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_curves(run_dir: Path, out: Path) -> Path:
+    """Training loss/accuracy (per log window) and validation accuracy from ``metrics.jsonl``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} has no metrics.jsonl; give a run folder made by metalstm train"
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("loss") is not None]
+    val = [r for r in rows if "val_accuracy" in r]
+    if not train and not val:
+        raise ConfigError(f"{path} holds no metrics yet; train longer before plotting")
+    config_path = run_dir / "config.yaml"
+    meta_batch = 1
+    if config_path.is_file():
+        meta_batch = int((yaml.safe_load(config_path.read_text()) or {}).get("meta_batch", 1))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot([r["step"] * meta_batch for r in train], [r["loss"] for r in train], lw=1.2)
+    ax_loss.set_xlabel("episodes")
+    ax_loss.set_ylabel("query loss (training)")
+    ax_loss.grid(alpha=0.3)
+    ax_acc.plot(
+        [r["step"] * meta_batch for r in train],
+        [100 * r["accuracy"] for r in train],
+        lw=1.0,
+        alpha=0.7,
+        label="training episodes",
+    )
+    ax_acc.plot(
+        [r["step"] * meta_batch for r in val],
+        [100 * r["val_accuracy"] for r in val],
+        marker="o",
+        ms=3,
+        lw=1.6,
+        label="validation episodes",
+    )
+    ax_acc.set_xlabel("episodes")
+    ax_acc.set_ylabel("query accuracy (%)")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.suptitle(f"Meta-training curves: {run_dir.name}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig: plt.Figure, out: Path) -> Path:
+    """Write atomically: a crash never leaves half a PNG."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        fig.savefig(tmp, dpi=150, format="png")
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out

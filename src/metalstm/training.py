@@ -1,0 +1,490 @@
+"""Meta-training: a plain loop over meta-batches of episodes, with validation and checkpoints.
+
+One update (the paper's Algorithm 1, outer loop):
+    episodes = sampler.meta_batch(step, meta_batch, rank, world_size)   # pure in (seed, step)
+    loss = mean over episodes of the query loss after adapting           # method-specific
+    loss.backward(); all-reduce the meta-gradient across ranks
+    skip the update if anything is non-finite; clip the global norm; Adam step.
+
+Everything random is a function of (seed, step), and the checkpoint holds the optimizer state, the
+episode counter and the running metrics, so a resumed run continues bit for bit where it stopped.
+
+A run folder holds ``config.yaml``, ``metrics.jsonl``, ``last.safetensors`` (and the one before it,
+``last.prev.safetensors``), ``best.safetensors`` and, with tensorboard installed, event files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+import yaml
+
+from .algorithms import algorithm_class, build_algorithm
+from .algorithms.pretraining import ClassBatches
+from .checkpoint import load_checkpoint, save_checkpoint
+from .config import Config, save_yaml
+from .data import ClassImages, EpisodeSampler, load_split
+from .distributed import Distributed
+from .errors import CheckpointError, ConfigError, MetaLSTMError
+from .evaluation import episode_accuracies
+from .serialization import (
+    algorithm_from_tensors,
+    algorithm_tensors,
+    optimizer_from_tensors,
+    optimizer_tensors,
+)
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0  # meta-updates done
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    validations: list[dict[str, float]] = field(default_factory=list)
+    nonfinite_total: int = 0
+    nonfinite_streak: int = 0
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "acc": 0.0, "n": 0.0})
+    elapsed: float = 0.0  # seconds of training before this process
+    stopped: str = ""  # why training ended: "", "completed", "early stopping", "interrupted"
+
+
+class TrainingStopped(MetaLSTMError):
+    """Training could not go on (too many non-finite updates in a row)."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
+    return device
+
+
+def load_part(config: Config, part: str) -> ClassImages:
+    return load_split(
+        config.dataset,
+        config.split,
+        part,
+        data_root=config.data_root,
+        image_size=config.image_size,
+        channels=config.channels,
+    )
+
+
+class Trainer:
+    """Meta-trains an :class:`Algorithm` into a run folder. Use :func:`train` for the usual call."""
+
+    def __init__(
+        self,
+        config: Config,
+        run_dir: Path,
+        *,
+        dist: Distributed | None = None,
+        log: TextIO | None = sys.stderr,
+    ) -> None:
+        self.run_dir = run_dir
+        self.dist = dist or Distributed.single()
+        self.log = log if self.dist.is_main else None
+        self.device = resolve_device(config.device)
+        train_data = load_part(config, "train")
+        # Settings that depend on the training classes (Algorithm.configure), saved in checkpoints.
+        config = algorithm_class(config.algorithm).configure(config, train_data)
+        self.config = config
+        self.dist.check_same_config(json.dumps(config.to_dict(), sort_keys=True))
+        self.algorithm = build_algorithm(config).to(self.device)
+        if self.algorithm.trains_on == "nothing":
+            raise ConfigError(
+                f"algorithm {config.algorithm!r} has nothing to train; evaluate it directly, or "
+                "let `metalstm compare` write its checkpoint"
+            )
+        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.lr)
+        self.state = TrainState()
+        self.total_steps = math.ceil(config.episodes / config.meta_batch)
+        self.val_every = max(1, config.val_interval // config.meta_batch)
+        self.log_every = max(1, config.log_interval // config.meta_batch)
+        # Methods pre-trained on ordinary mini-batches (trains_on == "batches"): one update per
+        # mini-batch, pretrain_epochs passes; val_interval and log_interval count mini-batches.
+        self.batches: ClassBatches | None = None
+        if self.algorithm.trains_on == "batches":
+            self.batches = ClassBatches(train_data, config.pretrain_batch, config.seed)
+            self.total_steps = self.batches.steps(config.pretrain_epochs)
+            self.val_every = max(1, config.val_interval)
+            self.log_every = max(1, config.log_interval)
+        self.train_sampler = EpisodeSampler(
+            train_data, config.n_way, config.k_shot, config.q_query, config.seed
+        )
+        self.val_sampler = EpisodeSampler(
+            load_part(config, "val"), config.n_way, config.k_shot, config.q_query, config.val_seed
+        )
+        self._interrupted = False
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "kind": "training",
+            "algorithm": self.config.algorithm,
+            "config": self.config.to_dict(),
+            "learner_shape": self.algorithm.learner.shape.as_dict(),
+            "train_state": asdict(self.state),
+            "optimizer": self.optimizer.state_dict()["param_groups"],
+        }
+
+    def save(self, name: str) -> None:
+        if not self.dist.is_main:
+            return
+        tensors = {**algorithm_tensors(self.algorithm), **optimizer_tensors(self.optimizer)}
+        path = self.run_dir / f"{name}.safetensors"
+        if name == "last" and path.exists():
+            path.replace(self.run_dir / "last.prev.safetensors")
+        save_checkpoint(path, tensors, self.checkpoint_meta())
+
+    def restore(self) -> Path | None:
+        """Load the newest good checkpoint of the run folder (falling back to the previous one).
+
+        Returns None when the run stopped before its first checkpoint: it then starts afresh.
+        """
+        errors = []
+        for name in ("last", "last.prev"):
+            path = self.run_dir / f"{name}.safetensors"
+            if not path.exists():
+                continue
+            try:
+                tensors, meta = load_checkpoint(path, device=self.device)
+            except CheckpointError as error:
+                errors.append(str(error))
+                self.warn(f"{error}; falling back to the previous checkpoint")
+                continue
+            algorithm_from_tensors(self.algorithm, tensors, path)
+            optimizer_from_tensors(self.optimizer, tensors, meta["optimizer"], path)
+            self.state = TrainState(**meta["train_state"])
+            self.state.stopped = ""
+            self.truncate_metrics()
+            return path
+        if not errors:
+            self.truncate_metrics()
+            return None
+        raise CheckpointError(f"no usable checkpoint in {self.run_dir}: {'; '.join(errors)}")
+
+    def truncate_metrics(self) -> None:
+        """Drop metric lines written after the checkpoint, so a resumed run rewrites them."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists() or not self.dist.is_main:
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if row["step"] <= self.state.step:
+                kept.append(line)
+        write_atomic(path, "".join(line + "\n" for line in kept))
+
+    # -- logging ---------------------------------------------------------------------------------
+    def say(self, message: str) -> None:
+        if self.log is not None:
+            print(message, file=self.log, flush=True)
+
+    def warn(self, message: str) -> None:
+        """Warnings reach stderr even when the progress output is off."""
+        if self.dist.is_main:
+            print(f"metalstm: warning: {message}", file=sys.stderr, flush=True)
+
+    def write_metrics(self, row: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        if self.config.lr_schedule == "cosine":
+            return self.config.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        return self.config.lr
+
+    def update(self, step: int) -> tuple[float, float]:
+        """One meta-update on this rank's share of the meta-batch; returns (loss, accuracy)."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum, acc_sum, shares = 0.0, 0.0, cfg.meta_batch
+        if self.batches is not None:  # one ordinary mini-batch, split over the ranks
+            shares = self.dist.world_size
+            images, labels = self.batches.batch(step, self.dist.rank, self.dist.world_size)
+            out = self.algorithm.batch_loss(images.to(self.device), labels.to(self.device))
+            (out.loss / shares).backward()
+            loss_sum, acc_sum = float(out.loss.detach()), out.accuracy
+        else:
+            episodes = self.train_sampler.meta_batch(
+                step, cfg.meta_batch, self.dist.rank, self.dist.world_size
+            )
+            for episode in episodes:
+                out = self.algorithm.meta_loss(episode.to(self.device))
+                (out.loss / cfg.meta_batch).backward()
+                loss_sum += float(out.loss.detach())
+                acc_sum += out.accuracy
+        params = list(self.algorithm.parameters())
+        stats = self.dist.all_reduce_grads(params, torch.tensor([loss_sum, acc_sum]))
+        loss, acc = (stats / shares).tolist()
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        if not (math.isfinite(loss) and torch.isfinite(norm)):
+            self.skip_update()
+            return float("nan"), acc
+        self.state.nonfinite_streak = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(step)
+        self.optimizer.step()
+        return loss, acc
+
+    def skip_update(self) -> None:
+        """A non-finite loss or meta-gradient never reaches the meta-parameters."""
+        self.optimizer.zero_grad(set_to_none=False)
+        self.state.nonfinite_total += 1
+        self.state.nonfinite_streak += 1
+        if self.state.nonfinite_streak >= self.config.max_nonfinite:
+            raise TrainingStopped(
+                f"{self.state.nonfinite_streak} non-finite updates in a row at update "
+                f"{self.state.step}; lower lr or clip_grad_norm, or check the data"
+            )
+
+    def validate(self) -> float:
+        # Through the method's hook, which may choose evaluation settings with several scores.
+        return self.algorithm.validate(self.validation_score)
+
+    def validation_score(self) -> float:
+        """Mean accuracy of the method as it stands on the fixed validation episodes."""
+        indices = range(self.dist.rank, self.config.val_episodes, self.dist.world_size)
+        scores = episode_accuracies(self.algorithm, self.val_sampler, indices)
+        scores = self.dist.gather_floats(scores, self.config.val_episodes)
+        return sum(scores) / len(scores)
+
+    def run(self) -> TrainState:
+        state, cfg = self.state, self.config
+        start = time.perf_counter() - state.elapsed
+        progress = Progress(self.total_steps, cfg.meta_batch, state.step, self.log)
+        with catch_sigint(self):
+            while state.step < self.total_steps and not state.stopped:
+                loss, acc = self.update(state.step)
+                state.step += 1
+                if math.isfinite(loss):
+                    state.window["loss"] += loss
+                    state.window["acc"] += acc
+                    state.window["n"] += 1
+                state.elapsed = time.perf_counter() - start
+                if state.step % self.log_every == 0 or state.step == self.total_steps:
+                    self.log_window()
+                if state.step % self.val_every == 0 or state.step == self.total_steps:
+                    self.validation_round()
+                progress.update(state, loss, acc)
+                if self._interrupted and not state.stopped:
+                    state.stopped = "interrupted"
+            if not state.stopped:
+                state.stopped = "completed"
+            self.save("last")
+        progress.close()
+        return state
+
+    def log_window(self) -> None:
+        state, window = self.state, self.state.window
+        n = max(window["n"], 1.0)
+        self.write_metrics(
+            {
+                "step": state.step,
+                "episodes": state.step * self.config.meta_batch,
+                "loss": window["loss"] / n if window["n"] else None,
+                "accuracy": window["acc"] / n if window["n"] else None,
+                "lr": self.learning_rate(state.step - 1),
+                "nonfinite": state.nonfinite_total,
+            }
+        )
+        state.window = {"loss": 0.0, "acc": 0.0, "n": 0.0}
+
+    def validation_round(self) -> None:
+        state = self.state
+        val_acc = self.validate()
+        state.validations.append({"step": state.step, "accuracy": val_acc})
+        self.write_metrics({"step": state.step, "val_accuracy": val_acc})
+        if val_acc > state.best_accuracy:
+            state.best_accuracy, state.best_step = val_acc, state.step
+            self.save("best")
+        elif self.config.early_stopping:
+            since = sum(1 for v in state.validations if v["step"] > state.best_step)
+            if since >= self.config.early_stopping:
+                state.stopped = "early stopping"
+        self.save("last")
+
+
+class Progress:
+    """A live progress line: episodes/s, loss, accuracy, validation and ETA."""
+
+    def __init__(self, total: int, meta_batch: int, start: int, out: TextIO | None) -> None:
+        self.total, self.meta_batch, self.out = total, meta_batch, out
+        self.start_step, self.t0, self.last_print = start, time.perf_counter(), 0.0
+        self.tty = bool(out is not None and out.isatty())
+        self.loss, self.acc = float("nan"), float("nan")
+
+    def update(self, state: TrainState, loss: float, acc: float) -> None:
+        if self.out is None:
+            return
+        if math.isfinite(loss):  # exponential moving averages of the training figures
+            fresh = not math.isfinite(self.loss)
+            self.loss = loss if fresh else 0.95 * self.loss + 0.05 * loss
+            self.acc = acc if fresh else 0.95 * self.acc + 0.05 * acc
+        now = time.perf_counter()
+        if now - self.last_print < (0.5 if self.tty else 10.0) and state.step < self.total:
+            return
+        self.last_print = now
+        steps = state.step - self.start_step
+        rate = steps / max(now - self.t0, 1e-9)
+        eta = (self.total - state.step) / rate if rate > 0 else float("inf")
+        val = state.validations[-1]["accuracy"] if state.validations else float("nan")
+        text = (
+            f"episode {state.step * self.meta_batch}/{self.total * self.meta_batch} | "
+            f"{rate * self.meta_batch:.1f} episodes/s | loss {self.loss:.3f} | "
+            f"acc {100 * self.acc:.1f}% | val {100 * val:.1f}% "
+            f"(best {100 * max(state.best_accuracy, 0):.1f}%) | skipped {state.nonfinite_total} | "
+            f"ETA {format_seconds(eta)}"
+        )
+        if self.tty:
+            print("\r" + text + "\033[K", end="", file=self.out, flush=True)
+        else:
+            print(text, file=self.out, flush=True)
+
+    def close(self) -> None:
+        if self.out is not None and self.tty:
+            print(file=self.out)
+
+
+def format_seconds(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+@contextmanager
+def catch_sigint(trainer: Trainer) -> Iterator[None]:
+    """Ctrl-C finishes the current update, writes a checkpoint and stops."""
+
+    def handler(signum: int, frame: object) -> None:
+        trainer._interrupted = True
+        trainer.say("\ninterrupt: stopping after this update and writing a checkpoint")
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def prepare_run_dir(run_dir: Path, config: Config, *, force: bool) -> None:
+    """Create the run folder, refusing one that already holds another run unless ``force``."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file; give a folder for the run")
+    if run_dir.exists() and any(run_dir.iterdir()) and not force:
+        raise ConfigError(
+            f"{run_dir} already holds files; use --resume {run_dir} to continue that run, "
+            "--force to overwrite it, or another --out"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if force:
+        for name in (
+            "metrics.jsonl",
+            "last.safetensors",
+            "last.prev.safetensors",
+            "best.safetensors",
+        ):
+            (run_dir / name).unlink(missing_ok=True)
+    write_atomic(run_dir / "config.yaml", save_yaml(config))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file and rename it: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def train(
+    config: Config,
+    run_dir: str | Path,
+    *,
+    force: bool = False,
+    dist: Distributed | None = None,
+    log: TextIO | None = sys.stderr,
+) -> Trainer:
+    """Meta-train a new run in ``run_dir``. Returns the finished :class:`Trainer`.
+
+    Example::
+
+        from metalstm import load_preset, override, train
+        trainer = train(override(load_preset("omniglot-5w1s"), {"episodes": 500}), "runs/x")
+        print(trainer.state.best_accuracy)
+    """
+    run_dir = Path(run_dir)
+    dist = dist or Distributed.single()
+    if dist.is_main:
+        prepare_run_dir(run_dir, config, force=force)
+    dist.barrier()
+    trainer = Trainer(config, run_dir, dist=dist, log=log)
+    trainer.run()
+    return trainer
+
+
+def resume(
+    run_dir: str | Path,
+    *,
+    episodes: int | None = None,
+    dist: Distributed | None = None,
+    log: TextIO | None = sys.stderr,
+) -> Trainer:
+    """Continue the run in ``run_dir`` from its last good checkpoint (``episodes`` extends it)."""
+    run_dir = Path(run_dir)
+    config = saved_config(run_dir)
+    if episodes is not None:
+        config = Config.from_dict({**config.to_dict(), "episodes": episodes})
+    trainer = Trainer(config, run_dir, dist=dist, log=log)
+    path = trainer.restore()
+    if trainer.dist.is_main:
+        write_atomic(run_dir / "config.yaml", save_yaml(config))
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+    if path is None:
+        trainer.say(f"{run_dir} has no checkpoint yet: starting the run from the beginning")
+    else:
+        episode = trainer.state.step * config.meta_batch
+        trainer.say(f"resuming {run_dir} from {path.name} at episode {episode}")
+    trainer.run()
+    return trainer
+
+
+def saved_config(run_dir: Path) -> Config:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a metalstm run folder (no config.yaml); check --resume"
+        )
+    values = yaml.safe_load(path.read_text())
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} is not a config mapping")
+    return Config.from_dict(values)
