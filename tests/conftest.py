@@ -1,0 +1,74 @@
+"""Shared test fixtures: the data root, one Omniglot decode per session, small generated images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """``$METALSTM_DATA``, default ``../shared/data``; tests needing Omniglot skip without it."""
+    root = Path(os.environ.get("METALSTM_DATA") or DEFAULT_DATA_ROOT)
+    if not (root / "omniglot" / "images_background.zip").is_file():
+        pytest.skip(f"no Omniglot archives under {root}; set METALSTM_DATA")
+    return root
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decoded-image cache folder for the whole session (Omniglot is decoded once)."""
+    return tmp_path_factory.mktemp("metalstm-cache")
+
+
+@pytest.fixture
+def data_env(
+    data_root: Path, session_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Point METALSTM_DATA at the data root and METALSTM_CACHE at the session cache.
+
+    XDG_CACHE_HOME goes to a temporary folder so nothing lands in the real per-user cache.
+    """
+    monkeypatch.setenv("METALSTM_DATA", str(data_root))
+    monkeypatch.setenv("METALSTM_CACHE", str(session_cache))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return data_root
+
+
+def write_image(
+    path: Path, *, size: tuple[int, int] = (100, 90), mode: str = "RGB", seed: int = 0
+) -> Path:
+    """Write a random-colour image (``size`` is width x height) in ``mode``; format from suffix."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels, "RGB").convert(mode).save(path)
+    return path
+
+
+def make_image_folder(
+    root: Path,
+    class_sizes: dict[str, int],
+    *,
+    suffix: str = ".png",
+    modes: Iterable[str] = ("RGB",),
+) -> Path:
+    """An ImageFolder layout: ``root/<class>/<i>.<suffix>``, cycling through ``modes`` and sizes."""
+    mode_list = list(modes)
+    for c, (name, count) in enumerate(class_sizes.items()):
+        for i in range(count):
+            size = (40 + 7 * (i % 3), 30 + 5 * (c % 4))
+            write_image(
+                root / name / f"{i:03d}{suffix}",
+                size=size,
+                mode=mode_list[i % len(mode_list)],
+                seed=100 * c + i,
+            )
+    return root
