@@ -162,8 +162,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
     device = resolve_device(args.device)
-    overrides["device"] = str(device)
-    algorithm, meta = load_algorithm(args.checkpoint, device=device, **overrides)
+    algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
     result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = algorithm.name

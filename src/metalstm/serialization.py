@@ -81,7 +81,7 @@ def load_algorithm(
     if "config" not in meta or "algorithm" not in meta:
         raise CheckpointError(f"{path} is not a metalstm model checkpoint (no config in it)")
     try:
-        config = Config.from_dict({**meta["config"], **overrides})
+        config = Config.from_dict({**meta["config"], **overrides, "device": str(device)})
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
     algorithm = build_algorithm(config).to(device)

@@ -1,0 +1,175 @@
+"""Bad input everywhere: every failure is a one-line message with exit code 2, never a traceback,
+and leaves no partial output (property-based with hypothesis)."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metalstm.cli import main
+from metalstm.config import Config, override
+from metalstm.data import load_image_folder, load_images
+from metalstm.errors import ConfigError, DataError
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_usage_error(code: int, err: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0]
+
+
+TOKENS = st.sampled_from(
+    [
+        "train", "evaluate", "data", "verify", "omniglot", "plot", "gates", "curves", "presets",
+        "--preset", "omniglot-5w1s", "nope", "--out", "--episodes", "-3", "0", "abc", "--set",
+        "filters=abc", "n_way=1", "bogus=1", "lr=-1", "k_shot=", "=", "--checkpoint", "x/../y",
+        "--resume", "--seed", "1.5", "--json", "--force", "--run", "--steps", "--data-root",
+    ]
+)  # fmt: skip
+
+
+@FAST
+@given(st.lists(st.one_of(TOKENS, st.text(max_size=8)), max_size=7))
+def test_random_command_lines_fail_cleanly(argv: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        # Any command that gets as far as reading data finds none: it must fail cleanly too.
+        os.environ["METALSTM_DATA"] = empty
+        os.environ["METALSTM_CACHE"] = empty
+        code, _, err = run_cli(argv)
+        if code != 0:
+            assert_one_line_usage_error(code, err)
+
+
+KEYS = st.sampled_from([*Config.__dataclass_fields__, "bogus", "", "n way"])
+VALUES = st.one_of(
+    st.text(max_size=10), st.integers(), st.floats(allow_nan=True), st.booleans(), st.none()
+)
+
+
+@FAST
+@given(st.dictionaries(KEYS, VALUES, max_size=4))
+def test_config_overrides_give_a_config_or_a_config_error(values: dict[str, object]) -> None:
+    try:
+        config = override(Config(), values)
+    except ConfigError as error:
+        assert "\n" not in str(error)
+    else:
+        assert isinstance(config, Config)
+
+
+def _image_bytes(kind: str, size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    mode = {"png-rgb": "RGB", "png-gray": "L", "png-1bit": "1", "png-rgba": "RGBA"}.get(kind, "RGB")
+    Image.new(mode, size, color=0 if mode == "1" else 128).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    if kind == "truncated":
+        return data[: len(data) // 2]
+    if kind == "empty":
+        return b""
+    if kind == "text":
+        return b"not an image at all\n"
+    return data
+
+
+FILE_KINDS = st.sampled_from(
+    ["png-rgb", "png-gray", "png-1bit", "png-rgba", "truncated", "empty", "text"]
+)
+SIZES = st.tuples(st.integers(1, 64), st.integers(1, 64))
+
+
+@FAST
+@given(st.lists(st.lists(st.tuples(FILE_KINDS, SIZES), max_size=3), max_size=3))
+def test_folder_layouts_load_or_fail_with_a_data_error(layout: list[list[tuple]]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "layout"
+        root.mkdir()
+        for c, files in enumerate(layout):
+            folder = root / f"class{c}"
+            folder.mkdir()
+            for i, (kind, size) in enumerate(files):
+                (folder / f"{i}.png").write_bytes(_image_bytes(kind, size))
+        try:
+            data = load_image_folder(root, image_size=16, channels=1)
+        except DataError as error:
+            assert "\n" not in str(error)
+        else:
+            assert data.n_classes == len(layout) > 0
+            assert tuple(data.images.shape[1:]) == (1, 16, 16)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_as_an_image(blob: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "image.png"
+        path.write_bytes(blob)
+        with pytest.raises(DataError) as error:
+            load_images([path], image_size=16, channels=3)
+        assert str(path) in str(error.value) or path.name in str(error.value)
+
+
+def test_huge_image_is_refused_or_resized(tmp_path: Path) -> None:
+    path = tmp_path / "huge.png"
+    path.write_bytes(_image_bytes("png-gray", (12000, 12000)))
+    try:
+        images = load_images([path], image_size=16, channels=1)
+    except DataError as error:
+        assert "\n" not in str(error)
+    else:
+        assert tuple(images.shape) == (1, 1, 16, 16)
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("command", ["evaluate", "plot-gates"])
+def test_malicious_pickle_checkpoint_never_runs(tmp_path: Path, command: str) -> None:
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "model.safetensors"
+    bad.write_bytes(pickle.dumps(_Payload(marker)))
+    out_file = tmp_path / "result.json"
+    argv = (
+        ["evaluate", "--checkpoint", str(bad), "--out", str(out_file)]
+        if command == "evaluate"
+        else ["plot", "gates", "--checkpoint", str(bad), "--out", str(tmp_path / "g.png")]
+    )
+    code, _, err = run_cli(argv)
+    assert_one_line_usage_error(code, err)
+    assert "pickle" in err
+    assert not marker.exists()
+    assert not out_file.exists() and not (tmp_path / "g.png").exists()
+
+
+def test_shipped_name_cannot_escape_its_folder(tmp_path: Path) -> None:
+    code, _, err = run_cli(["evaluate", "--checkpoint", "../../../etc/passwd"])
+    assert_one_line_usage_error(code, err)
