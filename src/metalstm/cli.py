@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if dist.is_main:
         print(
             f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
-            f"{state.elapsed:.0f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
+            f"{state.elapsed:.1f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
             f"at episode {state.best_step * trainer.config.meta_batch}; "
             f"checkpoints in {trainer.run_dir}"
         )

@@ -15,8 +15,8 @@ import contextlib
 import hashlib
 import http.client
 import os
+import secrets
 import stat
-import tempfile
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -92,10 +92,10 @@ def atomic_write(path: Path) -> Iterator[BinaryIO]:
     Readers never see a half-written ``path``: either the old file (or none), or the complete one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    handle = tmp.open("xb")  # unlike mkstemp's 0600, honours the umask like any other file
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
