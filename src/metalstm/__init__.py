@@ -19,6 +19,8 @@ from .errors import CheckpointError, ConfigError, DataError, MetaLSTMError
 from .evaluation import EvalResult, evaluate
 from .learner import Learner, LearnerShape
 from .metalearner import MetaLearnerCell, MetaLSTM, preprocess
+from .optim import MetaLSTMOptimizer
+from .predict import adapt, predict
 from .serialization import load_algorithm
 from .training import Trainer, resume, train
 
@@ -35,14 +37,17 @@ __all__ = [
     "LearnerShape",
     "MetaLSTM",
     "MetaLSTMError",
+    "MetaLSTMOptimizer",
     "MetaLearnerCell",
     "Trainer",
     "__version__",
+    "adapt",
     "build_algorithm",
     "evaluate",
     "load_algorithm",
     "load_preset",
     "override",
+    "predict",
     "preprocess",
     "preset_names",
     "resume",

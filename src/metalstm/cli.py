@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .errors import MetaLSTMError
+from .predict import add_predict_arguments, predict_main
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -76,6 +77,11 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
+
+    predict = commands.add_parser(
+        "predict", help="label your own images from a few labelled examples per class"
+    )
+    add_predict_arguments(predict)
 
     presets = commands.add_parser("presets", help="list the named presets")
     presets.add_argument("--json", action="store_true")
@@ -229,6 +235,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "presets": cmd_presets,
+    "predict": predict_main,
     "plot": cmd_plot,
 }
 
