@@ -302,3 +302,18 @@ def test_bad_image_format_in_load_split(dataset: str, tmp_path: Path) -> None:
         load_split(dataset, "x", "train", data_root=tmp_path, channels=2)
     with pytest.raises(ConfigError, match="image_size=-3"):
         load_split(dataset, "x", "train", data_root=tmp_path, image_size=-3)
+
+
+def test_transparent_background_reads_as_white(tmp_path: Path) -> None:
+    """A dark stroke on a transparent background decodes as dark on light, as it is shown."""
+    from PIL import Image
+
+    from metalstm.data import load_images
+
+    image = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    for i in range(20):
+        image.putpixel((i, 10), (0, 0, 0, 255))
+    image.save(tmp_path / "stroke.png")
+    pixels = load_images([tmp_path / "stroke.png"], image_size=20, channels=1)
+    assert pixels.float().mean() > 200  # mostly white background
+    assert pixels.min() < 50  # the stroke stays dark

@@ -97,6 +97,16 @@ def check_image_format(image_size: int, channels: int) -> None:
         raise ConfigError(f"channels={channels!r} is invalid; use 1 (grayscale) or 3 (RGB)")
 
 
+def _on_white(image: Image.Image) -> Image.Image:
+    """Composite an image with transparency onto white, so a drawing on a transparent
+    background reads as dark on light (as it is shown) rather than dark on black."""
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba)
+    return image
+
+
 def decode_image(
     source: Path | bytes, name: str, *, image_size: int, channels: int, invert: bool
 ) -> np.ndarray:
@@ -105,7 +115,7 @@ def decode_image(
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             image.draft(_MODES[channels], size)  # JPEG: decode at reduced scale (>= size)
-            converted = image.convert(_MODES[channels])
+            converted = _on_white(image).convert(_MODES[channels])
             pixels = np.asarray(converted.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
