@@ -1,0 +1,93 @@
+"""Matching Networks (Vinyals et al., NeurIPS 2016), with and without full context embeddings.
+
+A query x̂ is labelled by attention over the support set S = {(x_i, y_i)}:
+
+    P(y = n | x̂, S) = Σ_i a(x̂, x_i) [y_i = n],    a(x̂, x_i) = softmax_i cos(f(x̂), g(x_i))
+
+and trained with the negative log-likelihood of the query labels. Without FCE, f = g = the
+learner's conv-4 embedding. With full context embeddings (the paper's Appendix A), both depend on
+the whole support set:
+
+* g(x_i) = g'(x_i) + h→_i + h←_i: a bidirectional LSTM reads the support embeddings g'(x_i);
+* f(x̂) = h_K after K steps (``fce_steps``) of an attention LSTM on f'(x̂):
+  ĥ_k, c_k = LSTM(f'(x̂), [h_{k-1}, r_{k-1}], c_{k-1}),  h_k = ĥ_k + f'(x̂),
+  r_{k-1} = Σ_i softmax_i(h_{k-1}ᵀ g(x_i)) g(x_i),  starting from h_0 = c_0 = 0.
+
+The classifier's logits are log P(y | x̂, S), so their arg-max is the predicted label.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..errors import ConfigError
+from .metric import MetricAlgorithm
+
+
+def attention_probabilities(
+    query: Tensor, support: Tensor, support_y: Tensor, n_way: int
+) -> Tensor:
+    """[Q, N]: Σ_i softmax_i(cos(query, support_i)) [y_i = n] (the Matching Networks classifier)."""
+    cos = F.normalize(query, dim=1) @ F.normalize(support, dim=1).T  # [Q, S]
+    attention = cos.softmax(dim=1)
+    return attention @ F.one_hot(support_y, n_way).to(attention.dtype)
+
+
+class FullContextEmbedding(nn.Module):
+    """The FCE functions g (bidirectional LSTM) and f (attention LSTM) on embeddings of size D."""
+
+    def __init__(self, dim: int, steps: int) -> None:
+        super().__init__()
+        self.dim, self.steps = dim, steps
+        self.support_lstm = nn.LSTM(dim, dim, bidirectional=True)
+        # Attention LSTM: gates from the input f'(x̂) and the state [h_{k-1}, r_{k-1}].
+        self.query_gates = nn.Linear(3 * dim, 4 * dim)
+
+    def support(self, g: Tensor) -> Tensor:
+        """g(x_i) [S, D] from g'(x_i) [S, D]: the support set read as one sequence, both ways."""
+        out, _ = self.support_lstm(g.unsqueeze(1))  # [S, 1, 2D]
+        forward, backward = out.squeeze(1).split(self.dim, dim=1)
+        return g + forward + backward
+
+    def query(self, f: Tensor, support: Tensor) -> Tensor:
+        """f(x̂) [Q, D] from f'(x̂) [Q, D], attending over the context-embedded support [S, D]."""
+        h = torch.zeros_like(f)
+        c = torch.zeros_like(f)
+        for _ in range(self.steps):
+            r = (h @ support.T).softmax(dim=1) @ support  # read-out of the support set
+            z = self.query_gates(torch.cat([f, h, r], dim=1))
+            i, forget, o, g = z.chunk(4, dim=1)
+            c = torch.sigmoid(forget) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c) + f
+        return h
+
+
+class MatchingNet(MetricAlgorithm):
+    """Matching Networks without FCE: cosine attention over the conv-4 support embeddings."""
+
+    name: ClassVar[str] = "matching"
+
+    def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
+        probabilities = attention_probabilities(query, support, support_y, self.config.n_way)
+        return probabilities.clamp_min(1e-12).log()
+
+
+class MatchingNetFCE(MatchingNet):
+    """Matching Networks with full context embeddings (bidirectional and attention LSTMs)."""
+
+    name: ClassVar[str] = "matching-fce"
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if config.fce_steps < 1:
+            raise ConfigError(f"invalid value fce_steps={config.fce_steps}; use 1 or more")
+        self.fce = FullContextEmbedding(self.embedding_dim, config.fce_steps)
+
+    def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
+        context = self.fce.support(support)
+        return super().logits(context, support_y, self.fce.query(query, context))

@@ -1,0 +1,81 @@
+"""Metric-based methods (Matching and Prototypical Networks): classify by distances in an embedding.
+
+The embedding is the learner's conv-4 body (:meth:`metalstm.learner.Learner.features`) at a
+meta-learned θ: the same architecture and filters as every other method. θ is the learner's whole
+flat vector so all methods share one layout; the linear head's coordinates are unused here.
+
+Batch norm follows the comparison's shared protocol (the meta-learner's, SPEC §1): statistics are
+episode state, fresh for every episode. The support pass uses batch statistics and records them;
+the query pass uses the query batch's statistics during meta-training and, at evaluation, the
+support's recorded statistics (or the query batch's own when ``transductive``). With
+``bn_momentum = 1`` the recorded statistics are exactly the support batch's.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..algorithm import Algorithm, Classifier, EpisodeLoss, accuracy
+from ..config import Config
+from ..data import Episode
+from ..learner import BatchNormState, feature_side
+
+
+class MetricAlgorithm(Algorithm):
+    """Shared by the metric methods: embed support and query, then :meth:`logits` from distances."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.theta = nn.Parameter(self.learner.initial_theta())
+        self.embedding_dim = config.filters * feature_side(config.image_size) ** 2
+
+    def embed(self, x: Tensor, bn: BatchNormState, batch_stats: bool) -> Tensor:
+        """Embedding [B, D] of images x [B, C, H, W] at the meta-learned θ."""
+        return self.learner.features(self.theta, x, bn, batch_stats=batch_stats)
+
+    @abstractmethod
+    def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
+        """Logits [Q, N] of query embeddings [Q, D] given support embeddings [S, D], labels [S]."""
+
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        bn = self.learner.fresh_batchnorm_state(episode.support_x.device, episode.support_x.dtype)
+        support = self.embed(episode.support_x, bn, batch_stats=True)
+        query = self.embed(episode.query_x, bn, batch_stats=True)
+        logits = self.logits(support, episode.support_y, query)
+        return EpisodeLoss(
+            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+        )
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype)
+        with torch.no_grad():
+            support = self.embed(support_x, bn, batch_stats=True)
+        return MetricClassifier(self, support, support_y, bn)
+
+
+@dataclass
+class MetricClassifier:
+    """A metric method adapted to one support set (its embeddings and BN statistics)."""
+
+    method: MetricAlgorithm
+    support: Tensor
+    support_y: Tensor
+    bn: BatchNormState
+
+    def __call__(self, x: Tensor) -> Tensor:
+        bn = {k: v.clone() for k, v in self.bn.items()}
+        with torch.no_grad():
+            query = self.method.embed(x, bn, batch_stats=self.method.config.transductive)
+            return self.method.logits(self.support, self.support_y, query)
+
+
+def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """[N, D]: the mean of the rows of ``embeddings`` [S, D] with each label ``0..n_way-1``."""
+    sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(embeddings.dtype)
+    return sums / counts.unsqueeze(1)

@@ -1,0 +1,243 @@
+"""`metalstm compare`: options, settings precedence, identical episodes, reports and checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from metalstm import build_algorithm, cli, compare
+from metalstm.checkpoint import save_checkpoint
+from metalstm.compare import (
+    METHODS,
+    RecordingSampler,
+    Request,
+    add_compare_arguments,
+    base_config,
+    checkpoint_meta,
+    compare_main,
+    given_checkpoint,
+    method_config,
+    recipe,
+)
+from metalstm.config import Config, load_preset, override
+from metalstm.data import ClassImages, fixed_episodes, load_split
+from metalstm.errors import ConfigError
+from metalstm.serialization import algorithm_tensors
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="metalstm compare")
+    add_compare_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def request(*argv: str) -> Request:
+    return Request.from_args(parse("--preset", "omniglot-5w1s", "--out", "OUT", *argv))
+
+
+# -- options -------------------------------------------------------------------------------------
+def test_methods_all_or_a_list_in_table_order() -> None:
+    assert request().methods == METHODS
+    assert request("--methods", "all").methods == METHODS
+    assert request("--methods", "protonet, maml,protonet").methods == ("maml", "protonet")
+    with pytest.raises(ConfigError, match="unknown method 'snail'"):
+        request("--methods", "snail")
+    with pytest.raises(ConfigError, match="empty"):
+        request("--methods", ",")
+
+
+def test_checkpoint_and_set_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="METHOD=PATH"):
+        request("--checkpoint", "runs/x/best")
+    with pytest.raises(ConfigError, match="unknown method"):
+        request("--checkpoint", "resnet=runs/x")
+    with pytest.raises(ConfigError, match="key=value"):
+        request("--set", "filters")
+    with pytest.raises(ConfigError, match="unknown method"):
+        request("--set", "snail:filters=8")
+    with pytest.raises(ConfigError, match="--episodes"):
+        request("--episodes", "0")
+    with pytest.raises(ConfigError, match="unknown config key"):
+        base_config(request("--set", "filterz=8"))
+
+
+def test_command_line_reproduces_the_request() -> None:
+    original = request(
+        "--methods",
+        "maml,nn-pixel",
+        "--episodes",
+        "50",
+        "--seed",
+        "3",
+        "--set",
+        "filters=8",
+        "--set",
+        "maml:inner_steps=2",
+        "--checkpoint",
+        "maml=runs/m/best",
+        "--train-episodes",
+        "10",
+    )
+    words = original.command().split()
+    assert words[:2] == ["metalstm", "compare"]
+    assert Request.from_args(parse(*words[2:])) == original
+
+
+def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> None:
+    req = request(
+        "--set",
+        "filters=8",
+        "--set",
+        "maml_inner_lr=0.3",
+        "--set",
+        "maml:maml_inner_lr=0.2",
+        "--train-episodes",
+        "40",
+        "--episodes",
+        "7",
+        "--seed",
+        "5",
+    )
+    maml = method_config(req, "maml", lambda: 1000)
+    assert maml.algorithm == "maml" and maml.filters == 8 and maml.maml_inner_lr == 0.2
+    assert maml.inner_steps == recipe("maml", load_preset("omniglot-5w1s"))["inner_steps"]
+    assert maml.episodes == 40 and maml.test_episodes == 7 and maml.test_seed == 5
+    protonet = method_config(req, "protonet", lambda: 1000)
+    assert protonet.maml_inner_lr == 0.3 and protonet.bn_momentum == 1.0
+    finetune = method_config(req, "finetune", lambda: 640)  # 10 batches of 64 per epoch
+    assert finetune.pretrain_epochs == pytest.approx(4.0)
+    assert load_preset("omniglot-5w1s") == override(method_config(request(), "lstm", int), {})
+
+
+# -- identical episodes --------------------------------------------------------------------------
+def synthetic(classes: int = 12, per_class: int = 20) -> ClassImages:
+    images = torch.randint(0, 256, (classes * per_class, 1, 4, 4), dtype=torch.uint8)
+    return ClassImages.from_counts(images, [per_class] * classes, [f"c{i}" for i in range(classes)])
+
+
+def test_recording_sampler_fingerprints_the_episodes_it_served() -> None:
+    data = synthetic()
+    sampler = RecordingSampler(data, 5, 1, 3, seed=4)
+    for i in range(6):
+        sampler.episode(i)
+    assert sampler.fingerprint() == fixed_episodes(data, 5, 1, 3, 4, 6).fingerprint()
+    other = RecordingSampler(data, 5, 1, 3, seed=5)
+    for i in range(6):
+        other.episode(i)
+    assert other.fingerprint() != sampler.fingerprint()
+    assert all(e.support_x.numel() == 0 for e in sampler.served)  # ids only, no images kept
+
+
+def test_a_given_checkpoint_must_match_the_comparison(tmp_path: Path) -> None:
+    base = base_config(request())
+
+    def write(name: str, **values: object) -> Path:
+        model = build_algorithm(override(base, {"algorithm": name, **values}))
+        meta = checkpoint_meta(model, "test")
+        return save_checkpoint(tmp_path / f"{name}-{len(values)}", algorithm_tensors(model), meta)
+
+    with pytest.raises(ConfigError, match="n_way=3"):
+        given_checkpoint("protonet", str(write("protonet", n_way=3)), base)
+    with pytest.raises(ConfigError, match="holds a 'matching' model"):
+        given_checkpoint("protonet", str(write("matching")), base)
+    finetune = write("finetune", pretrain_classes=10)
+    assert given_checkpoint("nn-embedding", str(finetune), base).origin == "given"
+
+
+# -- a tiny end-to-end run -----------------------------------------------------------------------
+TINY_RUN = [
+    "--preset", "omniglot-5w1s", "--episodes", "6", "--train-episodes", "20", "--quiet",
+    "--set", "filters=8", "--set", "q_query=5", "--set", "val_episodes=3",
+    "--set", "val_interval=1000", "--set", "pretrain_batch=32",
+    "--set", "finetune_lr_grid=0.1", "--set", "finetune_steps_grid=5",
+]  # fmt: skip
+TINY_METHODS = ("finetune", "nn-pixel", "nn-embedding", "protonet")
+
+
+@pytest.mark.slow
+def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
+    data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    samplers: list[RecordingSampler] = []
+
+    class Spy(RecordingSampler):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            samplers.append(self)
+
+    monkeypatch.setattr(compare, "RecordingSampler", Spy)
+    out = tmp_path / "cmp"
+    compare_main(parse(*TINY_RUN, "--methods", ",".join(TINY_METHODS), "--out", str(out)))
+    printed = capsys.readouterr().out
+    assert "| Method | Accuracy (%) |" in printed
+
+    # Every method saw the very same episodes: same classes and image rows, episode by episode.
+    assert len(samplers) == len(TINY_METHODS)
+    first = samplers[0].served
+    assert len(first) == 6
+    for sampler in samplers[1:]:
+        for a, b in zip(first, sampler.served, strict=True):
+            for name in ("classes", "support_ids", "query_ids", "support_y", "query_y"):
+                assert torch.equal(getattr(a, name), getattr(b, name))
+    test = load_split("omniglot", "vinyals", "test", data_root=data_env)
+    expected = fixed_episodes(test, 5, 1, 5, 0, 6).fingerprint()
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["fingerprint"] == expected
+    assert [m["method"] for m in results["methods"]] == list(TINY_METHODS)
+    for row in results["methods"]:
+        assert row["fingerprint"] == expected and row["episodes"] == 6
+        assert len(row["per_episode"]) == 6 and 0.0 <= row["accuracy"] <= 1.0
+    assert results["methods"][1]["train_seconds"] == 0.0  # nn-pixel: nothing to train
+    shared = results["methods"][2]
+    assert shared["train_origin"] == "shared" and "finetune" in shared["notes"]
+
+    table = (out / "results.md").read_text()
+    assert "6 fixed episodes" in table and expected[:16] in table and "metalstm compare" in table
+    assert all(f"(`{m}`)" in table for m in TINY_METHODS)
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["method"] for r in rows] == list(TINY_METHODS)
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # `metalstm evaluate` works on every method's checkpoint and finds the same accuracy.
+    for row in results["methods"]:
+        code = cli.main(
+            ["evaluate", "--checkpoint", row["checkpoint"], "--episodes", "6", "--json"]
+        )
+        assert code == 0
+        evaluated = json.loads(capsys.readouterr().out)
+        assert evaluated["accuracy"] == pytest.approx(row["accuracy"])
+
+    # A second run reuses the finished runs and a given checkpoint: nothing is trained again.
+    given = out / "runs" / "protonet" / "best.safetensors"
+    argv = [*TINY_RUN, "--methods", "protonet,nn-embedding", "--out", str(out), "--json"]
+    compare_main(parse(*argv, "--checkpoint", f"protonet={given}"))
+    again = json.loads(capsys.readouterr().out)
+    origins = {m["method"]: m["train_origin"] for m in again["methods"]}
+    assert origins == {"protonet": "given", "nn-embedding": "shared"}
+    before = {m["method"]: m["accuracy"] for m in results["methods"]}
+    assert all(m["accuracy"] == before[m["method"]] for m in again["methods"])
+
+
+def test_untrained_and_config_only_methods_need_no_data(tmp_path: Path) -> None:
+    config = Config(algorithm="nn-pixel")
+    path = compare.write_untrained("nn-pixel", config, tmp_path).checkpoint
+    assert path.is_file()
+    from metalstm import load_algorithm
+
+    model, meta = load_algorithm(path)
+    assert model.name == "nn-pixel" and meta["kind"] == "untrained"
