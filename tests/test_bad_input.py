@@ -54,11 +54,18 @@ TOKENS = st.sampled_from(
 @FAST
 @given(st.lists(st.one_of(TOKENS, st.text(max_size=8)), max_size=7))
 def test_random_command_lines_fail_cleanly(argv: list[str]) -> None:
+    saved = {key: os.environ.get(key) for key in ("METALSTM_DATA", "METALSTM_CACHE")}
     with tempfile.TemporaryDirectory() as empty:
         # Any command that gets as far as reading data finds none: it must fail cleanly too.
-        os.environ["METALSTM_DATA"] = empty
-        os.environ["METALSTM_CACHE"] = empty
-        code, _, err = run_cli(argv)
+        os.environ.update({key: empty for key in saved})
+        try:
+            code, _, err = run_cli(argv)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
         if code != 0:
             assert_one_line_usage_error(code, err)
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .compare import add_compare_arguments, compare_main
 from .errors import MetaLSTMError
 from .predict import add_predict_arguments, predict_main
 
@@ -77,6 +78,11 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
+
+    compare = commands.add_parser(
+        "compare", help="the paper's comparison table: every method on identical episodes"
+    )
+    add_compare_arguments(compare)
 
     predict = commands.add_parser(
         "predict", help="label your own images from a few labelled examples per class"
@@ -236,6 +242,7 @@ COMMANDS = {
     "evaluate": cmd_evaluate,
     "presets": cmd_presets,
     "predict": predict_main,
+    "compare": compare_main,
     "plot": cmd_plot,
 }
 
