@@ -74,6 +74,7 @@ class Config:
     transductive: bool = False  # query BN statistics from the query batch instead of the support
     # -- execution ---------------------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the meta-learner step (falls back to eager if it fails)
 
     def __post_init__(self) -> None:
         checks = {

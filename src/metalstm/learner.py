@@ -3,7 +3,7 @@
 Ravi & Larochelle (2017), Sec. 4: four blocks of [3x3 conv with ``filters`` channels, batch norm,
 ReLU, 2x2 max-pool], then a linear layer to N outputs. The meta-learner sees the learner's
 parameters θ as one flat vector of n coordinates (its cell state), so every forward pass here takes
-θ explicitly and runs the module through :func:`torch.func.functional_call`.
+θ explicitly and applies the module's operations to views of θ (:meth:`Learner._run`).
 
 Batch norm follows the authors' protocol: its running statistics are episode state (fresh for every
 episode, updated by the support passes), and its scale/shift are part of θ.
@@ -11,12 +11,12 @@ episode, updated by the support passes), and its scale/shift are part of θ.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 BatchNormState = dict[str, Tensor]
 
@@ -67,7 +67,7 @@ class ConvNet(nn.Module):
         super().__init__()
         channels = [shape.channels] + [shape.filters] * 4
         self.blocks = nn.ModuleList(
-            Block(c_in, c_out, bn_momentum, bn_eps) for c_in, c_out in zip(channels, channels[1:])
+            Block(c_in, c_out, bn_momentum, bn_eps) for c_in, c_out in itertools.pairwise(channels)
         )
         self.head = nn.Linear(shape.filters * feature_side(shape.image_size) ** 2, shape.n_way)
 
@@ -159,16 +159,63 @@ class Learner:
         ``bn`` holds the episode's running statistics; they are updated in place when
         ``batch_stats`` is true (support passes) and used for normalisation when it is false.
         """
-        tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
-        return functional_call(self.net, tensors, (x,), {"batch_stats": batch_stats}, strict=False)
+        return self._run(theta, x, bn, batch_stats, head=True)
 
     def features(
         self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
     ) -> Tensor:
         """Embedding [B, filters * side²] before the linear head, at parameters θ."""
-        tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
-        kwargs = {"batch_stats": batch_stats, "head": False}
-        return functional_call(self.net, tensors, (x,), kwargs, strict=False)
+        return self._run(theta, x, bn, batch_stats, head=False)
+
+    def _run(
+        self, theta: Tensor, x: Tensor, bn: BatchNormState | None, batch_stats: bool, head: bool
+    ) -> Tensor:
+        """:class:`ConvNet`'s forward written out on views of θ (same operations, same order).
+
+        Two layout choices, both exact: on the CPU activations are channels-last (NHWC), where
+        oneDNN's convolutions and PyTorch's max-pool run several times faster on these small
+        batches than in NCHW (max-pool: ~10x); and ReLU is applied after the max-pool, on a
+        quarter of the values (max-pool commutes with the monotone ReLU; gradients agree too).
+        """
+        params = self.unflatten(theta)
+        stats = bn or self.fresh_batchnorm_state(x.device, x.dtype)
+        channels_last = x.device.type == "cpu" and x.dim() == 4
+        if channels_last:
+            x = to_channels_last(x)
+        for k, block in enumerate(self.net.blocks):
+            assert isinstance(block, Block)
+            norm = block.norm
+            x = F.conv2d(
+                x, params[f"blocks.{k}.conv.weight"], params[f"blocks.{k}.conv.bias"], 1, 1
+            )
+            if channels_last:  # a no-op guard: NHWC in, NHWC out
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = F.batch_norm(
+                x,
+                stats[f"blocks.{k}.norm.running_mean"],
+                stats[f"blocks.{k}.norm.running_var"],
+                params[f"blocks.{k}.norm.weight"],
+                params[f"blocks.{k}.norm.bias"],
+                training=batch_stats,
+                momentum=norm.momentum if norm.momentum is not None else 0.1,
+                eps=norm.eps,
+            )
+            x = F.relu(F.max_pool2d(x, 2))
+        x = x.flatten(1)  # [B, F * side²] in NCHW order, whatever the layout
+        return F.linear(x, params["head.weight"], params["head.bias"]) if head else x
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    """x [B, C, H, W] in NHWC memory order, with strides that say so even when C = 1.
+
+    For one channel NCHW and NHWC are the same bytes, but the convolution picks its output layout
+    from the strides, and ``contiguous(memory_format=channels_last)`` keeps NCHW strides then.
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    if x.shape[1] == 1:
+        _, _, h, w = x.shape
+        x = x.as_strided(x.shape, (h * w, 1, w, 1))
+    return x
 
 
 def conv_flops(shape: LearnerShape, batch: int) -> float:

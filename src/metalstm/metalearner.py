@@ -48,25 +48,27 @@ def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
     (log|x| / p, sign x) when |x| ≥ e^-p, else (−1, e^p · x): gradients spanning many orders of
     magnitude become inputs of comparable scale.
     """
-    big = x.abs() >= torch.exp(torch.tensor(-p, dtype=x.dtype))
-    log_part = torch.where(big, x.abs().clamp_min(1e-38).log() / p, torch.full_like(x, -1.0))
-    sign_part = torch.where(big, torch.sign(x), x * float(torch.exp(torch.tensor(p))))
-    return torch.stack([log_part, sign_part], dim=-1)
+    return torch.stack(_preprocess_parts(x, p), dim=-1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _preprocess_constants(p: float, dtype: torch.dtype) -> tuple[float, float]:
     """(e^-p in ``dtype``, e^p in float32): exactly the constants :func:`preprocess` uses."""
     return float(torch.exp(torch.tensor(-p, dtype=dtype))), float(torch.exp(torch.tensor(p)))
 
 
-def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
-    """:func:`preprocess` of a vector x [n], laid out as rows [2, n]: (log part, sign part)."""
+def _preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """The log part and the sign part of :func:`preprocess`, each shaped like x."""
     threshold, scale = _preprocess_constants(p, x.dtype)
     big = x.abs() >= threshold
     log_part = torch.where(big, x.abs().clamp_min(1e-38).log() / p, torch.full_like(x, -1.0))
     sign_part = torch.where(big, torch.sign(x), x * scale)
-    return torch.stack([log_part, sign_part])
+    return log_part, sign_part
+
+
+def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
+    """:func:`preprocess` of a vector x [n], laid out as rows [2, n]: (log part, sign part)."""
+    return torch.stack(_preprocess_parts(x, p))
 
 
 # -- the fused inner step --------------------------------------------------------------------------
@@ -92,7 +94,7 @@ def step_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One inner step; returns (θ_t, logits_t, h_t, c_t, gates_t, x, acts, tanh c_t).
 
-    ``x`` [2 + H, n] is layer 1's input, ``acts`` [4H, n] its activations (i, f, o σ; g tanh):
+    ``x`` [2 + H, n] is layer 1's input, ``acts`` [4H, n] its activations (i, f, o: σ; g: tanh):
     what :func:`step_backward` needs besides the step's inputs and outputs.
     """
     x = torch.cat([grad_features, h])  # [2 + H, n]
@@ -125,13 +127,14 @@ def step_backward(
     """Gradients of one step w.r.t. (features, h, c, θ, logits, g, weight, bias, W2, b2)."""
     x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = saved
     need_grad_inputs, need_params = need_inputs
-    # Layer 2. θ_t = σ(f) θ_{t-1} − σ(i) g_t.
-    d_sig = torch.empty_like(gates)
-    torch.mul(d_theta, theta, out=d_sig[0])
-    torch.mul(d_theta, grad, out=d_sig[1]).neg_()
+    one = theta.new_ones(())
+    # Layer 2: θ_t = σ(f) θ_{t-1} − σ(i) g_t, (f, i) logits = W2 [h_t, θ_{t-1}, logits_{t-1}] + b2.
+    d_l = torch.empty_like(gates)  # ∂ℓ/∂σ(f, i), then ∂ℓ/∂(f_t, i_t)   [2, n]
+    torch.mul(d_theta, theta, out=d_l[0])
+    torch.mul(d_theta, grad, out=d_l[1]).neg_()
     if d_gates is not None:
-        d_sig += d_gates
-    d_l = d_sig.mul_(gates).mul_(1.0 - gates)  # ∂ℓ/∂(f_t, i_t) logits [2, n]
+        d_l += d_gates
+    d_l.mul_(torch.addcmul(gates, gates, gates, value=-1.0))  # σ' = σ − σ²
     if d_logits is not None:
         d_l += d_logits
     w_h, w_theta, w_prev = (
@@ -149,11 +152,10 @@ def step_backward(
             dim=1,
         )  # [2, H + 2]
         d_gate_bias = d_l.sum(1)
-    # Layer 1. h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g.
+    # Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b).
     d_hn = torch.mm(w_h.t(), d_l) if d_h is None else torch.addmm(d_h, w_h.t(), d_l)  # [H, n]
     i, f, o, g = acts.split(hidden)
-    d_cn = d_hn * o
-    d_cn.mul_(1.0 - tanh_c * tanh_c)
+    d_cn = torch.mul(d_hn, o).mul_(torch.addcmul(one, tanh_c, tanh_c, value=-1.0))  # tanh'
     if d_c is not None:
         d_cn += d_c
     d_z = torch.empty_like(acts)  # ∂ℓ/∂z [4H, n]
@@ -162,15 +164,15 @@ def step_backward(
     torch.mul(d_cn, c, out=dz_f)
     torch.mul(d_hn, tanh_c, out=dz_o)
     sig = acts[: 3 * hidden]
-    d_z[: 3 * hidden].mul_(sig).mul_(1.0 - sig)  # σ' = σ (1 − σ)
-    torch.mul(d_cn, i, out=dz_g).mul_(1.0 - g * g)  # tanh' = 1 − tanh²
+    d_z[: 3 * hidden].mul_(torch.addcmul(sig, sig, sig, value=-1.0))  # σ' = σ − σ²
+    torch.mul(d_cn, i, out=dz_g).mul_(torch.addcmul(one, g, g, value=-1.0))  # tanh' = 1 − tanh²
     d_c_prev = d_cn.mul_(f)  # [H, n]
     d_weight = d_bias = None
     if need_params:
         d_weight = torch.mm(d_z, x.t())  # [4H, 2 + H]
         d_bias = d_z.sum(1)
     if need_grad_inputs:
-        d_x = torch.mm(weight.t(), d_z)
+        d_x = torch.mm(weight.t(), d_z)  # [2 + H, n]
         d_features, d_h_prev = d_x[:2], d_x[2:]
     else:
         d_features, d_h_prev = None, torch.mm(weight[:, 2:].t(), d_z)
@@ -203,10 +205,8 @@ class _CellStep(torch.autograd.Function):
     """One inner step (:func:`step_forward`) as a single autograd node (:func:`step_backward`)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, kernels: StepKernels, hidden: int, *inputs: Tensor
-    ) -> tuple[Tensor, ...]:
-        grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias = inputs
+    def forward(ctx: Any, kernels: StepKernels, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
+        _, _, c, theta, prev_logits, grad, weight, _, gate_weight, _ = inputs
         theta_new, logits, h_new, c_new, gates, x, acts, tanh_c = kernels.forward(hidden, *inputs)
         ctx.kernels, ctx.hidden = kernels, hidden
         ctx.save_for_backward(
@@ -218,7 +218,9 @@ class _CellStep(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         d_theta, d_logits, d_h, d_c, d_gates = grads
-        needs = ctx.needs_input_grad  # (kernels, hidden, features, h, c, θ, logits, g, W, b, W2, b2)
+        needs = (
+            ctx.needs_input_grad
+        )  # (kernels, hidden, features, h, c, θ, logits, g, W, b, W2, b2)
         if d_theta is None:  # θ_t unused: only the recurrent outputs carry gradient
             d_theta = ctx.saved_tensors[2].new_zeros(ctx.saved_tensors[2].shape)
         need_inputs = (needs[2] or needs[7], any(needs[8:]))
@@ -360,6 +362,17 @@ def learner_loss_and_grad(
     return loss.detach(), grad
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats (below ~1e-38 in float32) as zero on this thread from now on.
+
+    The meta-learner's gradients and gate derivatives decay towards zero over the inner steps and
+    the meta-backward; arithmetic on subnormal values is several times slower on x86 CPUs (seen
+    here: the LSTM slowed 5-10x), while flushing them changes nothing measurable. It is set at
+    the start of every inner loop (cheap); threads the intra-op pool starts afterwards inherit it.
+    """
+    torch.set_flush_denormal(True)
+
+
 @dataclass
 class InnerLoopResult:
     theta: Tensor  # θ_T [n]
@@ -386,6 +399,7 @@ class MetaLSTM(Algorithm):
         self.cell = MetaLearnerCell(
             self.learner.initial_theta(), config.hidden_size, config.preprocess_p
         )
+        self.cell.use_compile = config.compile
 
     def inner_loop(
         self, support_x: Tensor, support_y: Tensor, steps: int, record_gates: bool = False
@@ -395,6 +409,7 @@ class MetaLSTM(Algorithm):
         Builds the meta-graph only when gradients are enabled; under ``torch.no_grad`` it is the
         evaluation-time optimiser (the learner's own gradient is still computed).
         """
+        flush_denormals()
         bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype)  # per episode
         state = self.cell.initial_state()
         second_order = self.config.second_order and torch.is_grad_enabled()
@@ -404,11 +419,13 @@ class MetaLSTM(Algorithm):
             loss, grad = learner_loss_and_grad(
                 self.learner, state.theta, support_x, support_y, bn, second_order
             )
-            state, step_gates = self.cell(state, loss, grad * scale)
-            losses.append(float(loss))
+            state, step_gates = self.cell(state, loss, grad * scale if scale != 1.0 else grad)
+            losses.append(loss.detach())
             if record_gates:
                 gates.append(step_gates.detach())
-        return InnerLoopResult(state.theta, bn, gates, losses)
+        # One host transfer for all steps (a float() per step would wait on the device each time).
+        support_losses = torch.stack(losses).tolist()
+        return InnerLoopResult(state.theta, bn, gates, support_losses)
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
         """Query loss at θ_T with batch statistics (meta-training protocol)."""

@@ -1,0 +1,169 @@
+"""The throughput workloads of the README's Performance table, each run several times.
+
+Usage::
+
+    python benchmarks/throughput.py [--repeats 3] [--episodes 10] [--warmup 2] [--device auto]
+                                    [--only NAME ...] [--compile] [--json FILE]
+
+Meta-training workloads (synthetic images, first-order, 32 filters, 15 queries per class), each in
+a fresh process through ``python -m metalstm.bench``:
+
+- ``84rgb-5w5s``:  84x84 RGB, 5-way 5-shot, T = 8 on the 25 support images;
+- ``84rgb-5w1s``:  84x84 RGB, 5-way 1-shot, T = 12 on 5;
+- ``28g-5w1s``:    28x28 grayscale, 5-way 1-shot, T = 12 on 5;
+- ``28rgb-5w1s``:  28x28 RGB, 5-way 1-shot, T = 12 on 5;
+
+and ``omniglot-eval600``: evaluation of the 600 fixed Omniglot 5-way 1-shot test episodes (real
+images, $METALSTM_DATA) by a freshly built model of the ``omniglot-5w1s`` preset, timed end to
+end as ``metalstm evaluate`` runs them (skipped when the data is missing).
+
+Prints one Markdown table of medians over the repeats (seconds per episode for meta-training,
+seconds for the 600 evaluation episodes) with the spread (min-max).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+TRAIN_WORKLOADS: dict[str, list[str]] = {
+    "84rgb-5w5s": ["--image-size", "84", "--channels", "3", "--shots", "5", "--steps", "8"],
+    "84rgb-5w1s": ["--image-size", "84", "--channels", "3", "--shots", "1", "--steps", "12"],
+    "28g-5w1s": ["--image-size", "28", "--channels", "1", "--shots", "1", "--steps", "12"],
+    "28rgb-5w1s": ["--image-size", "28", "--channels", "3", "--shots", "1", "--steps", "12"],
+}
+TARGETS = {  # issue 6: seconds per meta-training episode; seconds for the 600 test episodes
+    "84rgb-5w5s": 0.45,
+    "84rgb-5w1s": 0.25,
+    "28g-5w1s": 0.06,
+    "28rgb-5w1s": 0.06,
+    "omniglot-eval600": 30.0,
+}
+
+
+def run_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One ``metalstm.bench`` run of a meta-training workload in a fresh process."""
+    command = [
+        sys.executable,
+        "-m",
+        "metalstm.bench",
+        *TRAIN_WORKLOADS[name],
+        "--episodes",
+        str(args.episodes),
+        "--warmup",
+        str(args.warmup),
+        "--device",
+        args.device,
+        "--compile" if args.compile else "--no-compile",
+        "--json",
+    ]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+EVAL_SCRIPT = """
+import json, sys, time
+import torch
+from metalstm import build_algorithm, load_preset, override
+from metalstm.data import EpisodeSampler, load_split
+from metalstm.evaluation import episode_accuracies
+from metalstm.training import resolve_device
+
+torch.set_flush_denormal(True)
+config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
+data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
+sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)
+model = build_algorithm(config).to(resolve_device(config.device))
+start, cpu = time.perf_counter(), time.process_time()
+scores = episode_accuracies(model, sampler, range(600))
+seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
+accuracy = sum(scores) / len(scores)
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy}))
+"""
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluation of the 600 Omniglot test episodes in a fresh process (data loading untimed)."""
+    command = [sys.executable, "-c", EVAL_SCRIPT, args.device]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def have_omniglot() -> bool:
+    root = os.environ.get("METALSTM_DATA")
+    default = Path(__file__).resolve().parents[2] / "shared" / "data"
+    folder = Path(root) if root else default
+    return (folder / "omniglot" / "images_background.zip").is_file() or (
+        folder / "omniglot" / "images_evaluation.zip"
+    ).is_file()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each workload (default 3)")
+    parser.add_argument("--episodes", type=int, default=10, help="timed episodes per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed episodes per run")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the LSTM step")
+    parser.add_argument(
+        "--only", nargs="+", choices=[*TRAIN_WORKLOADS, "omniglot-eval600"], help="workloads"
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every run's figures")
+    args = parser.parse_args()
+    names = args.only or [*TRAIN_WORKLOADS, "omniglot-eval600"]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for repeat in range(args.repeats):  # workloads interleaved: slow drifts hit all alike
+        for name in names:
+            if name == "omniglot-eval600":
+                if not have_omniglot():
+                    print("omniglot-eval600: no Omniglot data; set METALSTM_DATA", file=sys.stderr)
+                    continue
+                runs[name].append(run_eval(args))
+            else:
+                runs[name].append(run_train(name, args))
+            last = runs[name][-1]
+            figure = last.get("s_per_episode", last.get("seconds"))
+            print(f"[{repeat + 1}/{args.repeats}] {name}: {figure:.4f}", file=sys.stderr)
+    print(table(runs))
+    if args.json is not None:
+        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    return 0
+
+
+def table(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Markdown table of medians (and min-max) per workload."""
+    lines = [
+        "| workload | median | min-max | target | GFLOP/episode | GFLOP/s | peak MB | runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, results in runs.items():
+        if not results:
+            continue
+        key = "seconds" if name == "omniglot-eval600" else "s_per_episode"
+        values = [r[key] for r in results]
+        unit = "s (600 episodes)" if key == "seconds" else "s/episode"
+        gflop = statistics.median(r.get("gflop_per_episode", float("nan")) for r in results)
+        gflops = statistics.median(r.get("gflops", float("nan")) for r in results)
+        memory = statistics.median(r.get("peak_memory_mb", float("nan")) for r in results)
+        lines.append(
+            f"| {name} | {statistics.median(values):.3f} {unit} | {min(values):.3f}-"
+            f"{max(values):.3f} | {TARGETS[name]} | {gflop:.1f} | {gflops:.1f} | {memory:.0f} | "
+            f"{len(values)} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    code = main()
+    print(f"total {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    raise SystemExit(code)

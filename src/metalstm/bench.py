@@ -1,0 +1,331 @@
+"""Throughput benchmark: meta-training (or evaluation) episodes per second on synthetic images.
+
+``metalstm bench`` (or ``python -m metalstm.bench``) builds a fresh meta-learner for the given
+episode shape, runs ``--warmup`` episodes, then times ``--episodes`` more, each one exactly as the
+training loop does it: draw the episode (random images, made on the compute device), adapt with
+the meta-learner, query loss, backward, clip the meta-gradient, Adam step. ``--mode eval`` times
+evaluation episodes instead: adapt without a meta-graph, then label the query set.
+
+The last lines printed are the median seconds per episode, episodes/s, the estimated GFLOP per
+episode (convolutions and linear head of every learner pass, forward and backward, plus the
+meta-learner LSTM's arithmetic) and the achieved GFLOP/s, and peak memory; ``--json`` prints them
+as one JSON object instead, ``--out FILE`` also writes that object to FILE.
+
+Example::
+
+    metalstm bench --image-size 84 --channels 3 --shots 5 --steps 8 --episodes 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .algorithm import Algorithm, accuracy
+from .algorithms import build_algorithm
+from .config import Config
+from .data import Episode
+from .learner import LearnerShape, conv_flops
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``metalstm bench`` (episode shape, learner, meta-training, output)."""
+    parser.add_argument("--image-size", type=int, default=28, help="image side (default 28)")
+    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="1 or 3")
+    parser.add_argument("--ways", type=int, default=5, help="N classes per episode (default 5)")
+    parser.add_argument("--shots", type=int, default=1, help="K support images per class")
+    parser.add_argument("--queries", type=int, default=15, help="Q query images per class")
+    parser.add_argument("--steps", type=int, default=12, help="T inner steps (default 12)")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="support images per inner step (default N*K: the whole support set, as the paper)",
+    )
+    parser.add_argument("--filters", type=int, default=32, help="learner conv filters")
+    parser.add_argument("--meta-batch", type=int, default=1, help="episodes per meta-update")
+    parser.add_argument("--episodes", type=int, default=20, help="timed episodes (default 20)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed episodes first (default 2)")
+    parser.add_argument(
+        "--second-order", action="store_true", help="differentiate through the learner gradients"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda:N")
+    parser.add_argument(
+        "--mode", choices=("train", "eval"), default="train", help="meta-training or evaluation"
+    )
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile the meta-learner step (default: off; eager fallback if it fails)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON result here")
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    """The :class:`Config` of the benchmarked run."""
+    values: dict[str, Any] = {
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "n_way": args.ways,
+        "k_shot": args.shots,
+        "q_query": args.queries,
+        "inner_steps": args.steps,
+        "filters": args.filters,
+        "meta_batch": args.meta_batch,
+        "second_order": args.second_order,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    if "compile" in {f.name for f in dataclasses.fields(Config)}:
+        values["compile"] = args.compile
+    return Config(**values)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class SyntheticEpisodes:
+    """Episodes of uniform random images drawn on the compute device: the data-sampling share of
+    an episode as cheap as it gets, so the benchmark measures the algorithm."""
+
+    def __init__(self, config: Config, batch: int, device: torch.device, seed: int) -> None:
+        self.shape = (config.channels, config.image_size, config.image_size)
+        self.n_way, self.q_query, self.batch, self.device = (
+            config.n_way,
+            config.q_query,
+            batch,
+            device,
+        )
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.support_y = torch.arange(batch, device=device) % config.n_way  # [batch]
+        self.query_y = torch.arange(config.n_way, device=device).repeat_interleave(config.q_query)
+        self.classes = torch.arange(config.n_way, device=device)
+
+    def draw(self) -> Episode:
+        support_x = torch.rand(
+            (self.batch, *self.shape), generator=self.generator, device=self.device
+        )  # [batch, C, H, W]
+        query_x = torch.rand(
+            (self.n_way * self.q_query, *self.shape), generator=self.generator, device=self.device
+        )  # [N*Q, C, H, W]
+        return Episode(
+            support_x,
+            self.support_y,
+            query_x,
+            self.query_y,
+            self.classes,
+            self.support_y,
+            self.query_y,
+        )
+
+
+def learner_pass_flops(shape: LearnerShape, batch: int, *, backward: bool) -> float:
+    """FLOPs of one learner pass on ``batch`` images: the forward F, plus for the backward the
+    weight gradients (F again) and the input gradients (F but the first layer's, as the images
+    need none)."""
+    forward = conv_flops(shape, batch)
+    if not backward:
+        return forward
+    first_layer = 2 * batch * shape.image_size**2 * shape.channels * shape.filters * 9
+    return 3 * forward - first_layer
+
+
+def lstm_flops(n: int, hidden: int, steps: int, *, backward: bool) -> float:
+    """FLOPs of the coordinate-wise LSTM over n coordinates and ``steps`` steps.
+
+    Per coordinate and step, forward: layer 1's product (4H x (H + 2) multiply-adds, the loss
+    features being folded into the bias), layer 2's (2 x (H + 2)), and ~12H element-wise
+    operations (activations, cell update); the backward has two products of each size (weight
+    and input gradients) and ~20H element-wise operations.
+    """
+    products = 2 * (4 * hidden * (hidden + 2) + 2 * (hidden + 2))
+    per_step = products + 12 * hidden
+    if backward:
+        per_step += 2 * products + 20 * hidden
+    return float(n * steps * per_step)
+
+
+def episode_flops(config: Config, n: int, batch: int, mode: str) -> float:
+    """Estimated FLOPs of one meta-training (``train``) or evaluation (``eval``) episode."""
+    shape = LearnerShape(config.channels, config.image_size, config.n_way, config.filters)
+    queries = config.n_way * config.q_query
+    # Inner loop: T passes on the support batch, each forward and backward (the learner's g_t).
+    support = learner_pass_flops(shape, batch, backward=True)
+    if mode == "train" and config.second_order:
+        support *= 2  # backward of the backward, roughly the same again
+    total = config.inner_steps * support
+    if mode == "train":
+        # Query loss at θ_T, backward into θ_T; the meta-learner forward and backward.
+        total += learner_pass_flops(shape, queries, backward=True)
+        total += lstm_flops(n, config.hidden_size, config.inner_steps, backward=True)
+    else:
+        total += conv_flops(shape, queries)
+        total += lstm_flops(n, config.hidden_size, config.test_steps, backward=False)
+    return total
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: the CUDA allocator's maximum, or the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, else KiB
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(
+    model: Algorithm, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], clip: float
+) -> float:
+    """One meta-update as :meth:`metalstm.training.Trainer.update` does it; returns the loss."""
+    optimizer.zero_grad(set_to_none=False)
+    total = 0.0
+    for episode in episodes:
+        out = model.meta_loss(episode)
+        (out.loss / len(episodes)).backward()
+        total += float(out.loss.detach())
+    torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
+    optimizer.step()
+    return total / len(episodes)
+
+
+def eval_step(model: Algorithm, episode: Episode) -> float:
+    """One evaluation episode as :func:`metalstm.evaluation.episode_accuracies` does it."""
+    classifier = model.adapt(episode.support_x, episode.support_y)
+    with torch.inference_mode():
+        logits = classifier(episode.query_x)
+    return accuracy(logits, episode.query_y)
+
+
+def bench_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (see :func:`add_bench_arguments`); print the
+    figures and return them as a dict."""
+    torch.set_flush_denormal(True)  # see metalstm.metalearner.flush_denormals
+    config = bench_config(args)
+    device = resolve_device(args.device)
+    batch = args.batch or config.n_way * config.k_shot
+    if batch < 1 or args.episodes < 1 or args.warmup < 0:
+        raise ValueError("--batch and --episodes must be >= 1, --warmup >= 0")
+    torch.manual_seed(args.seed)
+    model = build_algorithm(config).to(device)
+    n = model.learner.n_params
+    data = SyntheticEpisodes(config, batch, device, args.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    if args.mode == "eval":
+        model.eval()
+
+        def run() -> None:
+            eval_step(model, data.draw())
+    else:
+        model.train()
+
+        def run() -> None:
+            episodes = [data.draw() for _ in range(config.meta_batch)]
+            train_step(model, optimizer, episodes, config.clip_grad_norm)
+
+    per_call = 1 if args.mode == "eval" else config.meta_batch
+    calls = max(1, -(-args.episodes // per_call))  # timed calls (meta-updates or episodes)
+    warm = _time_calls(run, max(args.warmup, 0), device)
+    times = _time_calls(run, calls, device)
+    s_per_episode = statistics.median(wall for wall, _ in times) / per_call
+    # CPU seconds of this process: what the episode costs on a machine shared with other jobs.
+    cpu_per_episode = statistics.median(cpu for _, cpu in times) / per_call
+    gflop = episode_flops(config, n, batch, args.mode) / 1e9
+    result: dict[str, Any] = {
+        "s_per_episode": s_per_episode,
+        "episodes_per_s": 1.0 / s_per_episode,
+        "gflop_per_episode": gflop,
+        "gflops": gflop / s_per_episode,
+        "peak_memory_mb": peak_memory_mb(device),
+        "cpu_s_per_episode": cpu_per_episode,
+        "first_episode_s": (warm[0] if warm else times[0])[0] / per_call,
+        "timed_episodes": calls * per_call,
+        "settings": {
+            "mode": args.mode,
+            "image_size": config.image_size,
+            "channels": config.channels,
+            "ways": config.n_way,
+            "shots": config.k_shot,
+            "queries": config.q_query,
+            "steps": config.inner_steps,
+            "batch": batch,
+            "filters": config.filters,
+            "meta_batch": config.meta_batch,
+            "second_order": config.second_order,
+            "compile": bool(getattr(config, "compile", False)),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "learner_params": n,
+            "warmup": args.warmup,
+            "torch": torch.__version__,
+            "machine": platform.machine(),
+        },
+    }
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(result))
+    else:
+        s = result["settings"]
+        print(
+            f"{args.mode}: {s['image_size']}x{s['image_size']}x{s['channels']}, "
+            f"{s['ways']}-way {s['shots']}-shot, {s['queries']} queries, T = {s['steps']} on "
+            f"{batch}, {s['filters']} filters, meta-batch {s['meta_batch']}, "
+            f"{'second' if s['second_order'] else 'first'}-order, {s['device']} "
+            f"({s['threads']} threads), compile {'on' if s['compile'] else 'off'}; "
+            f"first episode {result['first_episode_s']:.3f} s"
+        )
+        print(
+            f"seconds per episode: {s_per_episode:.4f} (median of {calls * per_call}; "
+            f"process CPU seconds {cpu_per_episode:.4f})"
+        )
+        print(f"episodes per second: {result['episodes_per_s']:.2f}")
+        print(f"GFLOP per episode (estimated): {gflop:.2f}")
+        print(f"achieved GFLOP/s: {result['gflops']:.1f}")
+        print(f"peak memory: {result['peak_memory_mb']:.0f} MB")
+    return result
+
+
+def _time_calls(
+    run: Callable[[], None], count: int, device: torch.device
+) -> list[tuple[float, float]]:
+    """(wall seconds, process CPU seconds) of ``count`` calls of ``run``."""
+    times = []
+    for _ in range(count):
+        _synchronize(device)
+        start, cpu = time.perf_counter(), time.process_time()
+        run()
+        _synchronize(device)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
+    return times
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="metalstm bench", description=__doc__.splitlines()[0])
+    add_bench_arguments(parser)
+    bench_main(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,421 @@
+"""The fast paths compute the same mathematics as the plain formulation.
+
+Speed work (issue 6) replaced the meta-learner step by one autograd node with a hand-written
+backward (optionally torch.compile'd), ran the learner on views of θ in channels-last layout with
+ReLU after the max-pool, and folded the loss features into layer 1's bias. Every test here
+compares such a path with a straightforward reference kept in this file (the module through
+``functional_call``, the LSTM written op by op under autograd) in float64, at tight tolerance:
+the meta-gradient of whole episodes (first and second order), evaluation logits, and the compiled
+step. Plus: the benchmark runs and reports its figures, and the CUDA path where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import functional_call
+
+from metalstm import Config, MetaLSTM, build_algorithm
+from metalstm import metalearner as ml
+from metalstm.bench import add_bench_arguments, bench_main, episode_flops
+from metalstm.data import Episode
+from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
+from metalstm.metalearner import CellState, MetaLearnerCell, preprocess
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the reference: the plain formulation, autograd over every operation -------------------------
+
+
+def reference_learner(
+    learner: Learner, theta: Tensor, x: Tensor, bn: BatchNormState, batch_stats: bool
+) -> Tensor:
+    """The learner module itself (NCHW, ReLU before pool) at parameters θ."""
+    tensors = {**learner.unflatten(theta), **bn}
+    return functional_call(learner.net, tensors, (x,), {"batch_stats": batch_stats}, strict=False)
+
+
+def reference_cell(
+    cell: MetaLearnerCell, state: CellState, loss: Tensor, grad: Tensor
+) -> tuple[CellState, Tensor]:
+    """Both layers as written in the paper, features [4, n] broadcast, one autograd op each."""
+    n, hidden = grad.shape[0], cell.hidden_size
+    features = torch.cat(
+        [preprocess(grad, cell.p).T, preprocess(loss.reshape(1), cell.p).T.expand(2, n)]
+    )  # [4, n]
+    z = cell.lstm_bias.unsqueeze(1) + cell.lstm_weight @ torch.cat([features, state.hidden])
+    i, f, o = (torch.sigmoid(z[k * hidden : (k + 1) * hidden]) for k in range(3))
+    c = f * state.cell + i * torch.tanh(z[3 * hidden :])
+    h = o * torch.tanh(c)
+    w = cell.gate_weight
+    logits = (
+        w[:, :hidden] @ h
+        + w[:, hidden : hidden + 1] * state.theta
+        + w[:, hidden + 1 :] * state.gate_logits
+        + cell.gate_bias.unsqueeze(1)
+    )
+    gates = torch.sigmoid(logits)
+    return CellState(gates[0] * state.theta - gates[1] * grad, logits, h, c), gates
+
+
+def reference_inner_loop(
+    model: MetaLSTM, x: Tensor, y: Tensor, steps: int, second_order: bool
+) -> tuple[Tensor, BatchNormState]:
+    learner, cell, cfg = model.learner, model.cell, model.config
+    bn = learner.fresh_batchnorm_state(x.device, x.dtype)
+    state = cell.initial_state()
+    scale = 1.0 / x.shape[0] if cfg.grad_divide_batch else 1.0
+    for _ in range(steps):
+        at = state.theta if second_order else state.theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(reference_learner(learner, at, x, bn, True), y)
+        (grad,) = torch.autograd.grad(loss, at, create_graph=second_order)
+        if not second_order:
+            loss = loss.detach()
+        state, _ = reference_cell(cell, state, loss, grad * scale)
+    return state.theta, bn
+
+
+def reference_meta_loss(model: MetaLSTM, episode: Episode) -> Tensor:
+    theta, bn = reference_inner_loop(
+        model,
+        episode.support_x,
+        episode.support_y,
+        model.config.inner_steps,
+        model.config.second_order,
+    )
+    logits = reference_learner(model.learner, theta, episode.query_x, bn, True)
+    return F.cross_entropy(logits, episode.query_y)
+
+
+def reference_predict(model: MetaLSTM, episode: Episode) -> Tensor:
+    theta, bn = reference_inner_loop(
+        model, episode.support_x, episode.support_y, model.config.test_steps, False
+    )
+    with torch.no_grad():
+        return reference_learner(
+            model.learner, theta.detach(), episode.query_x, bn, model.config.transductive
+        )
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def config(**changes: Any) -> Config:
+    values: dict[str, Any] = dict(
+        image_size=16,
+        channels=1,
+        n_way=3,
+        k_shot=2,
+        q_query=2,
+        filters=4,
+        inner_steps=3,
+        device="cpu",
+    )
+    values.update(changes)
+    return Config(**values)
+
+
+def episode(cfg: Config, seed: int = 0, dtype: torch.dtype = F64) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+    n, k, q, s, ch = cfg.n_way, cfg.k_shot, cfg.q_query, cfg.image_size, cfg.channels
+    support_y = torch.arange(n).repeat_interleave(k)
+    query_y = torch.arange(n).repeat_interleave(q)
+    return Episode(
+        torch.rand(n * k, ch, s, s, generator=g, dtype=dtype),
+        support_y,
+        torch.rand(n * q, ch, s, s, generator=g, dtype=dtype),
+        query_y,
+        torch.arange(n),
+        support_y,
+        query_y,
+    )
+
+
+def perturbed_model(cfg: Config, seed: int = 1) -> MetaLSTM:
+    """A float64 model whose meta-parameters are far from the initialisation (every path busy)."""
+    model = build_algorithm(cfg).double()
+    assert isinstance(model, MetaLSTM)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name != "cell.theta0":
+                param.add_(0.3 * torch.randn(param.shape, generator=g, dtype=F64))
+    return model
+
+
+def grads(model: MetaLSTM, loss: Tensor) -> dict[str, Tensor]:
+    names = [name for name, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+
+
+def assert_close(actual: Tensor, expected: Tensor, rtol: float, atol: float = 0.0) -> None:
+    diff = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert diff <= atol + rtol * scale, f"max abs diff {diff:.3e} (max |expected| {scale:.3e})"
+
+
+# -- the meta-gradient of whole episodes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"channels": 3, "image_size": 20},
+        {"grad_divide_batch": True, "k_shot": 1},
+        {"second_order": True, "inner_steps": 2},
+        {"hidden_size": 5, "preprocess_p": 6.0},
+    ],
+    ids=["first-order", "rgb", "grad-divide-batch", "second-order", "other-sizes"],
+)
+def test_meta_gradient_matches_plain_reference(changes: dict[str, Any]) -> None:
+    cfg = config(**changes)
+    model = perturbed_model(cfg)
+    ep = episode(cfg)
+    fast = model.meta_loss(ep).loss
+    slow = reference_meta_loss(model, ep)
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-12)
+    fast_grads, slow_grads = grads(model, fast), grads(model, slow)
+    for name in fast_grads:
+        assert_close(fast_grads[name], slow_grads[name], rtol=1e-10, atol=1e-14)
+
+
+def test_float32_meta_gradient_close_to_float64_reference() -> None:
+    """The float32 fast path stays within float32 rounding of the exact (float64) answer."""
+    cfg = config(inner_steps=4)
+    model64 = perturbed_model(cfg)
+    model32 = perturbed_model(cfg).float()
+    ep32 = episode(cfg, dtype=torch.float32)
+    ep64 = replace(ep32, support_x=ep32.support_x.double(), query_x=ep32.query_x.double())
+    exact = grads(model64, reference_meta_loss(model64, ep64))
+    fast = grads(model32, model32.meta_loss(ep32).loss)
+    for name in exact:
+        assert_close(fast[name].double(), exact[name], rtol=1e-3)
+
+
+@pytest.mark.parametrize("transductive", [False, True])
+def test_evaluation_logits_match_plain_reference(transductive: bool) -> None:
+    cfg = config(transductive=transductive, eval_inner_steps=4)
+    model = perturbed_model(cfg)
+    model.eval()
+    ep = episode(cfg, seed=3)
+    fast = model.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert_close(fast, reference_predict(model, ep), rtol=1e-11)
+
+
+def test_evaluation_keeps_no_meta_graph() -> None:
+    cfg = config()
+    model = perturbed_model(cfg)
+    ep = episode(cfg)
+    with torch.no_grad():
+        result = model.inner_loop(ep.support_x, ep.support_y, 2, record_gates=True)
+    assert not result.theta.requires_grad and result.theta.grad_fn is None
+    assert all(g.grad_fn is None for g in result.gates)
+    assert len(result.support_losses) == 2 and all(
+        isinstance(v, float) for v in result.support_losses
+    )
+
+
+def test_recorded_gates_match_the_reference_cell() -> None:
+    cfg = config()
+    model = perturbed_model(cfg)
+    ep = episode(cfg)
+    with torch.no_grad():
+        fast = model.inner_loop(ep.support_x, ep.support_y, 3, record_gates=True).gates
+    state, bn, expected = (
+        model.cell.initial_state(),
+        model.learner.fresh_batchnorm_state(dtype=F64),
+        [],
+    )
+    for _ in range(3):
+        at = state.theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(
+                reference_learner(model.learner, at, ep.support_x, bn, True), ep.support_y
+            )
+            (grad,) = torch.autograd.grad(loss, at)
+        with torch.no_grad():
+            state, gates = reference_cell(model.cell, state, loss.detach(), grad)
+        expected.append(gates)
+    for a, b in zip(fast, expected):
+        assert_close(a, b, rtol=1e-11)
+
+
+# -- the learner --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("channels,size,batch", [(1, 28, 5), (3, 32, 4)])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_learner_fast_forward_matches_module(
+    channels: int, size: int, batch: int, batch_stats: bool
+) -> None:
+    """Channels-last, ReLU after pool, views of θ: logits, θ-gradient and running statistics
+    equal the module's (NCHW, ReLU then pool, functional_call)."""
+    learner = Learner(LearnerShape(channels, size, 5, 6), bn_momentum=0.7)
+    g = torch.Generator().manual_seed(0)
+    theta = (
+        learner.initial_theta().double()
+        + 0.05 * torch.randn(learner.n_params, generator=g, dtype=F64)
+    ).requires_grad_(True)
+    x = torch.rand(batch, channels, size, size, generator=g, dtype=F64) - 0.3
+    y = torch.arange(batch) % 5
+    bn_fast = learner.fresh_batchnorm_state(dtype=F64)
+    bn_slow = learner.fresh_batchnorm_state(dtype=F64)
+    if not batch_stats:  # non-trivial running statistics to normalise with
+        for state in (bn_fast, bn_slow):
+            reference_learner(learner, theta.detach(), x * 1.7, state, True)
+    fast = learner(theta, x, bn_fast, batch_stats=batch_stats)
+    slow = reference_learner(learner, theta, x, bn_slow, batch_stats)
+    assert_close(fast, slow, rtol=1e-12)
+    (g_fast,) = torch.autograd.grad(F.cross_entropy(fast, y), theta)
+    (g_slow,) = torch.autograd.grad(F.cross_entropy(slow, y), theta)
+    assert_close(g_fast, g_slow, rtol=1e-11)
+    for key in bn_fast:
+        assert_close(bn_fast[key], bn_slow[key], rtol=1e-12)
+    features = learner.features(
+        theta, x, learner.fresh_batchnorm_state(dtype=F64), batch_stats=True
+    )
+    assert features.shape == (batch, 6 * (size // 16) ** 2)
+
+
+def test_single_channel_images_get_channels_last_strides() -> None:
+    x = to_channels_last(torch.rand(5, 1, 28, 28))
+    assert x.stride() == (784, 1, 28, 1)
+    weight = torch.randn(8, 1, 3, 3)
+    assert F.conv2d(x, weight, padding=1).is_contiguous(memory_format=torch.channels_last)
+
+
+# -- torch.compile: same results, and a clean fallback -------------------------------------------
+
+
+def test_compile_falls_back_to_eager_when_compilation_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken_compile(fn: Any, **kwargs: Any) -> Any:
+        def fail(*args: Any) -> Any:
+            raise RuntimeError("no C++ compiler found")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(ml, "_compiled", {})
+    cfg = config()
+    eager, compiled = perturbed_model(cfg), perturbed_model(cfg)
+    compiled.cell.use_compile = True
+    ep = episode(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loss = compiled.meta_loss(ep).loss
+        compiled_grads = grads(compiled, loss)
+    assert any("running it eagerly" in str(w.message) for w in caught)
+    eager_grads = grads(eager, eager.meta_loss(ep).loss)
+    for name in eager_grads:
+        assert torch.equal(compiled_grads[name], eager_grads[name])
+
+
+def test_config_compile_reaches_the_cell() -> None:
+    assert build_algorithm(config(compile=True)).cell.use_compile  # type: ignore[union-attr]
+    assert not build_algorithm(config()).cell.use_compile  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager() -> None:
+    """The real torch.compile (inductor; needs a C++ compiler on the CPU): same meta-gradient."""
+    cfg = config(inner_steps=2)
+    eager, compiled = perturbed_model(cfg), perturbed_model(cfg)
+    compiled.cell.use_compile = True
+    ep = episode(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled_grads = grads(compiled, compiled.meta_loss(ep).loss)
+    eager_grads = grads(eager, eager.meta_loss(ep).loss)
+    for name in eager_grads:
+        assert_close(compiled_grads[name], eager_grads[name], rtol=1e-10, atol=1e-14)
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bench_reports_its_figures(
+    mode: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bench.json"
+    args = bench_args(
+        "--image-size", "16", "--filters", "4", "--ways", "3", "--queries", "2", "--steps", "2",
+        "--episodes", "2", "--warmup", "1", "--device", "cpu", "--mode", mode, "--out", str(out),
+    )  # fmt: skip
+    result = bench_main(args)
+    for key in ("s_per_episode", "episodes_per_s", "gflop_per_episode", "gflops", "peak_memory_mb"):
+        assert result[key] > 0, key
+    assert result["settings"]["mode"] == mode and result["settings"]["batch"] == 3
+    assert json.loads(out.read_text())["s_per_episode"] == result["s_per_episode"]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-5].startswith("seconds per episode") and lines[-1].startswith("peak memory")
+
+
+def test_bench_json_is_the_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    args = bench_args(
+        "--image-size", "16", "--filters", "4", "--ways", "2", "--queries", "1", "--steps", "1",
+        "--episodes", "1", "--warmup", "0", "--device", "cpu", "--meta-batch", "2", "--json",
+    )  # fmt: skip
+    bench_main(args)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["timed_episodes"] == 2 and result["settings"]["meta_batch"] == 2
+
+
+def test_flop_estimate_of_the_issue_workloads() -> None:
+    """The issue's floors: about 6, 26 and 47 GFLOP per meta-training episode."""
+    n28 = Learner(LearnerShape(1, 28, 5, 32)).n_params
+    n84 = Learner(LearnerShape(3, 84, 5, 32)).n_params
+    omniglot = Config(image_size=28, channels=1, inner_steps=12)
+    one_shot = Config(image_size=84, channels=3, inner_steps=12)
+    five_shot = Config(image_size=84, channels=3, k_shot=5, inner_steps=8)
+    assert episode_flops(omniglot, n28, 5, "train") / 1e9 == pytest.approx(6, rel=0.15)
+    assert episode_flops(one_shot, n84, 5, "train") / 1e9 == pytest.approx(26, rel=0.15)
+    assert episode_flops(five_shot, n84, 25, "train") / 1e9 == pytest.approx(47, rel=0.15)
+
+
+# -- CUDA --------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_meta_gradient_and_logits_match_cpu() -> None:
+    cfg = config()
+    cpu = perturbed_model(cfg)
+    gpu = perturbed_model(cfg).to("cuda")
+    ep = episode(cfg)
+    ep_gpu = ep.to("cuda")
+    cpu_grads = grads(cpu, cpu.meta_loss(ep).loss)
+    gpu_grads = grads(gpu, gpu.meta_loss(ep_gpu).loss)
+    for name in cpu_grads:
+        assert_close(gpu_grads[name].cpu(), cpu_grads[name], rtol=1e-9, atol=1e-13)
+    cpu.eval()
+    gpu.eval()
+    logits = gpu.predict(ep_gpu.support_x, ep_gpu.support_y, ep_gpu.query_x).cpu()
+    assert_close(logits, cpu.predict(ep.support_x, ep.support_y, ep.query_x), rtol=1e-9)
