@@ -6,7 +6,7 @@ Usage::
                                     [--only NAME ...] [--compile] [--json FILE]
 
 Meta-training workloads (synthetic images, first-order, 32 filters, 15 queries per class), each in
-a fresh process through ``python -m metalstm.bench``:
+a fresh process through ``python -m metalstm bench``:
 
 - ``84rgb-5w5s``:  84x84 RGB, 5-way 5-shot, T = 8 on the 25 support images;
 - ``84rgb-5w1s``:  84x84 RGB, 5-way 1-shot, T = 12 on 5;
@@ -53,7 +53,8 @@ def run_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [
         sys.executable,
         "-m",
-        "metalstm.bench",
+        "metalstm",
+        "bench",
         *TRAIN_WORKLOADS[name],
         "--episodes",
         str(args.episodes),

@@ -36,7 +36,9 @@ from .algorithm import Algorithm, accuracy
 from .algorithms import build_algorithm
 from .config import Config
 from .data import Episode
+from .errors import ConfigError
 from .learner import LearnerShape, conv_flops
+from .training import resolve_device
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,24 +96,14 @@ def bench_config(args: argparse.Namespace) -> Config:
     return Config(**values)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class SyntheticEpisodes:
     """Episodes of uniform random images drawn on the compute device: the data-sampling share of
     an episode as cheap as it gets, so the benchmark measures the algorithm."""
 
     def __init__(self, config: Config, batch: int, device: torch.device, seed: int) -> None:
         self.shape = (config.channels, config.image_size, config.image_size)
-        self.n_way, self.q_query, self.batch, self.device = (
-            config.n_way,
-            config.q_query,
-            batch,
-            device,
-        )
+        self.n_way, self.q_query = config.n_way, config.q_query
+        self.batch, self.device = batch, device
         self.generator = torch.Generator(device).manual_seed(seed)
         self.support_y = torch.arange(batch, device=device) % config.n_way  # [batch]
         self.query_y = torch.arange(config.n_way, device=device).repeat_interleave(config.q_query)
@@ -224,7 +216,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device(args.device)
     batch = args.batch or config.n_way * config.k_shot
     if batch < 1 or args.episodes < 1 or args.warmup < 0:
-        raise ValueError("--batch and --episodes must be >= 1, --warmup >= 0")
+        raise ConfigError("--batch and --episodes must be >= 1, --warmup >= 0")
     torch.manual_seed(args.seed)
     model = build_algorithm(config).to(device)
     n = model.learner.n_params
@@ -318,14 +310,3 @@ def _time_calls(
         _synchronize(device)
         times.append((time.perf_counter() - start, time.process_time() - cpu))
     return times
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="metalstm bench", description=__doc__.splitlines()[0])
-    add_bench_arguments(parser)
-    bench_main(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .bench import add_bench_arguments, bench_main
 from .compare import add_compare_arguments, compare_main
 from .errors import MetaLSTMError
 from .predict import add_predict_arguments, predict_main
@@ -83,6 +84,11 @@ def build_parser() -> ArgumentParser:
         "compare", help="the paper's comparison table: every method on identical episodes"
     )
     add_compare_arguments(compare)
+
+    bench = commands.add_parser(
+        "bench", help="meta-training or evaluation throughput on synthetic images"
+    )
+    add_bench_arguments(bench)
 
     predict = commands.add_parser(
         "predict", help="label your own images from a few labelled examples per class"
@@ -243,6 +249,7 @@ COMMANDS = {
     "presets": cmd_presets,
     "predict": predict_main,
     "compare": compare_main,
+    "bench": bench_main,
     "plot": cmd_plot,
 }
 
