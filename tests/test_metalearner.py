@@ -285,11 +285,6 @@ def test_preprocess_shape_and_other_p() -> None:
     assert_close(preprocess(torch.tensor(1e-3), 5.0), torch.tensor([-1.0, math.exp(5.0) * 1e-3]))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="metalearner.preprocess/_preprocess_constants compute e^p as float32 "
-    "(float(torch.exp(torch.tensor(p)))): relative error 4.3e-8 in float64",
-)
 def test_preprocess_float64_linear_branch_is_exact() -> None:
     """In float64 the linear branch should be e^p · x to float64 precision."""
     x = torch.tensor([1e-6, -3e-7, 4e-5], dtype=torch.float64)

@@ -17,6 +17,11 @@ After T steps the learner's query loss at θ_T is the meta-training loss. First-
 L_t and g_t enter as constants (the paper's simplification), while the chain θ_{t-1} → θ_t, the
 gate recurrence and layer 1's state are differentiated.
 
+Speed: one inner step of both layers is a single autograd node with a hand-written backward
+(:func:`step_forward`, :func:`step_backward`), optionally through ``torch.compile``
+(``Config.compile``); the learner runs channels-last on the CPU (:mod:`metalstm.learner`). Tests
+compare both with the plain formulation (tests/test_speed_paths.py); ``metalstm bench`` times them.
+
 Example::
 
     from metalstm import Config, MetaLSTM
@@ -26,7 +31,7 @@ Example::
 
 from __future__ import annotations
 
-import functools
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,15 +56,12 @@ def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack(_preprocess_parts(x, p), dim=-1)
 
 
-@functools.cache
-def _preprocess_constants(p: float, dtype: torch.dtype) -> tuple[float, float]:
-    """(e^-p in ``dtype``, e^p in float32): exactly the constants :func:`preprocess` uses."""
-    return float(torch.exp(torch.tensor(-p, dtype=dtype))), float(torch.exp(torch.tensor(p)))
-
-
 def _preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
-    """The log part and the sign part of :func:`preprocess`, each shaped like x."""
-    threshold, scale = _preprocess_constants(p, x.dtype)
+    """The log part and the sign part of :func:`preprocess`, each shaped like x.
+
+    The constants e^-p and e^p are Python (double) floats, rounded to x's dtype by the ops.
+    """
+    threshold, scale = math.exp(-p), math.exp(p)
     big = x.abs() >= threshold
     log_part = torch.where(big, x.abs().clamp_min(1e-38).log() / p, torch.full_like(x, -1.0))
     sign_part = torch.where(big, torch.sign(x), x * scale)
@@ -320,7 +322,12 @@ class MetaLearnerCell(nn.Module):
         return CellState(self.theta0, zeros(2, n), zeros(hidden, n), zeros(hidden, n))
 
     def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
-        """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n])."""
+        """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n]).
+
+        Computed by :func:`step_forward` as one autograd node whose backward is
+        :func:`step_backward` (the plain formulation under autograd gives the same numbers,
+        several times slower); without a meta-graph (evaluation) nothing is kept for a backward.
+        """
         hidden, w = self.hidden_size, self.lstm_weight
         # Inputs of layer 1. The two loss features are the same for every coordinate, so their
         # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
