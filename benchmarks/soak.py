@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from metalstm import load_preset, override
+from metalstm.config import parse_overrides
 from metalstm.training import Trainer, prepare_run_dir
 
 
@@ -39,12 +40,18 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--every", type=int, default=50, help="episodes between RSS samples")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_flush_denormal(True)
     config = override(
         load_preset(args.preset),
-        {"episodes": args.episodes, "val_interval": 10**9, "val_episodes": 10},
+        {
+            "episodes": args.episodes,
+            "val_interval": 10**9,
+            "val_episodes": 10,
+            **parse_overrides(args.set),
+        },
     )
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "soak"
@@ -56,6 +63,7 @@ def main() -> None:
             trainer.state.step = step + 1
             if step + 1 >= args.warmup and (step + 1) % args.every == 0:
                 samples.append((step + 1, rss_kib()))
+                print(f"episode {step + 1}: RSS {samples[-1][1] / 1024:.1f} MiB", flush=True)
     xs = [float(s) for s, _ in samples]
     ys = [float(r) for _, r in samples]
     result = {
