@@ -78,7 +78,6 @@ from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
 from metalstm.training import resolve_device
 
-torch.set_flush_denormal(True)
 config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)

@@ -1,12 +1,12 @@
 """The fast paths compute the same mathematics as the plain formulation.
 
-Speed work (issue 6) replaced the meta-learner step by one autograd node with a hand-written
-backward (optionally torch.compile'd), ran the learner on views of θ in channels-last layout with
-ReLU after the max-pool, and folded the loss features into layer 1's bias. Every test here
-compares such a path with a straightforward reference kept in this file (the module through
-``functional_call``, the LSTM written op by op under autograd) in float64, at tight tolerance:
-the meta-gradient of whole episodes (first and second order), evaluation logits, and the compiled
-step. Plus: the benchmark runs and reports its figures, and the CUDA path where CUDA exists.
+Speed work (issue 6) made the meta-learner step one autograd node with a hand-written backward
+(optionally torch.compile'd), folded the loss features into layer 1's bias, and ran the learner
+channels-last with ReLU after the max-pool. Every test here compares such a path with a
+straightforward reference kept in this file (the conv-4 learner in NCHW with ReLU before the
+pool, the LSTM written op by op, both under autograd) in float64 at tight tolerance: the
+meta-gradient of whole episodes (first and second order), evaluation logits, the compiled step.
+Plus: the benchmark runs and reports its figures, and the CUDA path where CUDA exists.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.func import functional_call
 
 from metalstm import Config, MetaLSTM, build_algorithm
 from metalstm import metalearner as ml
@@ -49,9 +48,24 @@ def _one_thread() -> Iterator[None]:
 def reference_learner(
     learner: Learner, theta: Tensor, x: Tensor, bn: BatchNormState, batch_stats: bool
 ) -> Tensor:
-    """The learner module itself (NCHW, ReLU before pool) at parameters θ."""
-    tensors = {**learner.unflatten(theta), **bn}
-    return functional_call(learner.net, tensors, (x,), {"batch_stats": batch_stats}, strict=False)
+    """The conv-4 learner as the paper draws it: NCHW, conv → BN → ReLU → max-pool, at θ."""
+    p = learner.unflatten(theta)
+    for k, block in enumerate(learner.net.blocks):
+        norm = block.norm
+        assert isinstance(norm, torch.nn.BatchNorm2d) and norm.momentum is not None
+        x = F.conv2d(x, p[f"blocks.{k}.conv.weight"], p[f"blocks.{k}.conv.bias"], padding=1)
+        x = F.batch_norm(
+            x,
+            bn[f"blocks.{k}.norm.running_mean"],
+            bn[f"blocks.{k}.norm.running_var"],
+            p[f"blocks.{k}.norm.weight"],
+            p[f"blocks.{k}.norm.bias"],
+            training=batch_stats,
+            momentum=norm.momentum,
+            eps=norm.eps,
+        )
+        x = F.max_pool2d(F.relu(x), 2)
+    return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
 
 
 def reference_cell(
@@ -260,6 +274,28 @@ def test_recorded_gates_match_the_reference_cell() -> None:
         assert_close(a, b, rtol=1e-11)
 
 
+def test_denormal_flushing_is_scoped_to_the_meta_learner() -> None:
+    """FTZ/DAZ is on inside the step kernels only: a training step and an evaluation leave the
+    thread's floating-point mode as they found it (other code, e.g. hypothesis, depends on it)."""
+    assert not ml._denormals_flushed()
+    cfg = config()
+    model = perturbed_model(cfg)
+    ep = episode(cfg)
+    seen = []
+    original = ml.step_forward
+
+    def spy(*args: Any) -> Any:
+        seen.append(ml._denormals_flushed())
+        return original(*args)
+
+    kernels = ml.StepKernels(spy, ml.step_backward)
+    model.cell._kernels = lambda: kernels  # type: ignore[method-assign]
+    model.meta_loss(ep).loss.backward()
+    model.predict(ep.support_x, ep.support_y, ep.query_x)
+    assert seen and all(seen)
+    assert not ml._denormals_flushed()
+
+
 # -- the learner --------------------------------------------------------------------------------
 
 
@@ -268,8 +304,8 @@ def test_recorded_gates_match_the_reference_cell() -> None:
 def test_learner_fast_forward_matches_module(
     channels: int, size: int, batch: int, batch_stats: bool
 ) -> None:
-    """Channels-last, ReLU after pool, views of θ: logits, θ-gradient and running statistics
-    equal the module's (NCHW, ReLU then pool, functional_call)."""
+    """Channels-last, ReLU after pool: logits, θ-gradient and running statistics equal the
+    plain NCHW formulation's (ReLU then pool)."""
     learner = Learner(LearnerShape(channels, size, 5, 6), bn_momentum=0.7)
     g = torch.Generator().manual_seed(0)
     theta = (

@@ -211,7 +211,6 @@ def eval_step(model: Algorithm, episode: Episode) -> float:
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by ``args`` (see :func:`add_bench_arguments`); print the
     figures and return them as a dict."""
-    torch.set_flush_denormal(True)  # see metalstm.metalearner.flush_denormals
     config = bench_config(args)
     device = resolve_device(args.device)
     batch = args.batch or config.n_way * config.k_shot

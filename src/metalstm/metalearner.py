@@ -32,8 +32,10 @@ Example::
 from __future__ import annotations
 
 import math
+import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -192,6 +194,32 @@ def step_backward(
     )
 
 
+def _denormals_flushed() -> bool:
+    """Whether this thread flushes subnormal floats to zero (FTZ/DAZ) right now."""
+    tiny = sys.float_info.min  # the smallest normal double; half of it is subnormal
+    return tiny * 0.5 == 0.0
+
+
+@contextmanager
+def flushing_denormals() -> Iterator[None]:
+    """Treat subnormal floats (below ~1e-38 in float32) as zero on this thread, inside only.
+
+    The meta-learner's state, gradients and gate derivatives decay towards zero over the inner
+    steps and the meta-backward, and arithmetic on subnormal values can be several times slower
+    on x86 CPUs (the LSTM was seen slowing 5-10x); flushing them changes nothing measurable.
+    The step kernels run inside this context, which restores the caller's setting on exit:
+    FTZ is processor state shared by all code on the thread (NumPy, hypothesis, ...), so the
+    library never leaves it switched on.
+    """
+    if _denormals_flushed() or not torch.set_flush_denormal(True):  # already on / unsupported
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 @dataclass(frozen=True)
 class StepKernels:
     """The forward and backward of one inner step: eager functions or their compiled versions."""
@@ -209,7 +237,10 @@ class _CellStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, kernels: StepKernels, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
         _, _, c, theta, prev_logits, grad, weight, _, gate_weight, _ = inputs
-        theta_new, logits, h_new, c_new, gates, x, acts, tanh_c = kernels.forward(hidden, *inputs)
+        with flushing_denormals():
+            theta_new, logits, h_new, c_new, gates, x, acts, tanh_c = kernels.forward(
+                hidden, *inputs
+            )
         ctx.kernels, ctx.hidden = kernels, hidden
         ctx.save_for_backward(
             x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new
@@ -226,9 +257,10 @@ class _CellStep(torch.autograd.Function):
         if d_theta is None:  # θ_t unused: only the recurrent outputs carry gradient
             d_theta = ctx.saved_tensors[2].new_zeros(ctx.saved_tensors[2].shape)
         need_inputs = (needs[2] or needs[7], any(needs[8:]))
-        out = ctx.kernels.backward(
-            ctx.hidden, ctx.saved_tensors, d_theta, d_logits, d_h, d_c, d_gates, need_inputs
-        )
+        with flushing_denormals():
+            out = ctx.kernels.backward(
+                ctx.hidden, ctx.saved_tensors, d_theta, d_logits, d_h, d_c, d_gates, need_inputs
+            )
         return (None, None, *out)
 
 
@@ -340,7 +372,8 @@ class MetaLearnerCell(nn.Module):
         if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params)):
             theta, logits, h, cell, gates = _CellStep.apply(self._kernels(), hidden, *args, *params)
         else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
-            theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
+            with flushing_denormals():
+                theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
         return CellState(theta, logits, h, cell), gates
 
     def _kernels(self) -> StepKernels:
@@ -367,17 +400,6 @@ def learner_loss_and_grad(
     if second_order:
         return loss, grad
     return loss.detach(), grad
-
-
-def flush_denormals() -> None:
-    """Treat subnormal floats (below ~1e-38 in float32) as zero on this thread from now on.
-
-    The meta-learner's gradients and gate derivatives decay towards zero over the inner steps and
-    the meta-backward; arithmetic on subnormal values is several times slower on x86 CPUs (seen
-    here: the LSTM slowed 5-10x), while flushing them changes nothing measurable. It is set at
-    the start of every inner loop (cheap); threads the intra-op pool starts afterwards inherit it.
-    """
-    torch.set_flush_denormal(True)
 
 
 @dataclass
@@ -416,7 +438,6 @@ class MetaLSTM(Algorithm):
         Builds the meta-graph only when gradients are enabled; under ``torch.no_grad`` it is the
         evaluation-time optimiser (the learner's own gradient is still computed).
         """
-        flush_denormals()
         bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype)  # per episode
         state = self.cell.initial_state()
         second_order = self.config.second_order and torch.is_grad_enabled()
