@@ -8,7 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import Tensor, nn
+
+from metalstm.learner import Learner
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -72,3 +76,25 @@ def make_image_folder(
                 seed=100 * c + i,
             )
     return root
+
+
+def reference_net(learner: Learner, theta: Tensor, momentum: float, eps: float) -> nn.Sequential:
+    """An independent copy of the learner at θ with nn.Conv2d / nn.BatchNorm2d / nn.Linear."""
+    p = learner.unflatten(theta.detach())
+    layers: list[nn.Module] = []
+    for i in range(4):
+        w = p[f"blocks.{i}.conv.weight"]
+        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, dtype=theta.dtype)
+        norm = nn.BatchNorm2d(w.shape[0], momentum=momentum, eps=eps, dtype=theta.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            conv.bias.copy_(p[f"blocks.{i}.conv.bias"])
+            norm.weight.copy_(p[f"blocks.{i}.norm.weight"])
+            norm.bias.copy_(p[f"blocks.{i}.norm.bias"])
+        layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
+    w = p["head.weight"]
+    head = nn.Linear(w.shape[1], w.shape[0], dtype=theta.dtype)
+    with torch.no_grad():
+        head.weight.copy_(w)
+        head.bias.copy_(p["head.bias"])
+    return nn.Sequential(*layers, nn.Flatten(), head)

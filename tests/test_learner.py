@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from conftest import reference_net
 from metalstm import Learner, LearnerShape
 from metalstm.learner import ConvNet, feature_side
 
@@ -44,28 +45,6 @@ def random_theta(learner: Learner, seed: int, dtype: torch.dtype = F64) -> Tenso
     g = torch.Generator().manual_seed(seed)
     theta = learner.initial_theta().to(dtype)
     return theta + 0.1 * torch.randn(theta.shape, generator=g, dtype=dtype)
-
-
-def plain_net(learner: Learner, theta: Tensor, momentum: float, eps: float) -> nn.Sequential:
-    """An independent copy of the learner at θ with nn.Conv2d / nn.BatchNorm2d / nn.Linear."""
-    p = learner.unflatten(theta.detach())
-    layers: list[nn.Module] = []
-    for i in range(4):
-        w = p[f"blocks.{i}.conv.weight"]
-        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, dtype=theta.dtype)
-        norm = nn.BatchNorm2d(w.shape[0], momentum=momentum, eps=eps, dtype=theta.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            conv.bias.copy_(p[f"blocks.{i}.conv.bias"])
-            norm.weight.copy_(p[f"blocks.{i}.norm.weight"])
-            norm.bias.copy_(p[f"blocks.{i}.norm.bias"])
-        layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
-    w = p["head.weight"]
-    head = nn.Linear(w.shape[1], w.shape[0], dtype=theta.dtype)
-    with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(p["head.bias"])
-    return nn.Sequential(*layers, nn.Flatten(), head)
 
 
 def norms_of(net: nn.Module) -> list[nn.BatchNorm2d]:
@@ -182,7 +161,7 @@ def test_functional_call_matches_plain_modules(momentum: float) -> None:
     x = torch.rand(6, 1, 28, 28, generator=g, dtype=F64)
     x2 = torch.rand(4, 1, 28, 28, generator=g, dtype=F64)
 
-    reference = plain_net(learner, theta, momentum, 1e-3).train()
+    reference = reference_net(learner, theta, momentum, 1e-3).train()
     module = ConvNet(shape, momentum, 1e-3).to(F64)
     module.load_state_dict(learner.unflatten(theta), strict=False)
     bn = learner.fresh_batchnorm_state(dtype=F64)
@@ -227,7 +206,7 @@ def test_functional_call_is_differentiable_in_theta() -> None:
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     loss = nn.functional.cross_entropy(learner(theta, x, None, batch_stats=True), y)
     (grad,) = torch.autograd.grad(loss, theta)
-    reference = plain_net(learner, theta, 0.9, 1e-5).train()
+    reference = reference_net(learner, theta, 0.9, 1e-5).train()
     nn.functional.cross_entropy(reference(x), y).backward()
     expected = torch.cat([p.grad.reshape(-1) for p in reference.parameters()])
     assert_close(grad, expected, rtol=1e-9, atol=1e-12)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from conftest import reference_net
 from metalstm import Config, Learner, MetaLearnerCell, MetaLSTM, build_algorithm, preprocess
 from metalstm import metalearner as ml
 from metalstm.algorithm import learner_shape
@@ -626,27 +627,6 @@ def test_first_order_treats_loss_and_gradient_as_constants() -> None:
 
 
 # -- 6. batch norm: per-episode statistics ------------------------------------------------------
-
-
-def reference_net(learner: Learner, theta: Tensor, momentum: float, eps: float) -> nn.Sequential:
-    """An independent plain-module copy of the learner at θ (nn.Conv2d / nn.BatchNorm2d)."""
-    p = learner.unflatten(theta.detach())
-    layers: list[nn.Module] = []
-    for i in range(4):
-        weight = p[f"blocks.{i}.conv.weight"]
-        conv = nn.Conv2d(weight.shape[1], weight.shape[0], 3, padding=1, dtype=theta.dtype)
-        norm = nn.BatchNorm2d(weight.shape[0], momentum=momentum, eps=eps, dtype=theta.dtype)
-        with torch.no_grad():
-            conv.weight.copy_(weight)
-            conv.bias.copy_(p[f"blocks.{i}.conv.bias"])
-            norm.weight.copy_(p[f"blocks.{i}.norm.weight"])
-            norm.bias.copy_(p[f"blocks.{i}.norm.bias"])
-        layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
-    head = nn.Linear(p["head.weight"].shape[1], p["head.weight"].shape[0], dtype=theta.dtype)
-    with torch.no_grad():
-        head.weight.copy_(p["head.weight"])
-        head.bias.copy_(p["head.bias"])
-    return nn.Sequential(*layers, nn.Flatten(), head)
 
 
 def test_support_passes_update_running_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
