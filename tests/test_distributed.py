@@ -1,5 +1,6 @@
 """Data parallelism: two gloo processes with a global meta-batch of 4 end with the same
-meta-parameters as one process with a meta-batch of 4 on the same episodes."""
+meta-parameters as one process with a meta-batch of 4 on the same episodes, and so does a run
+started on one process and resumed on two."""
 
 from __future__ import annotations
 
@@ -35,22 +36,10 @@ def run(args: list[str], env: dict[str, str]) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-@pytest.mark.slow
-def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "METALSTM_DATA": str(data_root),
-        "METALSTM_CACHE": str(tmp_path / "cache"),
-        "OMP_NUM_THREADS": "1",
-    }
-    single, double = tmp_path / "single", tmp_path / "double"
-    run([sys.executable, "-m", "metalstm", "train", "--out", str(single), *TINY], env)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    run([*torchrun, *rendezvous, "-m", "metalstm", "train", "--out", str(double), *TINY], env)
-
+def assert_same_run(single: Path, other: Path) -> None:
+    """Same meta-parameters and validation history, up to the summation order of gradients."""
     a, meta_a = load_checkpoint(single / "last.safetensors")
-    b, meta_b = load_checkpoint(double / "last.safetensors")
+    b, meta_b = load_checkpoint(other / "last.safetensors")
     assert meta_a["train_state"]["step"] == meta_b["train_state"]["step"] == 4
     # Same episodes, gradients summed in another order: float32 rounding only. One exception:
     # a conv bias followed by batch norm has an exactly-zero gradient, so its float32 gradient is
@@ -76,3 +65,26 @@ def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -
     assert [v["step"] for v in val_a] == [v["step"] for v in val_b]
     for va, vb in zip(val_a, val_b, strict=True):
         assert va["accuracy"] == pytest.approx(vb["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "METALSTM_DATA": str(data_root),
+        "METALSTM_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    train = [sys.executable, "-m", "metalstm", "train"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    single, double, resumed = tmp_path / "single", tmp_path / "double", tmp_path / "resumed"
+    run([*train, "--out", str(single), *TINY], env)
+    run([*torchrun, "-m", "metalstm", "train", "--out", str(double), *TINY], env)
+    assert_same_run(single, double)
+
+    # Half the run on one process, the rest on two: the global meta-batch fixes the episodes.
+    run([*train, "--out", str(resumed), *TINY, "--episodes", "8"], env)
+    torchrun[-1] = str(free_port())
+    run([*torchrun, "-m", "metalstm", "train", "--resume", str(resumed), "--episodes", "16"], env)
+    assert_same_run(single, resumed)
