@@ -132,6 +132,32 @@ def test_run_folder_files(synthetic_data: None, tmp_path: Path) -> None:
     assert all(r["nonfinite"] == 0 for r in rows if "loss" in r)
 
 
+def test_eval_queries_apply_to_validation_and_test_only(
+    synthetic_data: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metalstm import evaluation
+
+    monkeypatch.setattr(evaluation, "load_split", tr.load_split)  # the synthetic split
+    cfg = tiny_config(q_query=2, eval_q_query=3)
+    trainer = Trainer(cfg, Path("unused"), log=None)
+    assert trainer.train_sampler.episode(0, 0).query_y.numel() == cfg.n_way * 2
+    assert trainer.val_sampler.episode(0, 0).query_y.numel() == cfg.n_way * 3
+    served: list[int] = []
+    original = EpisodeSampler.episode
+
+    def record(self: EpisodeSampler, step: int, slot: int = 0) -> Episode:
+        episode = original(self, step, slot)
+        served.append(episode.query_y.numel())
+        return episode
+
+    monkeypatch.setattr(EpisodeSampler, "episode", record)
+    result = metalstm.evaluate(trainer.algorithm, episodes=2)
+    assert served == [cfg.n_way * 3] * 2 and result.protocol.q_query == 3
+    assert tiny_config(q_query=2).test_queries == 2  # None: the training value
+    with pytest.raises(ConfigError, match="eval_q_query"):
+        tiny_config(eval_q_query=0)
+
+
 def test_train_refuses_a_folder_that_holds_files(synthetic_data: None, tmp_path: Path) -> None:
     run = tmp_path / "used"
     run.mkdir()

@@ -225,7 +225,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         raise MetaLSTMError(f"{meta['path']} is a {model.name!r} model; gates need an LSTM one")
     cfg = model.config
     sampler = EpisodeSampler(
-        load_part(cfg, "val"), cfg.n_way, cfg.k_shot, cfg.q_query, cfg.val_seed
+        load_part(cfg, "val"), cfg.n_way, cfg.k_shot, cfg.test_queries, cfg.val_seed
     )
     gates = plots.collect_gates(model, sampler, args.episodes)
     title = (

@@ -541,7 +541,7 @@ def evaluate_methods(
     device = resolve_device(base.device)
     test = load_part(base, "test")
     count, seed = base.test_episodes, base.test_seed
-    expected = fixed_episodes(test, base.n_way, base.k_shot, base.q_query, seed, count)
+    expected = fixed_episodes(test, base.n_way, base.k_shot, base.test_queries, seed, count)
     fingerprint = expected.fingerprint()
     published = PUBLISHED.get((base.dataset, base.n_way, base.k_shot), {})
     results = []
@@ -550,7 +550,7 @@ def evaluate_methods(
         if base.data_root is not None:
             overrides["data_root"] = base.data_root
         algorithm, _ = load_algorithm(info.checkpoint, device=device, **overrides)
-        sampler = RecordingSampler(test, base.n_way, base.k_shot, base.q_query, seed)
+        sampler = RecordingSampler(test, base.n_way, base.k_shot, base.test_queries, seed)
         start = time.perf_counter()
         accuracies = episode_accuracies(algorithm, sampler, range(count))
         seconds = time.perf_counter() - start
@@ -582,7 +582,7 @@ def protocol_line(base: Config, fingerprint: str) -> str:
     mode = "transductive" if base.transductive else "non-transductive (support statistics)"
     return (
         f"{base.dataset}/{base.split} test classes, {base.n_way}-way {base.k_shot}-shot, "
-        f"{base.q_query} queries per class, {base.test_episodes} fixed episodes "
+        f"{base.test_queries} queries per class, {base.test_episodes} fixed episodes "
         f"(seed {base.test_seed}, fingerprint {fingerprint[:16]}), identical for every method; "
         f"BN at test: {mode}; accuracy = mean ± 1.96·std/√E"
     )
@@ -656,7 +656,7 @@ def results_json(
         "split": base.split,
         "n_way": base.n_way,
         "k_shot": base.k_shot,
-        "q_query": base.q_query,
+        "q_query": base.test_queries,
         "episodes": base.test_episodes,
         "seed": base.test_seed,
         "transductive": base.transductive,

@@ -33,7 +33,8 @@ class Config:
     # -- episodes (N-way K-shot, Q queries per class) ---------------------------------------------
     n_way: int = 5
     k_shot: int = 1
-    q_query: int = 15
+    q_query: int = 15  # queries per class of meta-training episodes
+    eval_q_query: int | None = None  # of validation and test episodes; None = q_query
     # -- learner: 4 x [conv3x3(filters), BN, ReLU, maxpool2] + linear ----------------------------
     filters: int = 32
     bn_momentum: float = 0.9  # weight of the new batch in the running statistics
@@ -100,13 +101,20 @@ class Config:
         for key, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid value {key}={getattr(self, key)!r}")
-        if self.eval_inner_steps is not None and self.eval_inner_steps < 1:
-            raise ConfigError(f"invalid value eval_inner_steps={self.eval_inner_steps!r}")
+        for key in ("eval_inner_steps", "eval_q_query"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"invalid value {key}={value!r}")
 
     @property
     def test_steps(self) -> int:
         """Inner steps at evaluation (defaults to the training value)."""
         return self.eval_inner_steps or self.inner_steps
+
+    @property
+    def test_queries(self) -> int:
+        """Queries per class of validation and test episodes (defaults to the training value)."""
+        return self.eval_q_query or self.q_query
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

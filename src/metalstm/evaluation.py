@@ -89,7 +89,7 @@ def protocol_for(config: Config, part: str, episodes: int, seed: int) -> Protoco
         part=part,
         n_way=config.n_way,
         k_shot=config.k_shot,
-        q_query=config.q_query,
+        q_query=config.test_queries,
         inner_steps=config.test_steps,
         bn_mode="transductive" if config.transductive else "support statistics",
         episodes=episodes,
@@ -149,7 +149,7 @@ def evaluate(
         image_size=config.image_size,
         channels=config.channels,
     )
-    sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, seed)
+    sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.test_queries, seed)
     indices = range(dist.rank, count, dist.world_size)
     accuracies = dist.gather_floats(
         episode_accuracies(algorithm, sampler, indices, on_episode), count

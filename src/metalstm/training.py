@@ -131,7 +131,11 @@ class Trainer:
             train_data, config.n_way, config.k_shot, config.q_query, config.seed
         )
         self.val_sampler = EpisodeSampler(
-            load_part(config, "val"), config.n_way, config.k_shot, config.q_query, config.val_seed
+            load_part(config, "val"),
+            config.n_way,
+            config.k_shot,
+            config.test_queries,
+            config.val_seed,
         )
         self._interrupted = False
 
