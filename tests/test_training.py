@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
-from torch import Tensor
 
 import metalstm
-from metalstm import Config, ConfigError, Learner, load_algorithm, override
+from metalstm import Config, ConfigError, load_algorithm, override
 from metalstm import metalearner as ml
 from metalstm import training as tr
-from metalstm.data import ClassImages, Episode, EpisodeSampler, load_split
+from metalstm.ablation import sgd_from_learned_init
+from metalstm.algorithms.maml import sgd_from_init
+from metalstm.data import ClassImages, Episode, EpisodeSampler
 from metalstm.training import Trainer, TrainingStopped
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "best.safetensors", "last.safetensors")
@@ -256,32 +256,16 @@ def test_many_nonfinite_updates_in_a_row_stop_the_run(
 # -- 8. a short meta-training run on Omniglot 5-way 1-shot --------------------------------------
 
 
-def sgd_episode_accuracy(
-    learner: Learner, theta0: Tensor, episode: Episode, steps: int, lr: float
-) -> float:
-    """The learner trained from θ_0 by plain SGD on the support set, BN as the meta-learner's
-    evaluation: fresh statistics, support passes in batch-statistics mode (updating the running
-    statistics), the query with the support's running statistics (non-transductive)."""
-    bn = learner.fresh_batchnorm_state(dtype=episode.support_x.dtype)
-    theta = theta0.detach().clone()
-    for _ in range(steps):
-        theta.requires_grad_(True)
-        logits = learner(theta, episode.support_x, bn, batch_stats=True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(logits, episode.support_y), theta)
-        theta = (theta - lr * grad).detach()
-    with torch.no_grad():
-        logits = learner(theta, episode.query_x, bn, batch_stats=False)
-    return (logits.argmax(-1) == episode.query_y).double().mean().item()
-
-
 #: The short run: real Omniglot (Vinyals split), 5-way 1-shot, the preset's learner shrunk so a
 #: few hundred first-order episodes fit in well under a minute of one CPU core.
 SHORT_RUN = {
     "filters": 8,
     "inner_steps": 8,
-    "q_query": 5,  # queries per class while meta-training; the test episodes use 15
+    "q_query": 5,  # queries per class while meta-training
+    "eval_q_query": 15,  # validation and test episodes: the standard 15
     "episodes": 300,
     "lr": 5e-3,
+    "lr_schedule": "constant",
     "val_interval": 150,
     "val_episodes": 20,
     "log_interval": 50,
@@ -298,12 +282,6 @@ def mean_and_se(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1)
     return mean, math.sqrt(var / n)
-
-
-def load_part_for(cfg: Config, part: str) -> ClassImages:
-    return load_split(
-        cfg.dataset, cfg.split, part, image_size=cfg.image_size, channels=cfg.channels
-    )
 
 
 @dataclass
@@ -333,35 +311,20 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
         # the meta-learner as saved, on fixed test episodes with 15 queries per class
         model, _ = load_algorithm(run / "best.safetensors")
-        test_cfg = override(cfg, {"q_query": 15})
-        result = metalstm.evaluate(model, part="test", episodes=TEST_EPISODES, config=test_cfg)
-        assert result.protocol.bn_mode == "support statistics"
+        result = metalstm.evaluate(model, part="test", episodes=TEST_EPISODES)
+        assert result.protocol.bn_mode == "support statistics" and result.protocol.q_query == 15
         assert result.protocol.inner_steps == cfg.inner_steps
 
-        # plain SGD from the same c_0, same steps and BN protocol; lr picked on validation
-        learner, theta0 = model.learner, model.cell.theta0.detach()
-        steps = cfg.test_steps
-        val = EpisodeSampler(load_part_for(cfg, "val"), 5, 1, 15, cfg.val_seed)
-        val_episodes = [val.episode(i) for i in range(SGD_VAL_EPISODES)]
-        val_scores = {
-            lr: sum(sgd_episode_accuracy(learner, theta0, ep, steps, lr) for ep in val_episodes)
-            / len(val_episodes)
-            for lr in SGD_LEARNING_RATES
-        }
-        best_lr = max(val_scores, key=val_scores.__getitem__)
-        # the same episodes as evaluate(): episode i of the test sampler with the test seed
-        test = EpisodeSampler(load_part_for(cfg, "test"), 5, 1, 15, cfg.test_seed)
-        default = learner.initial_theta()
-        sgd, sgd_default = [], []
-        for i in range(TEST_EPISODES):
-            episode = test.episode(i)
-            sgd.append(sgd_episode_accuracy(learner, theta0, episode, steps, best_lr))
-            if i < DEFAULT_INIT_EPISODES:
-                sgd_default.append(sgd_episode_accuracy(learner, default, episode, steps, best_lr))
+        # plain SGD from the same c_0, same steps and BN protocol; lr picked on validation;
+        # evaluate() serves every model the same fixed test episodes
+        ablation = sgd_from_learned_init(model, SGD_LEARNING_RATES, val_episodes=SGD_VAL_EPISODES)
+        sgd = metalstm.evaluate(ablation.model, episodes=TEST_EPISODES).accuracies
+        default = sgd_from_init(model.config, model.learner.initial_theta(), ablation.lr)
+        sgd_default = metalstm.evaluate(default, episodes=DEFAULT_INIT_EPISODES).accuracies
         finished = time.perf_counter()
     torch.set_num_threads(threads)
 
-    out = ShortRun(cfg, run, result.accuracies, sgd, sgd_default, best_lr)
+    out = ShortRun(cfg, run, result.accuracies, sgd, sgd_default, ablation.lr)
     meta_m, meta_se = mean_and_se(out.meta)
     sgd_m, sgd_se = mean_and_se(out.sgd)
     dflt_m, dflt_se = mean_and_se(out.sgd_default)
@@ -371,8 +334,8 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         f"lr {cfg.lr}; train {trained - started:.0f} s, evaluation {finished - trained:.0f} s\n"
         f"{TEST_EPISODES} test episodes, 5-way 1-shot, 15 queries, BN: support statistics\n"
         f"  meta-learner LSTM          {100 * meta_m:.2f} ± {196 * meta_se:.2f} %\n"
-        f"  SGD from its learned c_0   {100 * sgd_m:.2f} ± {196 * sgd_se:.2f} %  (lr {best_lr}; "
-        f"validation { ({lr: round(100 * v, 1) for lr, v in val_scores.items()}) })\n"
+        f"  SGD from its learned c_0   {100 * sgd_m:.2f} ± {196 * sgd_se:.2f} %  "
+        f"({ablation.describe()})\n"
         f"  SGD from the default init  {100 * dflt_m:.2f} ± {196 * dflt_se:.2f} %  "
         f"(first {DEFAULT_INIT_EPISODES} episodes)\n"
         f"  meta-learner − SGD(c_0)    {100 * diff_m:+.2f} ± {196 * diff_se:.2f} points (paired)\n"

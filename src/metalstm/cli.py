@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,12 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="BN statistics from the query batch instead of the support set",
     )
+    evaluate.add_argument(
+        "--sgd-from-init",
+        metavar="LR[,LR...]",
+        help="ablation: plain SGD from the LSTM's learned θ_0 instead of its update rule "
+        "(several steps: the best on validation episodes)",
+    )
     evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -95,7 +102,9 @@ def build_parser() -> ArgumentParser:
     )
     add_predict_arguments(predict)
 
-    presets = commands.add_parser("presets", help="list the named presets")
+    presets = commands.add_parser(
+        "presets", help="list the named presets and which ship a trained meta-learner"
+    )
     presets.add_argument("--json", action="store_true")
 
     plot = commands.add_parser("plot", help="figures")
@@ -181,9 +190,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         overrides["data_root"] = args.data_root
     device = resolve_device(args.device)
     algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
+    name = algorithm.name
+    if args.sgd_from_init is not None:
+        from .ablation import sgd_from_learned_init
+
+        ablation = sgd_from_learned_init(algorithm, _positive_floats(args.sgd_from_init))
+        algorithm = ablation.model
     result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
     result.extra["checkpoint"] = meta["path"]
-    result.extra["algorithm"] = algorithm.name
+    result.extra["algorithm"] = name
+    if args.sgd_from_init is not None:
+        result.extra["update"] = ablation.describe()
     if args.out is not None:
         _write_json(args.out, result.to_json())
     if args.json:
@@ -191,20 +208,35 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         print(result.line())
         print(f"protocol: {result.protocol.describe()}")
-        print(f"checkpoint: {meta['path']} ({algorithm.name})")
+        print(f"checkpoint: {meta['path']} ({name})")
+        if "update" in result.extra:
+            print(f"update: {result.extra['update']}")
+
+
+def _positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v < math.inf for v in values):
+        raise MetaLSTMError(f"expected positive numbers like 0.1,0.3, got {text!r}")
+    return values
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
+    from .checkpoint import list_pretrained
     from .config import load_preset, preset_names
 
     rows = {name: load_preset(name).to_dict() for name in preset_names()}
     if args.json:
         print(json.dumps(rows, indent=2))
         return
+    shipped = set(list_pretrained())
     for name, cfg in rows.items():
         print(
             f"{name:<20} {cfg['dataset']}/{cfg['split']} {cfg['n_way']}-way {cfg['k_shot']}-shot "
             f"T={cfg['inner_steps']} filters={cfg['filters']} episodes={cfg['episodes']}"
+            + ("  [trained meta-learner ships: --checkpoint NAME]" if name in shipped else "")
         )
 
 

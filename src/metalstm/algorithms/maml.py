@@ -85,3 +85,24 @@ class FirstOrderMAML(MAML):
 
     name: ClassVar[str] = "maml-fo"
     second_order: ClassVar[bool] = False
+
+
+def sgd_from_init(config: Config, theta0: Tensor, lr: float) -> FirstOrderMAML:
+    """The learner trained by plain SGD (step ``lr``) from ``theta0``: an ablation baseline.
+
+    With the meta-learner's learned θ_0 = c_0 this isolates what the learned update rule adds to
+    the learned initialisation (Ravi & Larochelle 2017, Eq. 2 with σ(f) = 1, σ(i) = ``lr``): the
+    same learner, the same T = ``test_steps`` and the same batch-norm protocol. It is exactly MAML's
+    adaptation with θ_0 = ``theta0`` and α = ``lr``.
+
+    Example::
+
+        lstm, _ = load_algorithm("omniglot-5w1s")
+        sgd = sgd_from_init(lstm.config, lstm.cell.theta0.detach(), lr=0.3)
+        print(evaluate(sgd).line())
+    """
+    values = {**config.to_dict(), "algorithm": FirstOrderMAML.name, "maml_inner_lr": lr}
+    model = FirstOrderMAML(Config.from_dict(values))
+    with torch.no_grad():
+        model.theta.copy_(theta0)
+    return model.to(theta0.device)
