@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +46,19 @@ def metric_rows(run: Path) -> list[dict[str, object]]:
     return rows
 
 
+def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series of the run's event files (empty without tensorboard)."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        return {}
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+    }
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     for name in ("last", "best"):
         ta, ma = load_checkpoint(a / f"{name}.safetensors")
@@ -56,6 +70,8 @@ def assert_same_run(a: Path, b: Path) -> None:
         for field in ("step", "best_accuracy", "best_step", "validations", "nonfinite_total"):
             assert sa[field] == sb[field], field
     assert metric_rows(a) == metric_rows(b)
+    # events written after the last checkpoint by the killed process are purged on resume
+    assert tensorboard_scalars(a) == tensorboard_scalars(b)
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +118,19 @@ def test_resume_falls_back_to_previous_checkpoint(
     reference, env = reference_run
     run = tmp_path / "run"
     process = metalstm("train", "--out", str(run), *TINY, env=env)
-    wait_for(run / "last.prev.safetensors", process)
+    last, prev = run / "last.safetensors", run / "last.prev.safetensors"
+    wait_for(prev, process)
+    wait_for(last, process)  # a rotation renames last to last.prev, then writes a new last
     process.send_signal(signal.SIGKILL)
     finish(process)
-    last = run / "last.safetensors"
-    if last.exists():
-        data = bytearray(last.read_bytes())
-        data[-5] ^= 0xFF  # a flipped bit in the newest checkpoint
-        last.write_bytes(bytes(data))
+    if not last.exists():  # killed inside a rotation (rare): last.prev is then the newest
+        shutil.copyfile(prev, last)
+    data = bytearray(last.read_bytes())  # checkpoints are renamed into place: never partial
+    data[-5] ^= 0xFF  # a flipped bit in the newest checkpoint
+    last.write_bytes(bytes(data))
     resumed = metalstm("train", "--resume", str(run), "--quiet", env=env)
     _out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     print(err)
     assert_same_run(reference, run)
-    if last.exists():
-        assert "checksum" in err or "corrupted" in err
+    assert "checksum" in err or "corrupted" in err

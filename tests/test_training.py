@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -156,6 +157,39 @@ def test_eval_queries_apply_to_validation_and_test_only(
     assert tiny_config(q_query=2).test_queries == 2  # None: the training value
     with pytest.raises(ConfigError, match="eval_q_query"):
         tiny_config(eval_q_query=0)
+
+
+def test_tensorboard_events_mirror_the_metrics_across_a_resume(
+    synthetic_data: None, tmp_path: Path
+) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    metalstm.train(tiny_config(episodes=6), run, log=None)
+    metalstm.resume(run, episodes=8, log=None)  # rewrites nothing, appends steps 7 and 8
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(run)
+    for tag, key in (
+        ("train/loss", "loss"),
+        ("train/accuracy", "accuracy"),
+        ("val/accuracy", "val_accuracy"),
+    ):
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        expected = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in logged] == [s for s, _ in expected], tag
+        assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))
+
+
+def test_without_tensorboard_training_writes_no_events(
+    synthetic_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    trainer = metalstm.train(tiny_config(episodes=2), tmp_path / "run", log=None)
+    assert trainer.state.stopped == "completed"
+    assert not (tmp_path / "run" / "tensorboard").exists()
 
 
 def test_train_refuses_a_folder_that_holds_files(synthetic_data: None, tmp_path: Path) -> None:

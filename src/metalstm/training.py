@@ -10,13 +10,15 @@ Everything random is a function of (seed, step), and the checkpoint holds the op
 episode counter and the running metrics, so a resumed run continues bit for bit where it stopped.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl``, ``last.safetensors`` (and the one before it,
-``last.prev.safetensors``), ``best.safetensors`` and, with tensorboard installed, event files.
+``last.prev.safetensors``), ``best.safetensors`` and, when tensorboard is installed (the
+``metalstm[tensorboard]`` extra), event files with the same figures in ``tensorboard/``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -138,6 +140,7 @@ class Trainer:
             config.val_seed,
         )
         self._interrupted = False
+        self.events: Any = None  # a tensorboard SummaryWriter while run() runs, when installed
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
@@ -212,9 +215,17 @@ class Trainer:
             print(f"metalstm: warning: {message}", file=sys.stderr, flush=True)
 
     def write_metrics(self, row: dict[str, Any]) -> None:
-        if self.dist.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+        """Append a row to metrics.jsonl and mirror its figures to tensorboard (train/*, val/*)."""
+        if not self.dist.is_main:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.events is not None:
+            group = "val" if "val_accuracy" in row else "train"
+            for key, value in row.items():
+                if key not in ("step", "episodes") and isinstance(value, (int, float)):
+                    tag = f"{group}/{key.removeprefix('val_')}"
+                    self.events.add_scalar(tag, value, row["step"])
 
     # -- the loop --------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
@@ -281,6 +292,8 @@ class Trainer:
         state, cfg = self.state, self.config
         start = time.perf_counter() - state.elapsed
         progress = Progress(self.total_steps, cfg.meta_batch, state.step, self.log)
+        if self.dist.is_main:
+            self.events = open_tensorboard(self.run_dir, first_step=state.step + 1)
         with catch_sigint(self):
             while state.step < self.total_steps and not state.stopped:
                 loss, acc = self.update(state.step)
@@ -301,6 +314,9 @@ class Trainer:
                 state.stopped = "completed"
             self.save("last")
         progress.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         return state
 
     def log_window(self) -> None:
@@ -401,6 +417,22 @@ def catch_sigint(trainer: Trainer) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+TENSORBOARD_DIR = "tensorboard"
+
+
+def open_tensorboard(run_dir: Path, *, first_step: int) -> Any:
+    """A SummaryWriter on ``run_dir/tensorboard`` when tensorboard is installed, else None.
+
+    Events at ``first_step`` and later, left by a run killed after its last checkpoint, are
+    purged, so a resumed run's curves match its metrics.jsonl.
+    """
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is an optional extra
+        return None
+    return SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_step)
+
+
 def prepare_run_dir(run_dir: Path, config: Config, *, force: bool) -> None:
     """Create the run folder, refusing one that already holds another run unless ``force``."""
     if run_dir.exists() and not run_dir.is_dir():
@@ -419,6 +451,7 @@ def prepare_run_dir(run_dir: Path, config: Config, *, force: bool) -> None:
             "best.safetensors",
         ):
             (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
     write_atomic(run_dir / "config.yaml", save_yaml(config))
 
 
