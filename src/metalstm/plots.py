@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import yaml
+from matplotlib.ticker import FormatStrFormatter
 
 from .data import EpisodeSampler
 from .errors import ConfigError
@@ -69,6 +70,8 @@ def plot_gates(gates: dict[str, np.ndarray], out: Path, title: str = "") -> Path
             ax.fill_between(steps, lo, hi, color=color, alpha=0.25, lw=0)
             ax.grid(alpha=0.3)
             ax.tick_params(labelsize=7)
+            # plain tick labels: σ(f) sits just below 1, where an offset ("+9.999e-1") hides it
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.6g"))
             if row == 0:
                 ax.set_title(layer, fontsize=9)
             else:
