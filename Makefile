@@ -12,11 +12,13 @@ setup: .venv/.installed
 	scripts/bootstrap.sh
 	touch $@
 
-# Main job: verify the data, meta-train a short Omniglot 5-way 1-shot run, evaluate it.
+# Main job: verify the data, meta-train a short Omniglot 5-way 1-shot run, evaluate it on the
+# 600 fixed test episodes, then evaluate the shipped (fully trained) omniglot-5w1s on the same ones.
 run: setup
 	$(VENV)/metalstm data verify omniglot
 	$(VENV)/metalstm train --preset omniglot-5w1s --out $(RUN_DIR) --episodes $(EPISODES) --force
 	$(VENV)/metalstm evaluate --checkpoint $(RUN_DIR)/best --episodes 600
+	$(VENV)/metalstm evaluate --checkpoint omniglot-5w1s --episodes 600
 
 test: setup
 	$(VENV)/python -m pytest -q
