@@ -254,14 +254,14 @@ def test_resolve_paths_and_run_folders(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_resolve_shipped_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     shipped = tmp_path / "shipped"
-    ref = save_checkpoint(shipped / "omniglot-5w1s", {}, {"preset": "omniglot-5w1s"})
+    ref = save_checkpoint(shipped / "my-omniglot", {}, {"preset": "omniglot-5w1s"})
     monkeypatch.chdir(tmp_path)
-    assert resolve_checkpoint("omniglot-5w1s", search_dirs=[shipped]) == ref
-    assert resolve_checkpoint("omniglot-5w1s.safetensors", search_dirs=[shipped]) == ref
-    assert "omniglot-5w1s" in list_pretrained(search_dirs=[shipped])
-    assert isinstance(list_pretrained(), list)
-    with pytest.raises(CheckpointError, match=r"shipped checkpoints: .*omniglot-5w1s") as exc:
-        resolve_checkpoint("omniglot-5w5s", search_dirs=[shipped])
+    assert resolve_checkpoint("my-omniglot", search_dirs=[shipped]) == ref
+    assert resolve_checkpoint("my-omniglot.safetensors", search_dirs=[shipped]) == ref
+    assert "my-omniglot" in list_pretrained(search_dirs=[shipped])
+    assert "my-omniglot" not in list_pretrained()
+    with pytest.raises(CheckpointError, match=r"shipped checkpoints: .*my-omniglot") as exc:
+        resolve_checkpoint("omniglot-99w1s", search_dirs=[shipped])
     assert "\n" not in str(exc.value)
 
 
