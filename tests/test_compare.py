@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,13 +29,7 @@ from metalstm.data import ClassImages, fixed_episodes, load_split
 from metalstm.errors import ConfigError
 from metalstm.serialization import algorithm_tensors
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def parse(*argv: str) -> argparse.Namespace:

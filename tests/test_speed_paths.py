@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,7 @@ from metalstm.metalearner import CellState, MetaLearnerCell, preprocess
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- the reference: the plain formulation, autograd over every operation -------------------------

@@ -28,13 +28,7 @@ from metalstm.training import Trainer, TrainingStopped
 RUN_FILES = ("config.yaml", "metrics.jsonl", "best.safetensors", "last.safetensors")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one thread is faster, and much faster on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
