@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import metalstm
+from conftest import mean_and_se
 from metalstm import load_algorithm, load_preset
 from metalstm.algorithms.maml import sgd_from_init
 from metalstm.checkpoint import list_pretrained, resolve_checkpoint
@@ -78,7 +79,5 @@ def test_shipped_5w1s_beats_sgd_from_its_own_initialisation(data_env: Path) -> N
     sgd = sgd_from_init(model.config, model.cell.theta0.detach(), 0.1)
     meta = metalstm.evaluate(model, episodes=100).accuracies
     plain = metalstm.evaluate(sgd, episodes=100).accuracies
-    diffs = [m - s for m, s in zip(meta, plain, strict=True)]
-    mean = sum(diffs) / len(diffs)
-    se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    mean, se = mean_and_se([m - s for m, s in zip(meta, plain, strict=True)])
     assert mean > 0.01 and mean > 3 * se, f"LSTM − SGD(θ_0): {100 * mean:+.2f} ± {196 * se:.2f}"

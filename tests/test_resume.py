@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tensorboard_scalars
 from metalstm.checkpoint import load_checkpoint
 
 TINY = [
@@ -44,19 +45,6 @@ def finish(process: subprocess.Popen[str], timeout: float = 300) -> int:
 def metric_rows(run: Path) -> list[dict[str, object]]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return rows
-
-
-def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series of the run's event files (empty without tensorboard)."""
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        return {}
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
-    return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-    }
 
 
 def assert_same_run(a: Path, b: Path) -> None:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import metalstm
+from conftest import mean_and_se, tensorboard_scalars
 from metalstm import Config, ConfigError, load_algorithm, override
 from metalstm import metalearner as ml
 from metalstm import training as tr
@@ -157,20 +158,20 @@ def test_tensorboard_events_mirror_the_metrics_across_a_resume(
     synthetic_data: None, tmp_path: Path
 ) -> None:
     pytest.importorskip("tensorboard")
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     run = tmp_path / "run"
     metalstm.train(tiny_config(episodes=6), run, log=None)
+    # TensorBoard reads event files in name order; names hold the second they were opened in and
+    # then a per-process counter, which sorts as text (".10" before ".9") within one second
+    time.sleep(1.1)
     metalstm.resume(run, episodes=8, log=None)  # rewrites nothing, appends steps 7 and 8
-    events = EventAccumulator(str(run / "tensorboard"))
-    events.Reload()
+    scalars = tensorboard_scalars(run)
     rows = read_metrics(run)
     for tag, key in (
         ("train/loss", "loss"),
         ("train/accuracy", "accuracy"),
         ("val/accuracy", "val_accuracy"),
     ):
-        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        logged = scalars[tag]
         expected = [(r["step"], r[key]) for r in rows if key in r]
         assert [s for s, _ in logged] == [s for s, _ in expected], tag
         assert [v for _, v in logged] == pytest.approx([v for _, v in expected], rel=1e-6), tag
@@ -303,13 +304,6 @@ TEST_EPISODES = 100
 DEFAULT_INIT_EPISODES = 50  # SGD from the untrained init: far behind, fewer episodes do
 SGD_LEARNING_RATES = (0.1, 0.2, 0.3, 0.5)
 SGD_VAL_EPISODES = 20
-
-
-def mean_and_se(values: list[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
 
 
 @dataclass

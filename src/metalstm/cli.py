@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -193,8 +192,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     name = algorithm.name
     if args.sgd_from_init is not None:
         from .ablation import sgd_from_learned_init
+        from .config import parse_positive_numbers
 
-        ablation = sgd_from_learned_init(algorithm, _positive_floats(args.sgd_from_init))
+        ablation = sgd_from_learned_init(
+            algorithm, parse_positive_numbers(args.sgd_from_init, "--sgd-from-init")
+        )
         algorithm = ablation.model
     result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
     result.extra["checkpoint"] = meta["path"]
@@ -211,16 +213,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"checkpoint: {meta['path']} ({name})")
         if "update" in result.extra:
             print(f"update: {result.extra['update']}")
-
-
-def _positive_floats(text: str) -> list[float]:
-    try:
-        values = [float(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        values = []
-    if not values or any(not 0 < v < math.inf for v in values):
-        raise MetaLSTMError(f"expected positive numbers like 0.1,0.3, got {text!r}")
-    return values
 
 
 def cmd_presets(args: argparse.Namespace) -> None:

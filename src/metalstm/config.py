@@ -8,6 +8,7 @@ and its meta-training. It is frozen; :func:`override` returns a new one. Presets
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -176,6 +177,20 @@ def override(config: Config, values: Mapping[str, Any]) -> Config:
             raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(kinds)}")
         changes[key] = _coerce(key, value, kinds[key])
     return dataclasses.replace(config, **changes)
+
+
+def parse_positive_numbers(
+    text: str, name: str, kind: type[float] | type[int] = float
+) -> list[float]:
+    """The comma-separated positive, finite numbers of ``text`` (a grid or a list of steps)."""
+    try:
+        values = [float(kind(item)) for item in text.split(",") if item.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not 0 < v < math.inf for v in values):
+        example = "0.01,0.1" if kind is float else "10,50"
+        raise ConfigError(f"invalid value {name}={text!r}; give positive numbers like {example}")
+    return values
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, str]:

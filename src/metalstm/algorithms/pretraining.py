@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..algorithm import Algorithm, EpisodeLoss, accuracy
-from ..config import Config, override
+from ..config import Config, override, parse_positive_numbers
 from ..data import ClassImages, Episode
 from ..data.episodes import shard
 from ..errors import ConfigError
@@ -90,15 +90,7 @@ class ClassBatches:
 
 def parse_grid(config: Config, key: str, kind: type[float] | type[int]) -> list[float]:
     """The comma-separated values of config field ``key`` (all positive)."""
-    text = getattr(config, key)
-    try:
-        values = [kind(item) for item in str(text).split(",") if item.strip()]
-    except ValueError:
-        values = []
-    if not values or any(v <= 0 for v in values):
-        example = "0.01,0.1" if kind is float else "10,50"
-        raise ConfigError(f"invalid value {key}={text!r}; give positive numbers like {example}")
-    return [float(v) for v in values]
+    return parse_positive_numbers(str(getattr(config, key)), key, kind)
 
 
 def _buffer_name(name: str) -> str:
