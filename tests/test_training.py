@@ -3,6 +3,7 @@ real meta-training run on Omniglot 5-way 1-shot against chance and plain SGD fro
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -396,3 +397,17 @@ def test_short_run_clearly_beats_sgd_from_the_same_c0(short_run: ShortRun) -> No
     assert diff_m > 0.02 and diff_m > 2 * diff_se, (
         f"meta-learner − SGD from the same c_0: {100 * diff_m:+.2f} ± {196 * diff_se:.2f} points"
     )
+
+
+def test_progress_line_shows_validation_only_once_there_is_one() -> None:
+    out = io.StringIO()
+    progress = tr.Progress(total=10, meta_batch=2, start=0, out=out)
+    state = tr.TrainState(step=10)  # the last update: always printed
+    progress.update(state, loss=1.5, acc=0.25)
+    state.validations.append({"step": 10, "accuracy": 0.5})
+    state.best_accuracy = 0.625
+    progress.update(state, loss=1.0, acc=0.5)
+    before, after = out.getvalue().splitlines()
+    assert before.startswith("episode 20/20 | ") and "| val - |" in before and "nan" not in before
+    assert "loss 1.500 | acc 25.0% |" in before
+    assert "| val 50.0% (best 62.5%) |" in after

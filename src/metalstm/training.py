@@ -372,12 +372,15 @@ class Progress:
         steps = state.step - self.start_step
         rate = steps / max(now - self.t0, 1e-9)
         eta = (self.total - state.step) / rate if rate > 0 else float("inf")
-        val = state.validations[-1]["accuracy"] if state.validations else float("nan")
+        if state.validations:  # before the first validation there is nothing to show
+            last = 100 * state.validations[-1]["accuracy"]
+            val = f"val {last:.1f}% (best {100 * state.best_accuracy:.1f}%)"
+        else:
+            val = "val -"
         text = (
             f"episode {state.step * self.meta_batch}/{self.total * self.meta_batch} | "
             f"{rate * self.meta_batch:.1f} episodes/s | loss {self.loss:.3f} | "
-            f"acc {100 * self.acc:.1f}% | val {100 * val:.1f}% "
-            f"(best {100 * max(state.best_accuracy, 0):.1f}%) | skipped {state.nonfinite_total} | "
+            f"acc {100 * self.acc:.1f}% | {val} | skipped {state.nonfinite_total} | "
             f"ETA {format_seconds(eta)}"
         )
         if self.tty:
