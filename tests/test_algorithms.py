@@ -22,7 +22,7 @@ from metalstm.compare import METHODS, checkpoint_meta, recipe
 from metalstm.config import load_preset, override
 from metalstm.data import ClassImages, Episode
 from metalstm.errors import ConfigError
-from metalstm.evaluation import evaluate
+from metalstm.evaluation import evaluate, protocol_for
 from metalstm.serialization import algorithm_tensors
 from metalstm.training import Trainer, train
 
@@ -78,6 +78,29 @@ def test_every_method_is_registered_and_round_trips_through_a_checkpoint(tmp_pat
         assert type(loaded) is type(model) and meta["algorithm"] == name
         again = loaded.predict(episode.support_x, episode.support_y, episode.query_x)
         assert torch.allclose(again, logits, atol=1e-6), name
+
+
+@pytest.mark.parametrize(
+    ("name", "protocol"),
+    [
+        ("lstm", "3-way 2-shot, 2 queries per class, T = 4, BN: support statistics, "),
+        ("maml", "2 queries per class, α = 0.5, 2 steps (4 at test), BN: support statistics, "),
+        ("finetune", "SGD lr 0.1, 3 steps (chosen on validation), BN: pre-training statistics"),
+        ("nn-embedding", "2 queries per class, BN: pre-training statistics, "),
+        ("nn-pixel", "2 queries per class, BN: none, "),
+        ("protonet", "2 queries per class, BN: transductive, "),
+        ("matching-fce", "2 queries per class, K = 2, BN: support statistics, "),
+    ],
+)
+def test_protocol_line_states_each_methods_own_test_time_settings(name: str, protocol: str) -> None:
+    transductive = name == "protonet"
+    config = tiny(name, eval_inner_steps=4, maml_inner_lr=0.5, transductive=transductive)
+    algorithm = build_algorithm(override(config, {"fce_steps": 2}))
+    described = protocol_for(algorithm, algorithm.config, "test", 10, 3).describe()
+    assert described.startswith("omniglot/vinyals test, 3-way 2-shot, ")
+    assert protocol in described and described.endswith("episodes seed 3")
+    if name not in ("lstm", "maml"):  # no T to state for the others
+        assert "T = " not in described
 
 
 def test_meta_loss_is_differentiable_for_episodic_methods() -> None:

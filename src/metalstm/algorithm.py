@@ -40,6 +40,9 @@ class EpisodeLoss:
     accuracy: float  # query accuracy in [0, 1]
 
 
+NO_BATCHNORM = "none"  # Algorithm.test_batchnorm of a method without batch norm
+
+
 class Algorithm(nn.Module, ABC):
     """A few-shot learning method: meta-train on episodes, adapt to a support set, predict."""
 
@@ -62,6 +65,18 @@ class Algorithm(nn.Module, ABC):
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         """Fit to a support set (images [N*K, C, H, W], labels [N*K]) at evaluation time."""
+
+    def adaptation(self) -> str:
+        """How :meth:`adapt` fits a support set, in a few words for the protocol line of every
+        reported number (e.g. ``T = 8`` for the meta-learner); empty when there is no setting to
+        state (the metric methods embed the support set and compare)."""
+        return ""
+
+    def test_batchnorm(self) -> str:
+        """Which batch-norm statistics normalise the query images at evaluation: the support
+        passes' (the authors' protocol) or, with ``transductive``, the query batch's own;
+        :data:`NO_BATCHNORM` for a method without a network."""
+        return "transductive" if self.config.transductive else "support statistics"
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Logits [N*Q, N] of the query images after adapting to the support set."""

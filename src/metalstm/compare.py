@@ -35,13 +35,13 @@ from typing import Any, TextIO
 
 import yaml
 
-from .algorithm import Algorithm
+from .algorithm import NO_BATCHNORM, Algorithm
 from .algorithms import ALGORITHMS, build_algorithm
 from .checkpoint import read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import Config, load_preset, override
 from .data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import EvalResult, episode_accuracies, protocol_for
+from .evaluation import EvalResult, Protocol, episode_accuracies, protocol_for
 from .serialization import algorithm_tensors, load_algorithm
 from .training import format_seconds, load_part, resolve_device, resume, train, write_atomic
 
@@ -502,32 +502,15 @@ class MethodResult:
         }
 
 
-def _steps(n: int) -> str:
-    return f"{n} step" if n == 1 else f"{n} steps"
-
-
-def method_notes(algorithm: Algorithm, trained: Trained) -> str:
-    """A short description of the settings behind a method's number."""
-    cfg = algorithm.config
-    notes = []
-    if algorithm.name == "lstm":
-        notes.append(f"T = {cfg.test_steps}")
-    elif algorithm.name in ("maml", "maml-fo"):
-        notes.append(
-            f"α = {cfg.maml_inner_lr:g}, {_steps(cfg.inner_steps)} ({cfg.test_steps} at test)"
-        )
-    elif algorithm.name == "matching-fce":
-        notes.append(f"K = {cfg.fce_steps}")
-    elif algorithm.name == "finetune":
-        lr, steps = (
-            float(algorithm.get_buffer("finetune_lr")),
-            algorithm.get_buffer("finetune_steps"),
-        )
-        notes.append(f"SGD lr {lr:g}, {int(steps)} steps (chosen on validation)")
-    if algorithm.name in PRETRAINED:
-        notes.append("BN: pre-training statistics")
+def method_notes(algorithm: Algorithm, trained: Trained, protocol: Protocol, base: Config) -> str:
+    """A short description of the settings behind a method's number: its test-time adaptation,
+    its batch-norm statistics where they are not the protocol line's, its training."""
+    notes = [protocol.adaptation] if protocol.adaptation else []
+    shared = "transductive" if base.transductive else "support statistics"
+    if protocol.bn_mode not in (shared, NO_BATCHNORM):
+        notes.append(f"BN: {protocol.bn_mode}")
     if algorithm.trains_on == "episodes":
-        notes.append(f"{cfg.episodes} training episodes")
+        notes.append(f"{algorithm.config.episodes} training episodes")
     if trained.note:
         notes.append(trained.note)
     return "; ".join(notes)
@@ -560,7 +543,7 @@ def evaluate_methods(
                 f"{method} was evaluated on other episodes than the comparison's fixed ones "
                 f"(fingerprint {served[:12]} != {fingerprint[:12]})"
             )
-        protocol = protocol_for(algorithm.config, "test", count, seed)
+        protocol = protocol_for(algorithm, algorithm.config, "test", count, seed)
         result = EvalResult(accuracies, protocol)
         row = MethodResult(
             method,
@@ -569,7 +552,7 @@ def evaluate_methods(
             info,
             served,
             seconds,
-            method_notes(algorithm, info),
+            method_notes(algorithm, info, protocol, base),
             published.get(method),
         )
         say(log, f"{method}: {result.line()} [{format_seconds(seconds)}]")

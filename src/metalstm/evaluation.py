@@ -31,15 +31,16 @@ class Protocol:
     n_way: int
     k_shot: int
     q_query: int
-    inner_steps: int
-    bn_mode: str  # "transductive" or "support statistics"
+    adaptation: str  # the method's test-time settings (Algorithm.adaptation), e.g. "T = 8"
+    bn_mode: str  # Algorithm.test_batchnorm: "support statistics", "transductive", ...
     episodes: int
     seed: int
 
     def describe(self) -> str:
+        adaptation = f"{self.adaptation}, " if self.adaptation else ""
         return (
             f"{self.dataset}/{self.split} {self.part}, {self.n_way}-way {self.k_shot}-shot, "
-            f"{self.q_query} queries per class, T = {self.inner_steps}, BN: {self.bn_mode}, "
+            f"{self.q_query} queries per class, {adaptation}BN: {self.bn_mode}, "
             f"episodes seed {self.seed}"
         )
 
@@ -82,7 +83,10 @@ class EvalResult:
         }
 
 
-def protocol_for(config: Config, part: str, episodes: int, seed: int) -> Protocol:
+def protocol_for(
+    algorithm: Algorithm, config: Config, part: str, episodes: int, seed: int
+) -> Protocol:
+    """The protocol of ``algorithm`` scored on the fixed episodes (config, part, count, seed)."""
     return Protocol(
         dataset=config.dataset,
         split=config.split,
@@ -90,8 +94,8 @@ def protocol_for(config: Config, part: str, episodes: int, seed: int) -> Protoco
         n_way=config.n_way,
         k_shot=config.k_shot,
         q_query=config.test_queries,
-        inner_steps=config.test_steps,
-        bn_mode="transductive" if config.transductive else "support statistics",
+        adaptation=algorithm.adaptation(),
+        bn_mode=algorithm.test_batchnorm(),
         episodes=episodes,
         seed=seed,
     )
@@ -154,4 +158,4 @@ def evaluate(
     accuracies = dist.gather_floats(
         episode_accuracies(algorithm, sampler, indices, on_episode), count
     )
-    return EvalResult(accuracies, protocol_for(config, part, count, seed))
+    return EvalResult(accuracies, protocol_for(algorithm, config, part, count, seed))

@@ -463,6 +463,9 @@ class MetaLSTM(Algorithm):
             F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
         )
 
+    def adaptation(self) -> str:
+        return f"T = {self.config.test_steps}"
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         """Train the learner on the support set with the meta-learner (no meta-graph)."""
         with torch.no_grad():

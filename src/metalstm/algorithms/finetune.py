@@ -49,6 +49,10 @@ class Finetune(PretrainedClassifier):
             theta = theta.detach() - lr * grad
         return theta
 
+    def adaptation(self) -> str:
+        lr, steps = float(self.finetune_lr), int(self.finetune_steps)
+        return f"SGD lr {lr:g}, {steps} steps (chosen on validation)"
+
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         lr, steps = float(self.finetune_lr), int(self.finetune_steps)
         theta = self.fine_tune(support_x, support_y, lr, steps)

@@ -49,6 +49,10 @@ class MAML(Algorithm):
             raise ConfigError(f"invalid value maml_inner_lr={config.maml_inner_lr}; use > 0")
         self.theta = nn.Parameter(self.learner.initial_theta())  # θ_0, the meta-learned init
 
+    def adaptation(self) -> str:
+        cfg = self.config
+        return f"α = {cfg.maml_inner_lr:g}, {_steps(cfg.inner_steps)} ({cfg.test_steps} at test)"
+
     def inner_loop(
         self, support_x: Tensor, support_y: Tensor, steps: int
     ) -> tuple[Tensor, BatchNormState]:
@@ -106,3 +110,7 @@ def sgd_from_init(config: Config, theta0: Tensor, lr: float) -> FirstOrderMAML:
     with torch.no_grad():
         model.theta.copy_(theta0)
     return model.to(theta0.device)
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"

@@ -88,6 +88,9 @@ class MatchingNetFCE(MatchingNet):
             raise ConfigError(f"invalid value fce_steps={config.fce_steps}; use 1 or more")
         self.fce = FullContextEmbedding(self.embedding_dim, config.fce_steps)
 
+    def adaptation(self) -> str:
+        return f"K = {self.config.fce_steps}"
+
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
         context = self.fce.support(support)
         return super().logits(context, support_y, self.fce.query(query, context))

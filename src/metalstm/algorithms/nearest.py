@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithm import Algorithm, Classifier, EpisodeLoss
+from ..algorithm import NO_BATCHNORM, Algorithm, Classifier, EpisodeLoss
 from ..data import Episode
 from .pretraining import PretrainedClassifier
 
@@ -61,6 +61,9 @@ class NearestNeighbourPixels(Algorithm):
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
         raise NotImplementedError("nn-pixel has nothing to train")
+
+    def test_batchnorm(self) -> str:
+        return NO_BATCHNORM
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         return NearestNeighbour(_pixels(support_x), support_y, self.config.n_way, _pixels)

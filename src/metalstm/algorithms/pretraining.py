@@ -146,6 +146,9 @@ class PretrainedClassifier(Algorithm):
             )
         return config
 
+    def test_batchnorm(self) -> str:
+        return "pre-training statistics"
+
     def bn_state(self) -> BatchNormState:
         """The running statistics of the pre-training (the buffers themselves, not copies)."""
         return {name: getattr(self, _buffer_name(name)) for name in self.bn_names}
