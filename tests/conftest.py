@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from metalstm import Config
 from metalstm.learner import Learner
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -129,3 +130,20 @@ def tensorboard_scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
     return {
         tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
     }
+
+
+def small_config(**changes: object) -> Config:
+    """A learner small enough for float64 finite differences and quick tests: 16x16 grey images,
+    3-way 2-shot with 2 queries, 3 filters (n = 318 coordinates), T = 3, on the CPU."""
+    values: dict[str, object] = dict(
+        image_size=16,
+        channels=1,
+        n_way=3,
+        k_shot=2,
+        q_query=2,
+        filters=3,
+        inner_steps=3,
+        device="cpu",
+    )
+    values.update(changes)
+    return Config(**values)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import small_config
 from metalstm import ALGORITHMS, Config, build_algorithm, load_algorithm
 from metalstm.algorithms.finetune import Finetune
 from metalstm.algorithms.maml import MAML
@@ -26,12 +27,7 @@ from metalstm.evaluation import evaluate, protocol_for
 from metalstm.serialization import algorithm_tensors
 from metalstm.training import Trainer, train
 
-TINY = Config(
-    image_size=16,
-    filters=3,
-    n_way=3,
-    k_shot=2,
-    q_query=2,
+TINY = small_config(
     inner_steps=2,
     pretrain_classes=7,
     finetune_lr_grid="0.1",

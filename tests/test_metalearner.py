@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from conftest import reference_net
+from conftest import reference_net, small_config
 from metalstm import Config, Learner, MetaLearnerCell, MetaLSTM, build_algorithm, preprocess
 from metalstm import metalearner as ml
 from metalstm.algorithm import learner_shape
@@ -45,23 +45,6 @@ def assert_close(actual: Tensor, expected: Tensor, rtol: float = 1e-7, atol: flo
         f"actual {actual.detach().flatten()[:6].tolist()} expected "
         f"{expected.detach().flatten()[:6].tolist()}"
     )
-
-
-def small_config(**changes: object) -> Config:
-    """A learner small enough for float64 finite differences (n = 318 coordinates)."""
-    values: dict[str, object] = dict(
-        image_size=16,
-        channels=1,
-        n_way=3,
-        k_shot=2,
-        q_query=2,
-        filters=3,
-        inner_steps=3,
-        hidden_size=20,
-        device="cpu",
-    )
-    values.update(changes)
-    return Config(**values)  # type: ignore[arg-type]
 
 
 def random_episode(cfg: Config, seed: int, dtype: torch.dtype = torch.float64) -> Episode:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from conftest import small_config
 from metalstm import Config, MetaLSTM, build_algorithm
 from metalstm import metalearner as ml
 from metalstm.bench import add_bench_arguments, bench_main, episode_flops
@@ -128,18 +129,7 @@ def reference_predict(model: MetaLSTM, episode: Episode) -> Tensor:
 
 
 def config(**changes: Any) -> Config:
-    values: dict[str, Any] = dict(
-        image_size=16,
-        channels=1,
-        n_way=3,
-        k_shot=2,
-        q_query=2,
-        filters=4,
-        inner_steps=3,
-        device="cpu",
-    )
-    values.update(changes)
-    return Config(**values)
+    return small_config(**{"filters": 4, **changes})
 
 
 def episode(cfg: Config, seed: int = 0, dtype: torch.dtype = F64) -> Episode:

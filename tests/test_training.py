@@ -18,8 +18,8 @@ import torch
 import yaml
 
 import metalstm
-from conftest import mean_and_se, tensorboard_scalars
-from metalstm import Config, ConfigError, load_algorithm, override
+from conftest import mean_and_se, small_config, tensorboard_scalars
+from metalstm import Config, ConfigError, evaluation, load_algorithm, override
 from metalstm import metalearner as ml
 from metalstm import training as tr
 from metalstm.ablation import sgd_from_learned_init
@@ -60,15 +60,13 @@ def synthetic_data(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_load_split(dataset, split, part, **kwargs):  # type: ignore[no-untyped-def]
         return synthetic_split(part, kwargs.get("image_size") or 16)
 
-    monkeypatch.setattr(tr, "load_split", fake_load_split)
+    monkeypatch.setattr(evaluation, "load_split", fake_load_split)
 
 
 def tiny_config(**changes: object) -> Config:
+    """:func:`small_config` with 1 shot, 4 filters, T = 2 and a run of 8 episodes."""
     values: dict[str, object] = dict(
-        image_size=16,
-        n_way=3,
         k_shot=1,
-        q_query=2,
         filters=4,
         inner_steps=2,
         episodes=8,
@@ -76,10 +74,8 @@ def tiny_config(**changes: object) -> Config:
         val_episodes=2,
         log_interval=1,
         max_nonfinite=3,
-        device="cpu",
     )
-    values.update(changes)
-    return Config(**values)  # type: ignore[arg-type]
+    return small_config(**{**values, **changes})
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -132,9 +128,6 @@ def test_run_folder_files(synthetic_data: None, tmp_path: Path) -> None:
 def test_eval_queries_apply_to_validation_and_test_only(
     synthetic_data: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from metalstm import evaluation
-
-    monkeypatch.setattr(evaluation, "load_split", tr.load_split)  # the synthetic split
     cfg = tiny_config(q_query=2, eval_q_query=3)
     trainer = Trainer(cfg, Path("unused"), log=None)
     assert trainer.train_sampler.episode(0, 0).query_y.numel() == cfg.n_way * 2
@@ -336,7 +329,7 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         model, _ = load_algorithm(run / "best.safetensors")
         result = metalstm.evaluate(model, part="test", episodes=TEST_EPISODES)
         assert result.protocol.bn_mode == "support statistics" and result.protocol.q_query == 15
-        assert result.protocol.inner_steps == cfg.inner_steps
+        assert result.protocol.adaptation == f"T = {cfg.inner_steps}"
 
         # plain SGD from the same c_0, same steps and BN protocol; lr picked on validation;
         # evaluate() serves every model the same fixed test episodes

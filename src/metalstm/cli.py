@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .bench import add_bench_arguments, bench_main
+from .checkpoint import add_checkpoint_argument
 from .compare import add_compare_arguments, compare_main
 from .errors import MetaLSTMError
 from .predict import add_predict_arguments, predict_main
@@ -60,7 +61,7 @@ def build_parser() -> ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress line")
 
     evaluate = commands.add_parser("evaluate", help="accuracy on the fixed test episodes")
-    _checkpoint_argument(evaluate)
+    add_checkpoint_argument(evaluate)
     evaluate.add_argument("--episodes", type=int, help="test episodes (default 600)")
     evaluate.add_argument("--seed", type=int, help="seed of the fixed test episodes (default 0)")
     evaluate.add_argument(
@@ -109,7 +110,7 @@ def build_parser() -> ArgumentParser:
     plot = commands.add_parser("plot", help="figures")
     plots = plot.add_subparsers(dest="plot_command", required=True, parser_class=ArgumentParser)
     gates = plots.add_parser("gates", help="σ(i) and σ(f) per learner layer across inner steps")
-    _checkpoint_argument(gates)
+    add_checkpoint_argument(gates)
     gates.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gates.add_argument("--episodes", type=int, default=100, help="validation episodes to average")
     gates.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
@@ -117,15 +118,6 @@ def build_parser() -> ArgumentParser:
     curves.add_argument("--run", type=Path, required=True, help="run folder")
     curves.add_argument("--out", type=Path, required=True, help="PNG file to write")
     return parser
-
-
-def _checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH_OR_NAME",
-        help="a .safetensors checkpoint, a run folder, or the name of a shipped meta-learner",
-    )
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -239,9 +231,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(plots.plot_curves(args.run, args.out))
         return
     from .data import EpisodeSampler
+    from .evaluation import load_part
     from .metalearner import MetaLSTM
     from .serialization import load_algorithm
-    from .training import load_part
 
     overrides = {"data_root": args.data_root} if args.data_root else {}
     model, meta = load_algorithm(args.checkpoint, **overrides)

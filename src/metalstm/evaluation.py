@@ -17,7 +17,7 @@ import torch
 
 from .algorithm import Algorithm, accuracy
 from .config import Config
-from .data import EpisodeSampler, load_split
+from .data import ClassImages, EpisodeSampler, load_split
 from .distributed import Distributed
 
 
@@ -83,6 +83,18 @@ class EvalResult:
         }
 
 
+def load_part(config: Config, part: str) -> ClassImages:
+    """The images of ``part`` (train, val or test) of the config's dataset and split."""
+    return load_split(
+        config.dataset,
+        config.split,
+        part,
+        data_root=config.data_root,
+        image_size=config.image_size,
+        channels=config.channels,
+    )
+
+
 def protocol_for(
     algorithm: Algorithm, config: Config, part: str, episodes: int, seed: int
 ) -> Protocol:
@@ -145,15 +157,9 @@ def evaluate(
     config = config or algorithm.config
     count = episodes if episodes is not None else config.test_episodes
     seed = seed if seed is not None else config.test_seed
-    data = load_split(
-        config.dataset,
-        config.split,
-        part,
-        data_root=config.data_root,
-        image_size=config.image_size,
-        channels=config.channels,
+    sampler = EpisodeSampler(
+        load_part(config, part), config.n_way, config.k_shot, config.test_queries, seed
     )
-    sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.test_queries, seed)
     indices = range(dist.rank, count, dist.world_size)
     accuracies = dist.gather_floats(
         episode_accuracies(algorithm, sampler, indices, on_episode), count

@@ -67,6 +67,7 @@ import torch
 from torch import Tensor
 
 from .algorithm import Algorithm, Classifier
+from .checkpoint import add_checkpoint_argument
 from .config import override
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
 from .errors import ConfigError, DataError
@@ -576,12 +577,7 @@ def _write_outputs(outputs: list[tuple[Path, bytes]]) -> None:
 
 def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``metalstm predict``."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH_OR_NAME",
-        help="a .safetensors checkpoint, a run folder, or the name of a shipped meta-learner",
-    )
+    add_checkpoint_argument(parser)
     parser.add_argument(
         "--support",
         required=True,

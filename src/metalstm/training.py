@@ -35,10 +35,10 @@ from .algorithms import algorithm_class, build_algorithm
 from .algorithms.pretraining import ClassBatches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_yaml
-from .data import ClassImages, EpisodeSampler, load_split
+from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import episode_accuracies
+from .evaluation import episode_accuracies, load_part
 from .serialization import (
     algorithm_from_tensors,
     algorithm_tensors,
@@ -77,17 +77,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
     return device
-
-
-def load_part(config: Config, part: str) -> ClassImages:
-    return load_split(
-        config.dataset,
-        config.split,
-        part,
-        data_root=config.data_root,
-        image_size=config.image_size,
-        channels=config.channels,
-    )
 
 
 class Trainer:
