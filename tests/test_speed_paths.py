@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -439,3 +442,31 @@ def test_cuda_meta_gradient_and_logits_match_cpu() -> None:
     gpu.eval()
     logits = gpu.predict(ep_gpu.support_x, ep_gpu.support_y, ep_gpu.query_x).cpu()
     assert_close(logits, cpu.predict(ep.support_x, ep.support_y, ep.query_x), rtol=1e-9)
+
+
+def test_time_breakdown_charges_every_part_of_an_episode() -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_breakdown.py"
+    command = [
+        sys.executable, str(script), "--image-size", "16", "--filters", "4", "--ways", "3",
+        "--queries", "2", "--steps", "2", "--episodes", "2", "--warmup", "1", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+    rows = {}
+    for line in out.splitlines():
+        cells = [c.strip(" *`") for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[1].replace(".", "").isdigit():
+            rows.setdefault(cells[0], float(cells[1]))  # parts first, then operators
+    parts = [
+        "learner: support passes (L_t, g_t)",
+        "meta-learner LSTM: forward (preprocessing, both layers, update)",
+        "meta-learner LSTM: backward",
+        "learner: query pass",
+        "learner: backward of the query loss into θ_T",
+        "optimizer: zero_grad, clipping, Adam",
+    ]
+    for part in parts:
+        assert rows[part] > 0, part
+    listed = sum(rows[p] for p in [*parts, "episode sampling", "other"] if p in rows)
+    assert listed == pytest.approx(rows["total"], abs=0.1 * len(parts))
+    assert rows.get("other", 0.0) < 0.25 * rows["total"]  # nearly everything is attributed

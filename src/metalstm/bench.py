@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +209,21 @@ def eval_step(model: Algorithm, episode: Episode) -> float:
     return accuracy(logits, episode.query_y)
 
 
-def bench_main(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the benchmark described by ``args`` (see :func:`add_bench_arguments`); print the
-    figures and return them as a dict."""
+@dataclass
+class Workload:
+    """What one benchmark call runs: ``run()`` does ``per_call`` episodes (one meta-update of
+    a meta-batch, or one evaluation episode) on a fresh model of ``config``."""
+
+    config: Config
+    device: torch.device
+    model: Algorithm
+    batch: int  # support images per inner step
+    per_call: int
+    run: Callable[[], None]
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    """The model, synthetic episodes and step function of the benchmark described by ``args``."""
     config = bench_config(args)
     device = resolve_device(args.device)
     batch = args.batch or config.n_way * config.k_shot
@@ -218,7 +231,6 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError("--batch and --episodes must be >= 1, --warmup >= 0")
     torch.manual_seed(args.seed)
     model = build_algorithm(config).to(device)
-    n = model.learner.n_params
     data = SyntheticEpisodes(config, batch, device, args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if args.mode == "eval":
@@ -234,9 +246,18 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             train_step(model, optimizer, episodes, config.clip_grad_norm)
 
     per_call = 1 if args.mode == "eval" else config.meta_batch
+    return Workload(config, device, model, batch, per_call, run)
+
+
+def bench_main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` (see :func:`add_bench_arguments`); print the
+    figures and return them as a dict."""
+    work = build_workload(args)
+    config, device, batch, per_call = work.config, work.device, work.batch, work.per_call
+    n = work.model.learner.n_params
     calls = max(1, -(-args.episodes // per_call))  # timed calls (meta-updates or episodes)
-    warm = _time_calls(run, max(args.warmup, 0), device)
-    times = _time_calls(run, calls, device)
+    warm = _time_calls(work.run, max(args.warmup, 0), device)
+    times = _time_calls(work.run, calls, device)
     s_per_episode = statistics.median(wall for wall, _ in times) / per_call
     # CPU seconds of this process: what the episode costs on a machine shared with other jobs.
     cpu_per_episode = statistics.median(cpu for _, cpu in times) / per_call
