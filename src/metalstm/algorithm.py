@@ -43,6 +43,12 @@ class EpisodeLoss:
 NO_BATCHNORM = "none"  # Algorithm.test_batchnorm of a method without batch norm
 
 
+def episode_batchnorm(transductive: bool) -> str:
+    """The statistics that normalise query images under the episode protocol (SPEC §1): the
+    support passes' running statistics, or with ``transductive`` the query batch's own."""
+    return "transductive" if transductive else "support statistics"
+
+
 class Algorithm(nn.Module, ABC):
     """A few-shot learning method: meta-train on episodes, adapt to a support set, predict."""
 
@@ -76,7 +82,7 @@ class Algorithm(nn.Module, ABC):
         """Which batch-norm statistics normalise the query images at evaluation: the support
         passes' (the authors' protocol) or, with ``transductive``, the query batch's own;
         :data:`NO_BATCHNORM` for a method without a network."""
-        return "transductive" if self.config.transductive else "support statistics"
+        return episode_batchnorm(self.config.transductive)
 
     def predict(self, support_x: Tensor, support_y: Tensor, query_x: Tensor) -> Tensor:
         """Logits [N*Q, N] of the query images after adapting to the support set."""

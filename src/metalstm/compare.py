@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 import yaml
 
-from .algorithm import NO_BATCHNORM, Algorithm
+from .algorithm import NO_BATCHNORM, Algorithm, episode_batchnorm
 from .algorithms import ALGORITHMS, build_algorithm
 from .checkpoint import read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import Config, load_preset, override
@@ -507,8 +507,7 @@ def method_notes(algorithm: Algorithm, trained: Trained, protocol: Protocol, bas
     """A short description of the settings behind a method's number: its test-time adaptation,
     its batch-norm statistics where they are not the protocol line's, its training."""
     notes = [protocol.adaptation] if protocol.adaptation else []
-    shared = "transductive" if base.transductive else "support statistics"
-    if protocol.bn_mode not in (shared, NO_BATCHNORM):
+    if protocol.bn_mode not in (episode_batchnorm(base.transductive), NO_BATCHNORM):
         notes.append(f"BN: {protocol.bn_mode}")
     if algorithm.trains_on == "episodes":
         notes.append(f"{algorithm.config.episodes} training episodes")
