@@ -11,7 +11,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from metalstm.cli import main
@@ -53,6 +53,8 @@ TOKENS = st.sampled_from(
 
 @FAST
 @given(st.lists(st.one_of(TOKENS, st.text(max_size=8)), max_size=7))
+@example(["presets", "\r"])  # a carriage return in an argument once split the message in two
+@example(["evaluate", "--checkpoint", "a\nb"])
 def test_random_command_lines_fail_cleanly(argv: list[str]) -> None:
     saved = {key: os.environ.get(key) for key in ("METALSTM_DATA", "METALSTM_CACHE")}
     with tempfile.TemporaryDirectory() as empty:

@@ -25,7 +25,13 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+def printable(message: str) -> str:
+    """``message`` on one line: control characters (from user input, e.g. a stray carriage
+    return in an argument) written as escapes instead of breaking the line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def build_parser() -> ArgumentParser:
@@ -276,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         COMMANDS[args.command](args)
     except MetaLSTMError as error:
-        print(f"metalstm: error: {error}", file=sys.stderr)
+        print(f"metalstm: error: {printable(str(error))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("metalstm: interrupted", file=sys.stderr)
