@@ -18,7 +18,15 @@ images, $METALSTM_DATA) by a freshly built model of the ``omniglot-5w1s`` preset
 end as ``metalstm evaluate`` runs them (skipped when the data is missing).
 
 Prints one Markdown table of medians over the repeats (seconds per episode for meta-training,
-seconds for the 600 evaluation episodes) with the spread (min-max).
+seconds for the 600 evaluation episodes) with the spread (min-max), the target, and two floors
+measured on this machine in a fresh process at the same thread count (median over the repeats):
+
+- *FLOPs at peak*: the workload's estimated GFLOP (``metalstm bench``'s count) at this machine's
+  fp32 matrix-multiply rate (2048 x 2048 products): no implementation does the arithmetic faster;
+- *LSTM activations*: the σ and tanh evaluations of the meta-learner's forward (T steps over the
+  n coordinates: 3H + 2 sigmoids and 2H tanh per coordinate and step) at the rate of PyTorch's
+  own ``sigmoid``/``tanh`` kernels on [H, n] tensors: the floor of any implementation built on
+  them, however well the other operations are fused.
 """
 
 from __future__ import annotations
@@ -70,10 +78,43 @@ def run_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+MACHINE_SCRIPT = """
+import json, statistics, time
+import torch
+
+def median_seconds(fn, repeats):
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+a, b, c = (torch.randn(2048, 2048) for _ in range(3))
+matmul_gflops = 2 * 2048**3 / median_seconds(lambda: torch.mm(a, b, out=c), 10) / 1e9
+x = torch.randn(20, 30000)  # [H, n]: one gate block of the LSTM over ~30k coordinates
+y = torch.empty_like(x)
+sigmoid_ns = median_seconds(lambda: torch.sigmoid(x, out=y), 50) / x.numel() * 1e9
+tanh_ns = median_seconds(lambda: torch.tanh(x, out=y), 50) / x.numel() * 1e9
+print(json.dumps({"matmul_gflops": matmul_gflops, "sigmoid_ns": sigmoid_ns, "tanh_ns": tanh_ns,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def run_machine() -> dict[str, Any]:
+    """This machine's fp32 matmul rate and σ/tanh cost per element, in a fresh process."""
+    command = [sys.executable, "-c", MACHINE_SCRIPT]
+    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
 EVAL_SCRIPT = """
 import json, sys, time
 import torch
 from metalstm import build_algorithm, load_preset, override
+from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
 from metalstm.training import resolve_device
@@ -86,7 +127,12 @@ start, cpu = time.perf_counter(), time.process_time()
 scores = episode_accuracies(model, sampler, range(600))
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
 accuracy = sum(scores) / len(scores)
-print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy}))
+n = model.learner.n_params
+gflop = episode_flops(config, n, config.n_way * config.k_shot, "eval") / 1e9
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy,
+                  "gflop_per_episode": gflop, "gflops": 600 * gflop / seconds,
+                  "settings": {"steps": config.test_steps, "learner_params": n,
+                               "hidden": config.hidden_size}}))
 """
 
 
@@ -121,7 +167,11 @@ def main() -> int:
     args = parser.parse_args()
     names = args.only or [*TRAIN_WORKLOADS, "omniglot-eval600"]
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    machine: list[dict[str, Any]] = []
     for repeat in range(args.repeats):  # workloads interleaved: slow drifts hit all alike
+        if args.device in ("auto", "cpu"):
+            machine.append(run_machine())
+            print(f"[{repeat + 1}/{args.repeats}] machine: {machine[-1]}", file=sys.stderr)
         for name in names:
             if name == "omniglot-eval600":
                 if not have_omniglot():
@@ -133,31 +183,53 @@ def main() -> int:
             last = runs[name][-1]
             figure = last.get("s_per_episode", last.get("seconds"))
             print(f"[{repeat + 1}/{args.repeats}] {name}: {figure:.4f}", file=sys.stderr)
-    print(table(runs))
+    rates = {key: statistics.median(m[key] for m in machine) for key in (machine or [{}])[0]}
+    print(table(runs, rates))
     if args.json is not None:
-        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+        args.json.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     return 0
 
 
-def table(runs: dict[str, list[dict[str, Any]]]) -> str:
-    """Markdown table of medians (and min-max) per workload."""
+def activation_seconds(result: dict[str, Any], rates: dict[str, float]) -> float:
+    """Seconds of the σ and tanh evaluations of one episode's LSTM forward at ``rates``."""
+    settings = result["settings"]
+    hidden = settings.get("hidden", 20)
+    elements = settings["steps"] * settings["learner_params"]
+    return elements * ((3 * hidden + 2) * rates["sigmoid_ns"] + 2 * hidden * rates["tanh_ns"]) / 1e9
+
+
+def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str:
+    """Markdown table of medians (and min-max) per workload, with the floors at ``rates`` (this
+    machine's, see the module docstring; empty on an accelerator)."""
     lines = [
-        "| workload | median | min-max | target | GFLOP/episode | GFLOP/s | peak MB | runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | median | min-max | target | floor: FLOPs at peak | floor: LSTM activations "
+        "| GFLOP/episode | GFLOP/s | peak MB | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, results in runs.items():
         if not results:
             continue
         key = "seconds" if name == "omniglot-eval600" else "s_per_episode"
+        episodes = 600 if key == "seconds" else 1
         values = [r[key] for r in results]
         unit = "s (600 episodes)" if key == "seconds" else "s/episode"
         gflop = statistics.median(r.get("gflop_per_episode", float("nan")) for r in results)
         gflops = statistics.median(r.get("gflops", float("nan")) for r in results)
         memory = statistics.median(r.get("peak_memory_mb", float("nan")) for r in results)
+        flop_floor = activation_floor = "-"
+        if rates:
+            flop_floor = f"{episodes * gflop / rates['matmul_gflops']:.3f}"
+            activation_floor = f"{episodes * activation_seconds(results[0], rates):.3f}"
         lines.append(
             f"| {name} | {statistics.median(values):.3f} {unit} | {min(values):.3f}-"
-            f"{max(values):.3f} | {TARGETS[name]} | {gflop:.1f} | {gflops:.1f} | {memory:.0f} | "
-            f"{len(values)} |"
+            f"{max(values):.3f} | {TARGETS[name]} | {flop_floor} | {activation_floor} | "
+            f"{gflop:.1f} | {gflops:.1f} | {memory:.0f} | {len(values)} |"
+        )
+    if rates:
+        lines.append(
+            f"\nThis machine ({rates['threads']:.0f} threads): fp32 matmul "
+            f"{rates['matmul_gflops']:.1f} GFLOP/s, sigmoid {rates['sigmoid_ns']:.2f} ns and tanh "
+            f"{rates['tanh_ns']:.2f} ns per element."
         )
     return "\n".join(lines)
 

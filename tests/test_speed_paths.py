@@ -12,7 +12,9 @@ Plus: the benchmark runs and reports its figures, and the CUDA path where CUDA e
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 
 from conftest import small_config
 from metalstm import Config, MetaLSTM, build_algorithm
@@ -470,3 +473,40 @@ def test_time_breakdown_charges_every_part_of_an_episode() -> None:
     listed = sum(rows[p] for p in [*parts, "episode sampling", "other"] if p in rows)
     assert listed == pytest.approx(rows["total"], abs=0.1 * len(parts))
     assert rows.get("other", 0.0) < 0.25 * rows["total"]  # nearly everything is attributed
+
+
+def load_benchmark(name: str) -> Any:
+    """The module of ``benchmarks/NAME.py`` (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_activation_floor_counts_the_inner_loop_activations() -> None:
+    """throughput.py's "LSTM activations" floor charges exactly the sigmoid and tanh elements an
+    inner loop evaluates (counted with the profiler), each at its own measured cost."""
+    throughput = load_benchmark("throughput")
+    cfg = small_config(hidden_size=6, inner_steps=3)
+    model = MetaLSTM(cfg)
+    ep = episode(cfg, dtype=torch.float32)
+    elements = {"sigmoid": 0, "tanh": 0}
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        model.inner_loop(ep.support_x, ep.support_y, cfg.inner_steps)
+    for event in prof.events():
+        kind = event.name.removeprefix("aten::").rstrip("_")
+        if kind in elements:
+            elements[kind] += math.prod(event.input_shapes[0])
+    assert elements["sigmoid"] > 0 and elements["tanh"] > 0
+    rates = {"sigmoid_ns": 1.0, "tanh_ns": 1000.0}  # distinct costs: each kind counted apart
+    result = {
+        "settings": {
+            "steps": cfg.inner_steps,
+            "learner_params": model.learner.n_params,
+            "hidden": cfg.hidden_size,
+        }
+    }
+    expected = (elements["sigmoid"] * 1.0 + elements["tanh"] * 1000.0) / 1e9
+    assert throughput.activation_seconds(result, rates) == pytest.approx(expected, rel=1e-12)
