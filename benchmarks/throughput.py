@@ -23,10 +23,11 @@ measured on this machine in a fresh process at the same thread count (median ove
 
 - *FLOPs at peak*: the workload's estimated GFLOP (``metalstm bench``'s count) at this machine's
   fp32 matrix-multiply rate (2048 x 2048 products): no implementation does the arithmetic faster;
-- *LSTM activations*: the σ and tanh evaluations of the meta-learner's forward (T steps over the
-  n coordinates: 3H + 2 sigmoids and 2H tanh per coordinate and step) at the rate of PyTorch's
-  own ``sigmoid``/``tanh`` kernels on [H, n] tensors: the floor of any implementation built on
-  them, however well the other operations are fused.
+- *LSTM kernels*: the meta-learner's σ and tanh evaluations (T steps over the n coordinates:
+  3H + 2 sigmoids and 2H tanh per coordinate and step) and its layer-1 products ([4H, H + 2] x
+  [H + 2, n] per step; two more in the backward of meta-training), at the rates PyTorch's own
+  ``sigmoid``, ``tanh`` and ``mm`` reach here on tensors of those shapes: the floor of any
+  implementation built on those kernels, however well the other operations are fused.
 """
 
 from __future__ import annotations
@@ -97,13 +98,18 @@ x = torch.randn(20, 30000)  # [H, n]: one gate block of the LSTM over ~30k coord
 y = torch.empty_like(x)
 sigmoid_ns = median_seconds(lambda: torch.sigmoid(x, out=y), 50) / x.numel() * 1e9
 tanh_ns = median_seconds(lambda: torch.tanh(x, out=y), 50) / x.numel() * 1e9
-print(json.dumps({"matmul_gflops": matmul_gflops, "sigmoid_ns": sigmoid_ns, "tanh_ns": tanh_ns,
+w, features, z = torch.randn(80, 22), torch.randn(22, 30000), torch.empty(80, 30000)
+lstm_product_gflops = 2 * w.numel() * 30000 / median_seconds(
+    lambda: torch.mm(w, features, out=z), 50) / 1e9  # layer 1: [4H, H + 2] x [H + 2, n]
+print(json.dumps({"matmul_gflops": matmul_gflops, "lstm_product_gflops": lstm_product_gflops,
+                  "sigmoid_ns": sigmoid_ns, "tanh_ns": tanh_ns,
                   "threads": torch.get_num_threads()}))
 """
 
 
 def run_machine() -> dict[str, Any]:
-    """This machine's fp32 matmul rate and σ/tanh cost per element, in a fresh process."""
+    """This machine's fp32 matmul rates (large square, the LSTM's shape) and σ/tanh cost per
+    element, in a fresh process."""
     command = [sys.executable, "-c", MACHINE_SCRIPT]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -131,8 +137,8 @@ n = model.learner.n_params
 gflop = episode_flops(config, n, config.n_way * config.k_shot, "eval") / 1e9
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy,
                   "gflop_per_episode": gflop, "gflops": 600 * gflop / seconds,
-                  "settings": {"steps": config.test_steps, "learner_params": n,
-                               "hidden": config.hidden_size}}))
+                  "settings": {"mode": "eval", "steps": config.test_steps,
+                               "learner_params": n, "hidden": config.hidden_size}}))
 """
 
 
@@ -190,19 +196,31 @@ def main() -> int:
     return 0
 
 
-def activation_seconds(result: dict[str, Any], rates: dict[str, float]) -> float:
-    """Seconds of the σ and tanh evaluations of one episode's LSTM forward at ``rates``."""
+def lstm_kernel_seconds(result: dict[str, Any], rates: dict[str, float]) -> float:
+    """Seconds of one episode's LSTM σ and tanh evaluations and layer-1 products at ``rates``.
+
+    Forward, per step: sigmoid on [3H + 2, n], tanh on 2 x [H, n], the product [4H, H + 2] x
+    [H + 2, n]; meta-training adds the backward's two products, [4H, n] x [n, H + 2] for the
+    weight gradient and [H, 4H] x [4H, n] for h_{t-1} (first-order: no gradient for g_t's
+    features; second-order: [H + 2, 4H] x [4H, n]).
+    """
     settings = result["settings"]
-    hidden = settings.get("hidden", 20)
-    elements = settings["steps"] * settings["learner_params"]
-    return elements * ((3 * hidden + 2) * rates["sigmoid_ns"] + 2 * hidden * rates["tanh_ns"]) / 1e9
+    hidden, steps, n = settings["hidden"], settings["steps"], settings["learner_params"]
+    elements = steps * n
+    activations = (3 * hidden + 2) * rates["sigmoid_ns"] + 2 * hidden * rates["tanh_ns"]
+    multiply_adds = 4 * hidden * (hidden + 2)  # forward product, per coordinate and step
+    if settings["mode"] == "train":
+        backward_input = hidden + 2 if settings["second_order"] else hidden
+        multiply_adds += 4 * hidden * (hidden + 2) + 4 * hidden * backward_input
+    products = 2 * multiply_adds / rates["lstm_product_gflops"]  # ns per coordinate and step
+    return elements * (activations + products) / 1e9
 
 
 def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str:
     """Markdown table of medians (and min-max) per workload, with the floors at ``rates`` (this
     machine's, see the module docstring; empty on an accelerator)."""
     lines = [
-        "| workload | median | min-max | target | floor: FLOPs at peak | floor: LSTM activations "
+        "| workload | median | min-max | target | floor: FLOPs at peak | floor: LSTM kernels "
         "| GFLOP/episode | GFLOP/s | peak MB | runs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -216,20 +234,21 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
         gflop = statistics.median(r.get("gflop_per_episode", float("nan")) for r in results)
         gflops = statistics.median(r.get("gflops", float("nan")) for r in results)
         memory = statistics.median(r.get("peak_memory_mb", float("nan")) for r in results)
-        flop_floor = activation_floor = "-"
+        flop_floor = kernel_floor = "-"
         if rates:
             flop_floor = f"{episodes * gflop / rates['matmul_gflops']:.3f}"
-            activation_floor = f"{episodes * activation_seconds(results[0], rates):.3f}"
+            kernel_floor = f"{episodes * lstm_kernel_seconds(results[0], rates):.3f}"
         lines.append(
             f"| {name} | {statistics.median(values):.3f} {unit} | {min(values):.3f}-"
-            f"{max(values):.3f} | {TARGETS[name]} | {flop_floor} | {activation_floor} | "
+            f"{max(values):.3f} | {TARGETS[name]} | {flop_floor} | {kernel_floor} | "
             f"{gflop:.1f} | {gflops:.1f} | {memory:.0f} | {len(values)} |"
         )
     if rates:
         lines.append(
             f"\nThis machine ({rates['threads']:.0f} threads): fp32 matmul "
-            f"{rates['matmul_gflops']:.1f} GFLOP/s, sigmoid {rates['sigmoid_ns']:.2f} ns and tanh "
-            f"{rates['tanh_ns']:.2f} ns per element."
+            f"{rates['matmul_gflops']:.1f} GFLOP/s (2048 x 2048), "
+            f"{rates['lstm_product_gflops']:.1f} GFLOP/s on the LSTM's [80, 22] x [22, 30000]; "
+            f"sigmoid {rates['sigmoid_ns']:.2f} ns and tanh {rates['tanh_ns']:.2f} ns per element."
         )
     return "\n".join(lines)
 

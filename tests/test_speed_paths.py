@@ -485,28 +485,47 @@ def load_benchmark(name: str) -> Any:
     return module
 
 
-def test_throughput_activation_floor_counts_the_inner_loop_activations() -> None:
-    """throughput.py's "LSTM activations" floor charges exactly the sigmoid and tanh elements an
-    inner loop evaluates (counted with the profiler), each at its own measured cost."""
+def lstm_kernel_work(prof: Any, hidden: int) -> tuple[int, int, int]:
+    """(sigmoid elements, tanh elements, FLOPs of the layer-1 products) a profile recorded."""
+    sigmoid = tanh = flops = 0
+    for event in prof.events():
+        kind, shapes = event.name.removeprefix("aten::").rstrip("_"), event.input_shapes
+        if kind == "sigmoid":
+            sigmoid += math.prod(shapes[0])
+        elif kind == "tanh":
+            tanh += math.prod(shapes[0])
+        elif kind in ("mm", "addmm"):
+            first = 1 if kind == "addmm" else 0  # addmm(bias, mat1, mat2)
+            (m, k), (_, n) = shapes[first : first + 2]
+            if 4 * hidden in (m, k):  # layer 1's forward product or its backward's
+                flops += 2 * m * k * n
+    return sigmoid, tanh, flops
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_throughput_lstm_floor_counts_the_episode_kernels(mode: str) -> None:
+    """throughput.py's "LSTM kernels" floor charges exactly the sigmoid and tanh elements and
+    the layer-1 product FLOPs of an episode (counted with the profiler), each at its own rate."""
     throughput = load_benchmark("throughput")
     cfg = small_config(hidden_size=6, inner_steps=3)
     model = MetaLSTM(cfg)
     ep = episode(cfg, dtype=torch.float32)
-    elements = {"sigmoid": 0, "tanh": 0}
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        model.inner_loop(ep.support_x, ep.support_y, cfg.inner_steps)
-    for event in prof.events():
-        kind = event.name.removeprefix("aten::").rstrip("_")
-        if kind in elements:
-            elements[kind] += math.prod(event.input_shapes[0])
-    assert elements["sigmoid"] > 0 and elements["tanh"] > 0
-    rates = {"sigmoid_ns": 1.0, "tanh_ns": 1000.0}  # distinct costs: each kind counted apart
-    result = {
-        "settings": {
-            "steps": cfg.inner_steps,
-            "learner_params": model.learner.n_params,
-            "hidden": cfg.hidden_size,
-        }
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        if mode == "train":
+            model.meta_loss(ep).loss.backward()
+        else:
+            with torch.no_grad():
+                model.inner_loop(ep.support_x, ep.support_y, cfg.inner_steps)
+    sigmoid, tanh, flops = lstm_kernel_work(prof, cfg.hidden_size)
+    assert sigmoid > 0 and tanh > 0 and flops > 0
+    rates = {"sigmoid_ns": 1.0, "tanh_ns": 1000.0, "lstm_product_gflops": 1e-3}  # tell apart
+    settings = {
+        "mode": mode,
+        "second_order": False,
+        "steps": cfg.inner_steps,
+        "learner_params": model.learner.n_params,
+        "hidden": cfg.hidden_size,
     }
-    expected = (elements["sigmoid"] * 1.0 + elements["tanh"] * 1000.0) / 1e9
-    assert throughput.activation_seconds(result, rates) == pytest.approx(expected, rel=1e-12)
+    expected = (sigmoid * 1.0 + tanh * 1000.0 + flops / rates["lstm_product_gflops"]) / 1e9  # ns
+    seconds = throughput.lstm_kernel_seconds({"settings": settings}, rates)
+    assert seconds == pytest.approx(expected, rel=1e-12)

@@ -281,6 +281,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "steps": config.inner_steps,
             "batch": batch,
             "filters": config.filters,
+            "hidden": config.hidden_size,
             "meta_batch": config.meta_batch,
             "second_order": config.second_order,
             "compile": bool(getattr(config, "compile", False)),
