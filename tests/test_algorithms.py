@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from conftest import small_config
 from metalstm import ALGORITHMS, Config, build_algorithm, load_algorithm
+from metalstm.algorithm import Adapter
 from metalstm.algorithms.finetune import Finetune
 from metalstm.algorithms.maml import MAML
 from metalstm.algorithms.matching import MatchingNetFCE, attention_probabilities
@@ -326,20 +327,29 @@ def test_finetune_starts_from_the_pretrained_body_with_a_new_zero_head() -> None
     assert loss[1] < loss[0]
 
 
-def test_finetune_chooses_learning_rate_and_steps_on_validation(tmp_path: Path) -> None:
+def test_finetune_scores_its_whole_grid_in_one_pass_and_keeps_the_best(tmp_path: Path) -> None:
     model = build_algorithm(
-        tiny("finetune", finetune_lr_grid="0.01,0.1,1", finetune_steps_grid="5,20")
+        tiny("finetune", finetune_lr_grid="0.01,0.1,1", finetune_steps_grid="5,1,20")
     )
     assert isinstance(model, Finetune)
-    tried = []
+    grid = [(lr, steps) for lr in (0.01, 0.1, 1.0) for steps in (5, 1, 20)]
+    episode = random_episode(model.config)
+    calls = []
 
-    def score() -> float:  # stands in for the Trainer's validation episodes
-        lr, steps = float(model.finetune_lr), int(model.finetune_steps)
-        tried.append((lr, steps))
-        return 0.9 if abs(lr - 0.1) < 1e-6 and steps == 20 else 0.5
+    def score(adapt: Adapter) -> list[float]:  # stands in for the Trainer's validation episodes
+        calls.append(adapt)
+        classifiers = adapt(episode.support_x, episode.support_y)
+        assert len(classifiers) == len(grid)
+        for classifier, (lr, steps) in zip(classifiers, grid):
+            # One fine-tuning run per learning rate; its prefixes are the shorter step counts.
+            theta = model.fine_tune(episode.support_x, episode.support_y, lr, steps)
+            alone = model.classifier(theta)
+            assert torch.equal(classifier(episode.query_x), alone(episode.query_x)), (lr, steps)
+        return [0.9 if (lr, steps) in ((0.1, 20), (1.0, 5)) else 0.5 for lr, steps in grid]
 
     assert model.validate(score) == 0.9
-    assert len(tried) == 6
+    assert len(calls) == 1  # one pass over the validation episodes
+    # A tie goes to the first setting in grid order.
     assert float(model.finetune_lr) == pytest.approx(0.1) and int(model.finetune_steps) == 20
     path = save_checkpoint(tmp_path / "ft", algorithm_tensors(model), checkpoint_meta(model, "t"))
     loaded, _ = load_algorithm(path)  # the choice travels with the checkpoint

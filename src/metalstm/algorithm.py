@@ -16,7 +16,7 @@ on the validation episodes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import ClassVar
@@ -30,6 +30,12 @@ from .learner import Learner, LearnerShape
 
 Classifier = Callable[[Tensor], Tensor]
 """An adapted model: images [B, C, H, W] → logits [B, N]."""
+
+Adapter = Callable[[Tensor, Tensor], Sequence[Classifier]]
+"""Support images and labels → one or more classifiers (e.g. one per candidate setting)."""
+
+Score = Callable[[Adapter], list[float]]
+"""``score(adapt)``: the mean validation accuracy of each classifier ``adapt`` returns."""
 
 
 @dataclass
@@ -105,15 +111,17 @@ class Algorithm(nn.Module, ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} is not trained on mini-batches")
 
-    def validate(self, score: Callable[[], float]) -> float:
-        """Validation accuracy; ``score()`` is the mean accuracy of the method as it stands on the
-        Trainer's validation episodes.
+    def validate(self, score: Score) -> float:
+        """Validation accuracy. ``score(adapt)`` runs ``adapt`` on the support set of every
+        validation episode of the Trainer and returns the mean query accuracy of each classifier
+        it returned (in order).
 
         A method whose evaluation settings are chosen on validation episodes (the fine-tuning
-        baseline's learning rate and steps) overrides this to try each with ``score()`` and keep
-        the best in its buffers, so the best checkpoint carries them. Default: ``score()``.
+        baseline's learning rate and steps) overrides this to score every candidate in one pass
+        and keep the best in its buffers, so the best checkpoint carries it. Default: the
+        accuracy of :meth:`adapt`.
         """
-        return score()
+        return score(lambda support_x, support_y: [self.adapt(support_x, support_y)])[0]
 
     @property
     def device(self) -> torch.device:

@@ -12,12 +12,15 @@ import datetime
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from .errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -69,17 +72,17 @@ class Distributed:
             offset += n
         return flat[offset:].to(stats.device, stats.dtype)
 
-    def gather_floats(self, values: list[float], total: int) -> list[float]:
+    def gather_episodes(self, values: list[T], total: int) -> list[T]:
         """Collect per-episode values sharded as ``range(rank, total, world_size)``, in order."""
         if self.world_size == 1:
             return values
-        shards: list[list[float] | None] = [None] * self.world_size
+        shards: list[list[T] | None] = [None] * self.world_size
         dist.all_gather_object(shards, values)
-        merged = [0.0] * total
+        merged: list[T | None] = [None] * total
         for rank, shard in enumerate(shards):
             assert shard is not None
             merged[rank : total : self.world_size] = shard
-        return merged
+        return cast(list[T], merged)
 
     def check_same_config(self, config_json: str) -> None:
         """Refuse to start when ranks were launched with different configurations."""

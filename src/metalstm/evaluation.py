@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .algorithm import Algorithm, accuracy
+from .algorithm import Adapter, Algorithm, accuracy
 from .config import Config
 from .data import ClassImages, EpisodeSampler, load_split
 from .distributed import Distributed
@@ -120,6 +120,20 @@ def episode_accuracies(
     on_episode: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler``."""
+    adapt: Adapter = lambda support_x, support_y: [algorithm.adapt(support_x, support_y)]  # noqa: E731
+    scores = candidate_accuracies(algorithm, sampler, indices, adapt, on_episode)
+    return [accuracies[0] for accuracies in scores]
+
+
+def candidate_accuracies(
+    algorithm: Algorithm,
+    sampler: EpisodeSampler,
+    indices: Sequence[int],
+    adapt: Adapter,
+    on_episode: Callable[[int], None] | None = None,
+) -> list[list[float]]:
+    """Per episode of ``indices``, the query accuracy of each classifier ``adapt`` returns for
+    its support set (``algorithm`` in eval mode meanwhile)."""
     device = algorithm.device
     scores = []
     was_training = algorithm.training
@@ -127,10 +141,9 @@ def episode_accuracies(
     try:
         for i in indices:
             episode = sampler.episode(step=i).to(device)
-            classifier = algorithm.adapt(episode.support_x, episode.support_y)
+            classifiers = adapt(episode.support_x, episode.support_y)
             with torch.inference_mode():
-                logits = classifier(episode.query_x)
-            scores.append(accuracy(logits, episode.query_y))
+                scores.append([accuracy(c(episode.query_x), episode.query_y) for c in classifiers])
             if on_episode is not None:
                 on_episode(i)
     finally:
@@ -161,7 +174,7 @@ def evaluate(
         load_part(config, part), config.n_way, config.k_shot, config.test_queries, seed
     )
     indices = range(dist.rank, count, dist.world_size)
-    accuracies = dist.gather_floats(
+    accuracies = dist.gather_episodes(
         episode_accuracies(algorithm, sampler, indices, on_episode), count
     )
     return EvalResult(accuracies, protocol_for(algorithm, config, part, count, seed))

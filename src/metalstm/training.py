@@ -31,6 +31,7 @@ from typing import Any, TextIO
 import torch
 import yaml
 
+from .algorithm import Adapter
 from .algorithms import algorithm_class, build_algorithm
 from .algorithms.pretraining import ClassBatches
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -38,7 +39,7 @@ from .config import Config, save_yaml
 from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import episode_accuracies, load_part
+from .evaluation import candidate_accuracies, load_part
 from .serialization import (
     algorithm_from_tensors,
     algorithm_tensors,
@@ -267,15 +268,18 @@ class Trainer:
             )
 
     def validate(self) -> float:
-        # Through the method's hook, which may choose evaluation settings with several scores.
-        return self.algorithm.validate(self.validation_score)
+        # Through the method's hook, which may choose evaluation settings among candidates.
+        return self.algorithm.validate(self.validation_scores)
 
-    def validation_score(self) -> float:
-        """Mean accuracy of the method as it stands on the fixed validation episodes."""
-        indices = range(self.dist.rank, self.config.val_episodes, self.dist.world_size)
-        scores = episode_accuracies(self.algorithm, self.val_sampler, indices)
-        scores = self.dist.gather_floats(scores, self.config.val_episodes)
-        return sum(scores) / len(scores)
+    def validation_scores(self, adapt: Adapter) -> list[float]:
+        """Mean accuracy, on the fixed validation episodes, of each classifier ``adapt`` returns
+        (episodes sharded over the ranks, gathered so every rank gets the same figures)."""
+        count = self.config.val_episodes
+        indices = range(self.dist.rank, count, self.dist.world_size)
+        per_episode = self.dist.gather_episodes(
+            candidate_accuracies(self.algorithm, self.val_sampler, indices, adapt), count
+        )  # [episodes][candidates]
+        return [sum(column) / count for column in zip(*per_episode, strict=True)]
 
     def run(self) -> TrainState:
         state, cfg = self.state, self.config

@@ -5,7 +5,8 @@ a new N-way output layer (zeros); then plain SGD on the whole network fits the s
 (full-batch, cross-entropy). The learning rate and number of steps are chosen on validation
 episodes, from the grids ``finetune_lr_grid`` x ``finetune_steps_grid``, at every validation of
 the pre-training: the choice lives in the model's buffers, so the best checkpoint carries the
-setting that made it best, and ``metalstm evaluate`` uses it.
+setting that made it best, and ``metalstm evaluate`` uses it. One fine-tuning run per learning
+rate serves every step count of the grid (the shorter ones are its prefixes).
 
 Batch norm uses the pre-training running statistics throughout (eval mode), so the fine-tuned
 classifier never sees statistics of the test episode beyond its support images' labels.
@@ -13,14 +14,14 @@ classifier never sees statistics of the test episode beyond its support images' 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithm import Classifier
+from ..algorithm import Classifier, Score
 from ..metalearner import AdaptedLearner
 from .pretraining import PretrainedClassifier, parse_grid
 
@@ -38,16 +39,26 @@ class Finetune(PretrainedClassifier):
 
     def fine_tune(self, support_x: Tensor, support_y: Tensor, lr: float, steps: int) -> Tensor:
         """θ [n] of the N-way learner after ``steps`` SGD steps from (pre-trained body, 0 head)."""
+        return self.fine_tune_path(support_x, support_y, lr, [steps])[0]
+
+    def fine_tune_path(
+        self, support_x: Tensor, support_y: Tensor, lr: float, steps: Sequence[int]
+    ) -> list[Tensor]:
+        """θ [n] after each of ``steps`` SGD steps (any order), all from one run of max(steps)."""
         body = self.body()
         theta = torch.cat([body, body.new_zeros(self.learner.n_params - self.n_body)])
         bn = self.bn_state()  # eval mode: read, never updated
-        for _ in range(steps):
+        wanted = set(steps)
+        after = {0: theta} if 0 in wanted else {}
+        for step in range(1, max(steps) + 1):
             with torch.enable_grad():
                 at = theta.detach().requires_grad_(True)
                 logits = self.learner(at, support_x, bn, batch_stats=False)
                 (grad,) = torch.autograd.grad(F.cross_entropy(logits, support_y), at)
             theta = theta.detach() - lr * grad
-        return theta
+            if step in wanted:
+                after[step] = theta
+        return [after[count] for count in steps]
 
     def adaptation(self) -> str:
         lr, steps = float(self.finetune_lr), int(self.finetune_steps)
@@ -55,21 +66,29 @@ class Finetune(PretrainedClassifier):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         lr, steps = float(self.finetune_lr), int(self.finetune_steps)
-        theta = self.fine_tune(support_x, support_y, lr, steps)
+        return self.classifier(self.fine_tune(support_x, support_y, lr, steps))
+
+    def classifier(self, theta: Tensor) -> Classifier:
+        """The N-way learner at θ with the pre-training statistics (copied)."""
         bn = {k: v.clone() for k, v in self.bn_state().items()}
         return AdaptedLearner(self.learner, theta, bn, transductive=False)
 
-    def validate(self, score: Callable[[], float]) -> float:
-        """Try each (learning rate, steps) of the grids on validation episodes; keep the best."""
-        best: tuple[float, float, int] | None = None
-        for lr in parse_grid(self.config, "finetune_lr_grid", float):
-            for steps in parse_grid(self.config, "finetune_steps_grid", int):
-                self.finetune_lr.fill_(lr)
-                self.finetune_steps.fill_(int(steps))
-                accuracy = score()
-                if best is None or accuracy > best[0]:
-                    best = (accuracy, lr, int(steps))
-        assert best is not None
-        self.finetune_lr.fill_(best[1])
-        self.finetune_steps.fill_(best[2])
-        return best[0]
+    def validate(self, score: Score) -> float:
+        """Score every (learning rate, steps) of the grids on the validation episodes in one pass
+        (one fine-tuning run per learning rate); keep the best, the first in grid order on ties."""
+        lrs = parse_grid(self.config, "finetune_lr_grid", float)
+        step_counts = [int(s) for s in parse_grid(self.config, "finetune_steps_grid", int)]
+        grid = [(lr, steps) for lr in lrs for steps in step_counts]
+
+        def adapt_all(support_x: Tensor, support_y: Tensor) -> list[Classifier]:
+            return [
+                self.classifier(theta)
+                for lr in lrs
+                for theta in self.fine_tune_path(support_x, support_y, lr, step_counts)
+            ]
+
+        accuracies = score(adapt_all)
+        best = max(range(len(grid)), key=lambda k: (accuracies[k], -k))
+        self.finetune_lr.fill_(grid[best][0])
+        self.finetune_steps.fill_(grid[best][1])
+        return accuracies[best]
