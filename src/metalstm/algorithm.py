@@ -121,7 +121,11 @@ class Algorithm(nn.Module, ABC):
         and keep the best in its buffers, so the best checkpoint carries it. Default: the
         accuracy of :meth:`adapt`.
         """
-        return score(lambda support_x, support_y: [self.adapt(support_x, support_y)])[0]
+        return score(self.adapt_one)[0]
+
+    def adapt_one(self, support_x: Tensor, support_y: Tensor) -> list[Classifier]:
+        """:meth:`adapt` as an :data:`Adapter`: the one classifier of the method as it stands."""
+        return [self.adapt(support_x, support_y)]
 
     @property
     def device(self) -> torch.device:

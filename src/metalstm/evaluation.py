@@ -120,8 +120,7 @@ def episode_accuracies(
     on_episode: Callable[[int], None] | None = None,
 ) -> list[float]:
     """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler``."""
-    adapt: Adapter = lambda support_x, support_y: [algorithm.adapt(support_x, support_y)]  # noqa: E731
-    scores = candidate_accuracies(algorithm, sampler, indices, adapt, on_episode)
+    scores = candidate_accuracies(algorithm, sampler, indices, algorithm.adapt_one, on_episode)
     return [accuracies[0] for accuracies in scores]
 
 
