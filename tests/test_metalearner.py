@@ -18,6 +18,8 @@ from metalstm import Config, Learner, MetaLearnerCell, MetaLSTM, build_algorithm
 from metalstm import metalearner as ml
 from metalstm.algorithm import learner_shape
 from metalstm.data import Episode
+from metalstm.errors import ConfigError
+from metalstm.learner import BatchNormState
 from metalstm.metalearner import CellState
 
 P = 10.0
@@ -105,13 +107,16 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
         yield record
 
 
-def replayed_objective(model: MetaLSTM, record: Record, episode: Episode) -> Tensor:
-    """The first-order objective: query loss at θ_T with (L_t, g_t) held at recorded values."""
+def replayed_objective(
+    model: MetaLSTM, record: Record, episode: Episode, support_bn: BatchNormState | None = None
+) -> Tensor:
+    """The first-order objective: query loss at θ_T with (L_t, g_t) held at recorded values, and
+    the query normalised by its batch statistics or by held ``support_bn`` running statistics."""
     state = model.cell.initial_state()
     for _, loss, grad in record:
         state, _ = model.cell(state, loss, grad)
-    bn = model.learner.fresh_batchnorm_state(dtype=episode.query_x.dtype)
-    logits = model.learner(state.theta, episode.query_x, bn, batch_stats=True)
+    bn = support_bn or model.learner.fresh_batchnorm_state(dtype=episode.query_x.dtype)
+    logits = model.learner(state.theta, episode.query_x, bn, batch_stats=support_bn is None)
     return F.cross_entropy(logits, episode.query_y)
 
 
@@ -530,10 +535,11 @@ def test_cell_feeds_back_previous_logits() -> None:
 # -- 4, 5. meta-gradients vs finite differences in float64 --------------------------------------
 
 
+@pytest.mark.parametrize("train_query_bn", ["batch", "support"])
 def test_first_order_meta_gradient_matches_finite_differences(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, train_query_bn: str
 ) -> None:
-    cfg = small_config()
+    cfg = small_config(train_query_bn=train_query_bn)
     model = double_model(cfg)
     episode = random_episode(cfg, seed=1)
     assert model.learner.n_params == 318
@@ -544,9 +550,14 @@ def test_first_order_meta_gradient_matches_finite_differences(
     # what meta_loss back-propagates
     loss_grads = torch.autograd.grad(out.loss, list(model.parameters()))
     from_meta_loss = dict(zip(meta_params(model), loss_grads))
+    # support mode: the support passes' running statistics are constants, like L_t and g_t
+    support_bn = None
+    if train_query_bn == "support":
+        with torch.no_grad():
+            support_bn = model.inner_loop(episode.support_x, episode.support_y, cfg.inner_steps).bn
 
     def objective() -> Tensor:
-        return replayed_objective(model, record, episode)
+        return replayed_objective(model, record, episode, support_bn)
 
     assert float(objective().detach()) == pytest.approx(float(out.loss.detach()), rel=1e-12)
     grads = autograd_grads(model, objective)
@@ -695,17 +706,32 @@ def test_query_protocol_non_transductive_and_transductive() -> None:
     assert_close(t_all, model.learner(result.theta.detach(), queries, bn, batch_stats=True))
 
 
-def test_meta_training_query_uses_batch_statistics() -> None:
-    cfg = small_config()
-    model = double_model(cfg)
+@pytest.mark.parametrize("algorithm", ["lstm", "maml"])
+@pytest.mark.parametrize("train_query_bn", ["batch", "support"])
+def test_meta_training_query_batch_norm(algorithm: str, train_query_bn: str) -> None:
+    """The query pass of meta-training uses its batch statistics (the authors') or, with
+    train_query_bn=support, exactly what the non-transductive test classifier uses."""
+    cfg = small_config(algorithm=algorithm, train_query_bn=train_query_bn)
+    model = build_algorithm(cfg).double()
     episode = random_episode(cfg, seed=13)
     loss = float(model.meta_loss(episode).loss.detach())
+    classifier = model.adapt(episode.support_x, episode.support_y)
+    running = classifier(episode.query_x)  # support statistics (non-transductive test)
+    assert isinstance(classifier, ml.AdaptedLearner)
     with torch.no_grad():
-        result = model.inner_loop(episode.support_x, episode.support_y, cfg.inner_steps)
-        batch = model.learner(result.theta, episode.query_x, None, batch_stats=True)
-        running = model.learner(result.theta, episode.query_x, result.bn, batch_stats=False)
-    assert loss == pytest.approx(float(F.cross_entropy(batch, episode.query_y)), rel=1e-12)
-    assert loss != pytest.approx(float(F.cross_entropy(running, episode.query_y)), rel=1e-6)
+        batch = model.learner(classifier.theta, episode.query_x, None, batch_stats=True)
+    losses = {
+        "batch": float(F.cross_entropy(batch, episode.query_y)),
+        "support": float(F.cross_entropy(running, episode.query_y)),
+    }
+    other = "support" if train_query_bn == "batch" else "batch"
+    assert loss == pytest.approx(losses[train_query_bn], rel=1e-12)
+    assert loss != pytest.approx(losses[other], rel=1e-6)
+
+
+def test_train_query_bn_rejects_unknown_modes() -> None:
+    with pytest.raises(ConfigError, match="train_query_bn='query'"):
+        small_config(train_query_bn="query")
 
 
 def test_adapt_runs_test_steps_without_meta_graph(monkeypatch: pytest.MonkeyPatch) -> None:

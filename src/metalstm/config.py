@@ -48,6 +48,8 @@ class Config:
     eval_inner_steps: int | None = None  # T at evaluation; None = inner_steps
     second_order: bool = False  # differentiate through the learner's gradients
     grad_divide_batch: bool = False  # authors' quirk: divide the mean gradient by the batch size
+    train_query_bn: str = "batch"  # BN of the query pass while meta-training: batch (the authors')
+    #                                | support (the support passes' running statistics, as at test)
     # -- meta-training -----------------------------------------------------------------------------
     episodes: int = 50_000  # meta-training episodes (updates = episodes / meta_batch)
     meta_batch: int = 1  # episodes per meta-update (the paper: 1)
@@ -96,6 +98,7 @@ class Config:
             "test_episodes": self.test_episodes >= 1,
             "bn_momentum": 0.0 < self.bn_momentum <= 1.0,
             "lr_schedule": self.lr_schedule in ("constant", "cosine"),
+            "train_query_bn": self.train_query_bn in ("batch", "support"),
             "max_nonfinite": self.max_nonfinite >= 1,
             "log_interval": self.log_interval >= 1,
         }
@@ -111,6 +114,11 @@ class Config:
     def test_steps(self) -> int:
         """Inner steps at evaluation (defaults to the training value)."""
         return self.eval_inner_steps or self.inner_steps
+
+    @property
+    def train_query_batch_stats(self) -> bool:
+        """Whether the meta-training query pass normalises with its own batch statistics."""
+        return self.train_query_bn == "batch"
 
     @property
     def test_queries(self) -> int:

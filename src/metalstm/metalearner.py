@@ -456,9 +456,15 @@ class MetaLSTM(Algorithm):
         return InnerLoopResult(state.theta, bn, gates, support_losses)
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss at θ_T with batch statistics (meta-training protocol)."""
+        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
+        running statistics with ``train_query_bn=support``)."""
         result = self.inner_loop(episode.support_x, episode.support_y, self.config.inner_steps)
-        logits = self.learner(result.theta, episode.query_x, result.bn, batch_stats=True)
+        logits = self.learner(
+            result.theta,
+            episode.query_x,
+            result.bn,
+            batch_stats=self.config.train_query_batch_stats,
+        )
         return EpisodeLoss(
             F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
         )

@@ -73,7 +73,9 @@ class MAML(Algorithm):
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
         theta, bn = self.inner_loop(episode.support_x, episode.support_y, self.config.inner_steps)
-        logits = self.learner(theta, episode.query_x, bn, batch_stats=True)
+        logits = self.learner(
+            theta, episode.query_x, bn, batch_stats=self.config.train_query_batch_stats
+        )
         return EpisodeLoss(
             F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
         )
