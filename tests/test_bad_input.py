@@ -7,6 +7,7 @@ import io
 import os
 import pickle
 import tempfile
+import warnings
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
@@ -142,15 +143,23 @@ def test_arbitrary_bytes_as_an_image(blob: bytes) -> None:
         assert str(path) in str(error.value) or path.name in str(error.value)
 
 
-def test_huge_image_is_refused_or_resized(tmp_path: Path) -> None:
-    path = tmp_path / "huge.png"
+def test_huge_image_is_resized_without_warning(tmp_path: Path) -> None:
+    path = tmp_path / "huge.png"  # 144 Mpixel: over PIL's warning limit, under its error limit
     path.write_bytes(_image_bytes("png-gray", (12000, 12000)))
-    try:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         images = load_images([path], image_size=16, channels=1)
-    except DataError as error:
-        assert "\n" not in str(error)
-    else:
-        assert tuple(images.shape) == (1, 1, 16, 16)
+    assert tuple(images.shape) == (1, 1, 16, 16)
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_image_bytes("png-gray", (400, 400)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400 * 400 // 3)  # the error limit is twice this
+    with pytest.raises(DataError, match=r"cannot read image .*bomb\.png.*replace or remove it"):
+        load_images([path], image_size=16, channels=1)
 
 
 class _Payload:

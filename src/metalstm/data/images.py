@@ -13,6 +13,7 @@ import io
 import itertools
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -107,16 +108,24 @@ def _on_white(image: Image.Image) -> Image.Image:
     return image
 
 
+def _resized_pixels(source: Path | bytes, size: tuple[int, int], mode: str) -> np.ndarray:
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        image.draft(mode, size)  # JPEG: decode at reduced scale (>= size)
+        converted = _on_white(image).convert(mode)
+        return np.asarray(converted.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
 def decode_image(
     source: Path | bytes, name: str, *, image_size: int, channels: int, invert: bool
 ) -> np.ndarray:
     """Decode one image file (a path or its bytes) to uint8 ``[C, image_size, image_size]``."""
     size = (image_size, image_size)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            image.draft(_MODES[channels], size)  # JPEG: decode at reduced scale (>= size)
-            converted = _on_white(image).convert(_MODES[channels])
-            pixels = np.asarray(converted.resize(size, Image.Resampling.LANCZOS), dtype=np.uint8)
+        # A large photo is resized at once, so PIL's DecompressionBombWarning (over ~89 Mpixel) is
+        # noise; its DecompressionBombError (over twice that) is still refused below.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pixels = _resized_pixels(source, size, _MODES[channels])
     except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
         raise DataError(
             f"cannot read image {name} ({' '.join(str(exc).split())}); replace or remove it"
