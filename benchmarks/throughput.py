@@ -216,6 +216,12 @@ def lstm_kernel_seconds(result: dict[str, Any], rates: dict[str, float]) -> floa
     return elements * (activations + products) / 1e9
 
 
+def median_or_dash(results: list[dict[str, Any]], key: str, form: str) -> str:
+    """The median of ``key`` over ``results`` formatted with ``form``, or "-" where none has it."""
+    values = [r[key] for r in results if key in r]
+    return form.format(statistics.median(values)) if values else "-"
+
+
 def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str:
     """Markdown table of medians (and min-max) per workload, with the floors at ``rates`` (this
     machine's, see the module docstring; empty on an accelerator)."""
@@ -233,7 +239,7 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
         unit = "s (600 episodes)" if key == "seconds" else "s/episode"
         gflop = statistics.median(r.get("gflop_per_episode", float("nan")) for r in results)
         gflops = statistics.median(r.get("gflops", float("nan")) for r in results)
-        memory = statistics.median(r.get("peak_memory_mb", float("nan")) for r in results)
+        memory = median_or_dash(results, "peak_memory_mb", "{:.0f}")  # evaluation: not measured
         flop_floor = kernel_floor = "-"
         if rates:
             flop_floor = f"{episodes * gflop / rates['matmul_gflops']:.3f}"
@@ -241,7 +247,7 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
         lines.append(
             f"| {name} | {statistics.median(values):.3f} {unit} | {min(values):.3f}-"
             f"{max(values):.3f} | {TARGETS[name]} | {flop_floor} | {kernel_floor} | "
-            f"{gflop:.1f} | {gflops:.1f} | {memory:.0f} | {len(values)} |"
+            f"{gflop:.1f} | {gflops:.1f} | {memory} | {len(values)} |"
         )
     if rates:
         lines.append(

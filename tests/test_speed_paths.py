@@ -529,3 +529,15 @@ def test_throughput_lstm_floor_counts_the_episode_kernels(mode: str) -> None:
     expected = (sigmoid * 1.0 + tanh * 1000.0 + flops / rates["lstm_product_gflops"]) / 1e9  # ns
     seconds = throughput.lstm_kernel_seconds({"settings": settings}, rates)
     assert seconds == pytest.approx(expected, rel=1e-12)
+
+
+def test_throughput_table_shows_a_dash_for_figures_a_workload_does_not_measure() -> None:
+    throughput = load_benchmark("throughput")
+    train = {"s_per_episode": 0.5, "gflop_per_episode": 4.0, "gflops": 8.0, "peak_memory_mb": 512}
+    runs = {"28g-5w1s": [train, {**train, "peak_memory_mb": 520}]}
+    runs["omniglot-eval600"] = [{"seconds": 90.0}]  # the evaluation run reports its time only
+    rows = {
+        line.split(" | ")[0]: line.split(" | ") for line in throughput.table(runs, {}).split("\n")
+    }
+    assert rows["| 28g-5w1s"][8] == "516"
+    assert rows["| omniglot-eval600"][8] == "-"
