@@ -13,17 +13,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 import yaml
 
 import metalstm
 from conftest import mean_and_se, small_config, tensorboard_scalars
-from metalstm import Config, ConfigError, evaluation, load_algorithm, override
+from metalstm import Config, ConfigError, evaluation, load_algorithm, override, plots
 from metalstm import metalearner as ml
 from metalstm import training as tr
 from metalstm.ablation import sgd_from_learned_init
 from metalstm.algorithms.maml import sgd_from_init
+from metalstm.cli import main
 from metalstm.data import ClassImages, Episode, EpisodeSampler
 from metalstm.training import Trainer, TrainingStopped
 
@@ -179,6 +181,37 @@ def test_without_tensorboard_training_writes_no_events(
     trainer = metalstm.train(tiny_config(episodes=2), tmp_path / "run", log=None)
     assert trainer.state.stopped == "completed"
     assert not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_plot_curves_of_one_run_and_of_several(synthetic_data: None, tmp_path: Path) -> None:
+    runs = {"mb1": tiny_config(), "mb2": tiny_config(meta_batch=2, log_interval=2)}
+    for name, cfg in runs.items():
+        metalstm.train(cfg, tmp_path / name, log=None)
+    one = plots.read_curves(tmp_path / "mb2")
+    rows = read_metrics(tmp_path / "mb2")
+    val_steps = [r["step"] for r in rows if "val_accuracy" in r]
+    assert one.val_episodes == [2 * step for step in val_steps]  # episodes, not updates
+    assert one.train_accuracy == [100 * r["accuracy"] for r in rows if "loss" in r]
+
+    figure = plots.curves_figure([plots.read_curves(tmp_path / name) for name in runs])
+    accuracy_axis = figure.axes[1]
+    labels = [line.get_label() for line in accuracy_axis.get_lines()]
+    assert labels == [
+        "mb1: training episodes",
+        "mb1: validation episodes",
+        "mb2: training episodes",
+        "mb2: validation episodes",
+    ]
+    assert list(accuracy_axis.get_lines()[3].get_xdata()) == one.val_episodes
+    assert list(accuracy_axis.get_lines()[3].get_ydata()) == one.val_accuracy
+    plt.close(figure)
+
+    out = tmp_path / "curves.png"
+    argv = ["plot", "curves", "--run", str(tmp_path / "mb1"), "--run", str(tmp_path / "mb2")]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ConfigError, match=r"no metrics\.jsonl"):
+        plots.read_curves(tmp_path)
 
 
 def test_train_refuses_a_folder_that_holds_files(synthetic_data: None, tmp_path: Path) -> None:

@@ -120,8 +120,14 @@ def build_parser() -> ArgumentParser:
     gates.add_argument("--out", type=Path, required=True, help="PNG file to write")
     gates.add_argument("--episodes", type=int, default=100, help="validation episodes to average")
     gates.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
-    curves = plots.add_parser("curves", help="training and validation curves of a run")
-    curves.add_argument("--run", type=Path, required=True, help="run folder")
+    curves = plots.add_parser("curves", help="training and validation curves of runs")
+    curves.add_argument(
+        "--run",
+        type=Path,
+        required=True,
+        action="append",
+        help="run folder; repeat it to compare runs in one figure",
+    )
     curves.add_argument("--out", type=Path, required=True, help="PNG file to write")
     return parser
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -85,8 +87,20 @@ def plot_gates(gates: dict[str, np.ndarray], out: Path, title: str = "") -> Path
     return _save(fig, out)
 
 
-def plot_curves(run_dir: Path, out: Path) -> Path:
-    """Training loss/accuracy (per log window) and validation accuracy from ``metrics.jsonl``."""
+@dataclass
+class Curves:
+    """A run's metrics as curves, with episodes (not updates) on the x axis."""
+
+    name: str
+    train_episodes: list[int]  # end of each log window
+    train_loss: list[float]  # mean query loss of the window's training episodes
+    train_accuracy: list[float]  # %
+    val_episodes: list[int]
+    val_accuracy: list[float]  # %
+
+
+def read_curves(run_dir: Path) -> Curves:
+    """The curves in ``run_dir/metrics.jsonl`` (written by ``metalstm train``)."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ConfigError(
@@ -101,33 +115,57 @@ def plot_curves(run_dir: Path, out: Path) -> Path:
     meta_batch = 1
     if config_path.is_file():
         meta_batch = int((yaml.safe_load(config_path.read_text()) or {}).get("meta_batch", 1))
+    return Curves(
+        name=run_dir.resolve().name,
+        train_episodes=[r["step"] * meta_batch for r in train],
+        train_loss=[r["loss"] for r in train],
+        train_accuracy=[100 * r["accuracy"] for r in train],
+        val_episodes=[r["step"] * meta_batch for r in val],
+        val_accuracy=[100 * r["val_accuracy"] for r in val],
+    )
+
+
+def curves_figure(runs: Sequence[Curves]) -> plt.Figure:
+    """Training loss (left), training and validation accuracy (right) of one or more runs; with
+    several, each run has its colour and its name in the legend."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot([r["step"] * meta_batch for r in train], [r["loss"] for r in train], lw=1.2)
+    for curves in runs:
+        prefix = f"{curves.name}: " if len(runs) > 1 else ""
+        (line,) = ax_loss.plot(curves.train_episodes, curves.train_loss, lw=1.2)
+        colour = line.get_color()
+        ax_acc.plot(
+            curves.train_episodes,
+            curves.train_accuracy,
+            lw=1.0,
+            alpha=0.4 if len(runs) > 1 else 0.7,
+            color=colour,
+            label=f"{prefix}training episodes",
+        )
+        ax_acc.plot(
+            curves.val_episodes,
+            curves.val_accuracy,
+            marker="o",
+            ms=3,
+            lw=1.6,
+            color=colour if len(runs) > 1 else None,
+            label=f"{prefix}validation episodes",
+        )
     ax_loss.set_xlabel("episodes")
     ax_loss.set_ylabel("query loss (training)")
     ax_loss.grid(alpha=0.3)
-    ax_acc.plot(
-        [r["step"] * meta_batch for r in train],
-        [100 * r["accuracy"] for r in train],
-        lw=1.0,
-        alpha=0.7,
-        label="training episodes",
-    )
-    ax_acc.plot(
-        [r["step"] * meta_batch for r in val],
-        [100 * r["val_accuracy"] for r in val],
-        marker="o",
-        ms=3,
-        lw=1.6,
-        label="validation episodes",
-    )
     ax_acc.set_xlabel("episodes")
     ax_acc.set_ylabel("query accuracy (%)")
     ax_acc.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
-    fig.suptitle(f"Meta-training curves: {run_dir.name}", fontsize=10)
+    ax_acc.legend(fontsize=8 if len(runs) < 3 else 6)
+    names = ", ".join(curves.name for curves in runs)
+    fig.suptitle(f"Meta-training curves: {names}", fontsize=10)
     fig.tight_layout()
-    return _save(fig, out)
+    return fig
+
+
+def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Write the curves of ``run_dirs`` (one run, or several to compare) to the PNG ``out``."""
+    return _save(curves_figure([read_curves(run_dir) for run_dir in run_dirs]), out)
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
