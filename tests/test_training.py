@@ -204,7 +204,14 @@ def test_plot_curves_of_one_run_and_of_several(synthetic_data: None, tmp_path: P
     ]
     assert list(accuracy_axis.get_lines()[3].get_xdata()) == one.val_episodes
     assert list(accuracy_axis.get_lines()[3].get_ydata()) == one.val_accuracy
+    colours = [line.get_color() for line in accuracy_axis.get_lines()]
+    assert colours[0] == colours[1] != colours[2] == colours[3]  # one colour per run
     plt.close(figure)
+    single = plots.curves_figure([one])
+    training, validation = single.axes[1].get_lines()
+    assert training.get_color() != validation.get_color()
+    assert validation.get_label() == "validation episodes"
+    plt.close(single)
 
     out = tmp_path / "curves.png"
     argv = ["plot", "curves", "--run", str(tmp_path / "mb1"), "--run", str(tmp_path / "mb2")]

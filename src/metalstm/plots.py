@@ -129,16 +129,18 @@ def curves_figure(runs: Sequence[Curves]) -> plt.Figure:
     """Training loss (left), training and validation accuracy (right) of one or more runs; with
     several, each run has its colour and its name in the legend."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for curves in runs:
-        prefix = f"{curves.name}: " if len(runs) > 1 else ""
-        (line,) = ax_loss.plot(curves.train_episodes, curves.train_loss, lw=1.2)
-        colour = line.get_color()
+    several = len(runs) > 1
+    for index, curves in enumerate(runs):
+        prefix = f"{curves.name}: " if several else ""
+        # one run: training and validation in two colours; several: one colour per run
+        train_colour, val_colour = (f"C{index}", f"C{index}") if several else ("C0", "C1")
+        ax_loss.plot(curves.train_episodes, curves.train_loss, lw=1.2, color=train_colour)
         ax_acc.plot(
             curves.train_episodes,
             curves.train_accuracy,
             lw=1.0,
-            alpha=0.4 if len(runs) > 1 else 0.7,
-            color=colour,
+            alpha=0.4 if several else 0.7,
+            color=train_colour,
             label=f"{prefix}training episodes",
         )
         ax_acc.plot(
@@ -147,7 +149,7 @@ def curves_figure(runs: Sequence[Curves]) -> plt.Figure:
             marker="o",
             ms=3,
             lw=1.6,
-            color=colour if len(runs) > 1 else None,
+            color=val_colour,
             label=f"{prefix}validation episodes",
         )
     ax_loss.set_xlabel("episodes")
