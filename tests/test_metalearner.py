@@ -115,8 +115,11 @@ def replayed_objective(
     state = model.cell.initial_state()
     for _, loss, grad in record:
         state, _ = model.cell(state, loss, grad)
-    bn = support_bn or model.learner.fresh_batchnorm_state(dtype=episode.query_x.dtype)
-    logits = model.learner(state.theta, episode.query_x, bn, batch_stats=support_bn is None)
+    if support_bn is None:
+        bn = model.learner.fresh_batchnorm_state(dtype=episode.query_x.dtype)
+        logits = model.learner(state.theta, episode.query_x, bn, batch_stats=True)
+    else:
+        logits = model.learner(state.theta, episode.query_x, support_bn, batch_stats=False)
     return F.cross_entropy(logits, episode.query_y)
 
 
