@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .layers import batch_norm_train, conv3x3, update_running_stats
+
 BatchNormState = dict[str, Tensor]
 
 
@@ -36,7 +38,15 @@ class LearnerShape:
 
 
 class Block(nn.Module):
-    """3x3 conv → batch norm → ReLU → 2x2 max-pool."""
+    """3x3 conv → batch norm → ReLU → 2x2 max-pool (see :mod:`metalstm.layers`).
+
+    The conv bias b is part of θ (the paper's layout). With batch statistics, batch norm
+    subtracts the per-channel mean, which cancels b exactly, so it is not added and subtracted
+    in float: its gradient is exactly zero instead of rounding noise (which the meta-learner's
+    sign features and Adam's normalised steps would amplify). Where b does act, it enters as a
+    constant shift: the running mean records the mean with b, and normalising with the running
+    statistics adds it back (folded into the batch-norm shift).
+    """
 
     def __init__(self, in_channels: int, filters: int, momentum: float, eps: float) -> None:
         super().__init__()
@@ -44,22 +54,22 @@ class Block(nn.Module):
         self.norm = nn.BatchNorm2d(filters, momentum=momentum, eps=eps)
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
-        x = self.conv(x)
+        x = conv3x3(x, self.conv.weight)  # without the bias b: see above
         if x.device.type == "cpu":  # keep NHWC: the next conv and max-pool run much faster
             x = x.contiguous(memory_format=torch.channels_last)
-        norm = self.norm
-        # batch_stats=True: normalise with this batch's statistics and update the running ones;
-        # False: normalise with the running statistics collected on this episode's support set.
-        x = F.batch_norm(
-            x,
-            norm.running_mean,
-            norm.running_var,
-            norm.weight,
-            norm.bias,
-            training=batch_stats,
-            momentum=norm.momentum if norm.momentum is not None else 0.1,
-            eps=norm.eps,
-        )
+        norm, b = self.norm, self.conv.bias
+        assert norm.running_mean is not None and norm.running_var is not None and b is not None
+        if batch_stats:  # this batch's statistics; the episode's running ones are updated
+            x, mean, var = batch_norm_train(x, b, norm.weight, norm.bias, norm.eps)
+            momentum = norm.momentum if norm.momentum is not None else 0.1
+            count = x.numel() // x.shape[1]
+            update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
+        else:  # the running statistics collected on this episode's support set
+            # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
+            shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
+            x = F.batch_norm(
+                x, norm.running_mean, norm.running_var, norm.weight, shift, eps=norm.eps
+            )
         # ReLU after the max-pool, on a quarter of the values: exact, since max-pool commutes
         # with the monotone ReLU (gradients agree too).
         return F.relu(F.max_pool2d(x, 2))

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from .algorithm import Algorithm, Classifier, EpisodeLoss, accuracy
 from .config import Config
 from .data import Episode
+from .layers import single_threaded
 from .learner import BatchNormState, Learner
 
 
@@ -151,10 +152,13 @@ def step_backward(
     d_grad = -d_theta * gates[1] if need_grad_inputs else None
     d_gate_weight = d_gate_bias = None
     if need_params:
-        d_gate_weight = torch.cat(
-            [d_l @ h_new.t(), (d_l @ theta).unsqueeze(1), (d_l * prev_logits).sum(1, keepdim=True)],
-            dim=1,
-        )  # [2, H + 2]
+        # Products that sum over the n coordinates run on one thread: BLAS splits such long
+        # reductions across threads in a thread-count-dependent order (see metalstm.layers).
+        with single_threaded(theta.device):
+            d_gate_weight = torch.cat(
+                [d_l @ h_new.t(), (d_l @ theta).unsqueeze(1), (d_l * prev_logits).sum(1, True)],
+                dim=1,
+            )  # [2, H + 2]
         d_gate_bias = d_l.sum(1)
     # Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b).
     d_hn = torch.mm(w_h.t(), d_l) if d_h is None else torch.addmm(d_h, w_h.t(), d_l)  # [H, n]
@@ -173,7 +177,8 @@ def step_backward(
     d_c_prev = d_cn.mul_(f)  # [H, n]
     d_weight = d_bias = None
     if need_params:
-        d_weight = torch.mm(d_z, x.t())  # [4H, 2 + H]
+        with single_threaded(theta.device):  # a sum over the n coordinates, as above
+            d_weight = torch.mm(d_z, x.t())  # [4H, 2 + H]
         d_bias = d_z.sum(1)
     if need_grad_inputs:
         d_x = torch.mm(weight.t(), d_z)  # [2 + H, n]
