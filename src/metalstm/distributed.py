@@ -1,8 +1,10 @@
 """Data parallelism over episodes with ``torch.distributed`` (launch with ``torchrun``).
 
-Every rank draws its own share of each meta-batch from the deterministic sampler, computes its
-episodes' meta-gradient, and one all-reduce per update sums the gradients (and the loss and
-accuracy statistics); every rank then applies the same Adam step, so parameters stay identical.
+Every rank draws its own contiguous share of each meta-batch from the deterministic sampler,
+computes the meta-gradient of each of its episodes, and one all-gather per update brings every
+episode's gradient (and loss and accuracy) to every rank, where they are summed in slot order;
+every rank then applies the same Adam step, so parameters stay identical, and equal to those of
+one process with the same thread count, bit for bit.
 With a single process every method here is the identity.
 """
 
@@ -53,24 +55,27 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce_grads(self, params: list[nn.Parameter], stats: Tensor) -> Tensor:
-        """Sum the gradients of ``params`` and the vector ``stats`` over ranks, in one all-reduce.
+    def sum_gradients(self, params: list[nn.Parameter], rows: Tensor) -> Tensor:
+        """Set the gradient of ``params`` to the sum of every rank's ``rows``, in a fixed order.
 
-        Each rank's gradient is its share of the meta-batch mean already, so the sum is the mean
-        over the global meta-batch. Returns the summed ``stats``.
+        ``rows`` [r, n + k] holds this rank's items (its episodes of the meta-batch, or its share
+        of a mini-batch): each row the flat gradient of ``params`` (n values) then k statistics.
+        The rows of all ranks are gathered in rank order, which is slot order since every rank
+        owns a contiguous block of slots, and summed in that order. One process adds the same
+        rows in the same order, so 1 and P processes give the same bits (an all-reduce would
+        add them in an order of its own). Returns the k summed statistics.
         """
-        if self.world_size == 1:
-            return stats
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        device = grads[0].device
-        flat = torch.cat([g.reshape(-1) for g in grads] + [stats.to(device, grads[0].dtype)])
-        dist.all_reduce(flat)
+        if self.world_size > 1:
+            shards = [torch.empty_like(rows) for _ in range(self.world_size)]
+            dist.all_gather(shards, rows.contiguous())
+            rows = torch.cat(shards)
+        total = rows.sum(0)
         offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset : offset + n].view_as(g).clone()
+        for p in params:
+            n = p.numel()
+            p.grad = total[offset : offset + n].view_as(p).clone()
             offset += n
-        return flat[offset:].to(stats.device, stats.dtype)
+        return total[offset:]
 
     def gather_episodes(self, values: list[T], total: int) -> list[T]:
         """Collect per-episode values sharded as ``range(rank, total, world_size)``, in order."""

@@ -226,26 +226,26 @@ class Trainer:
     def update(self, step: int) -> tuple[float, float]:
         """One meta-update on this rank's share of the meta-batch; returns (loss, accuracy)."""
         cfg = self.config
-        self.optimizer.zero_grad(set_to_none=False)
-        loss_sum, acc_sum, shares = 0.0, 0.0, cfg.meta_batch
+        params = list(self.algorithm.parameters())
+        rows, shares = [], cfg.meta_batch  # per item: flat gradient, loss, accuracy
         if self.batches is not None:  # one ordinary mini-batch, split over the ranks
             shares = self.dist.world_size
             images, labels = self.batches.batch(step, self.dist.rank, self.dist.world_size)
+            self.optimizer.zero_grad(set_to_none=False)
             out = self.algorithm.batch_loss(images.to(self.device), labels.to(self.device))
             (out.loss / shares).backward()
-            loss_sum, acc_sum = float(out.loss.detach()), out.accuracy
+            rows.append(gradient_row(params, out.loss, out.accuracy))
         else:
             episodes = self.train_sampler.meta_batch(
                 step, cfg.meta_batch, self.dist.rank, self.dist.world_size
             )
             for episode in episodes:
+                self.optimizer.zero_grad(set_to_none=False)
                 out = self.algorithm.meta_loss(episode.to(self.device))
                 (out.loss / cfg.meta_batch).backward()
-                loss_sum += float(out.loss.detach())
-                acc_sum += out.accuracy
-        params = list(self.algorithm.parameters())
-        stats = self.dist.all_reduce_grads(params, torch.tensor([loss_sum, acc_sum]))
-        loss, acc = (stats / shares).tolist()
+                rows.append(gradient_row(params, out.loss, out.accuracy))
+        stats = self.dist.sum_gradients(params, torch.stack(rows))
+        loss, acc = (stats.double() / shares).tolist()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
         if not (math.isfinite(loss) and torch.isfinite(norm)):
             self.skip_update()
@@ -384,6 +384,16 @@ class Progress:
     def close(self) -> None:
         if self.out is not None and self.tty:
             print(file=self.out)
+
+
+def gradient_row(
+    params: list[torch.nn.Parameter], loss: torch.Tensor, accuracy: float
+) -> torch.Tensor:
+    """One item's flat gradient of ``params`` (zeros where a parameter got none), then its loss
+    and accuracy: a row for :meth:`Distributed.sum_gradients`."""
+    parts = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    stats = torch.stack([loss.detach(), loss.new_tensor(accuracy)]).to(parts[0])
+    return torch.cat([g.reshape(-1) for g in parts] + [stats])
 
 
 def format_seconds(seconds: float) -> str:
