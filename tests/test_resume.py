@@ -1,16 +1,17 @@
-"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) at a random moment and resumed
-ends with the same meta-parameters, metrics and checkpoints as a run never interrupted."""
+"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) and resumed ends with the same
+meta-parameters, metrics and checkpoints as a run never interrupted.
+
+The signal is sent by the training process itself right after a given meta-update (a wrapper
+around ``Trainer.update`` in a small driver script), so the test interrupts the run at the same
+point on a fast machine and a slow one: timing never decides whether it runs."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,34 @@ TINY = [
 ]  # fmt: skip
 
 
-def metalstm(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+#: Runs ``metalstm.cli.main`` with ``sys.argv[3:]``, sending signal ``argv[2]`` to itself right
+#: after meta-update ``argv[1]`` (1-based): an interruption at a fixed point of the run.
+SIGNAL_AFTER_UPDATE = """
+import os, sys
+from metalstm import cli, training
+after, signum = int(sys.argv[1]), int(sys.argv[2])
+update = training.Trainer.update
+def update_then_signal(trainer, step):
+    out = update(trainer, step)
+    if step + 1 == after:
+        os.kill(os.getpid(), signum)
+    return out
+training.Trainer.update = update_then_signal
+sys.exit(cli.main(sys.argv[3:]))
+"""
+
+
+def metalstm(
+    *args: str, env: dict[str, str], signal_after: tuple[int, int] | None = None
+) -> subprocess.Popen[str]:
+    """``metalstm ARGS`` in a subprocess; with ``signal_after=(update, signal)`` it signals itself
+    right after that meta-update."""
+    command = [sys.executable, "-m", "metalstm", *args]
+    if signal_after is not None:
+        after, sig = signal_after
+        command = [sys.executable, "-c", SIGNAL_AFTER_UPDATE, str(after), str(int(sig)), *args]
     return subprocess.Popen(
-        [sys.executable, "-m", "metalstm", *args],
+        command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -71,29 +97,27 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> 
     return run, env
 
 
-def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, "training ended before its first checkpoint"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("sig", "after"),
+    [
+        (signal.SIGKILL, 10),  # between checkpoints (the last one at update 8)
+        (signal.SIGKILL, 13),  # in the update right after a validation checkpoint
+        (signal.SIGINT, 21),  # finishes the update, checkpoints, exits 130
+    ],
+)
 def test_killed_run_resumes_bit_for_bit(
-    reference_run: tuple[Path, dict], tmp_path: Path, sig: signal.Signals
+    reference_run: tuple[Path, dict], tmp_path: Path, sig: signal.Signals, after: int
 ) -> None:
     reference, env = reference_run
     run = tmp_path / "run"
-    process = metalstm("train", "--out", str(run), *TINY, env=env)
-    wait_for(run / "last.safetensors", process)
-    time.sleep(random.uniform(0.0, 1.5))  # a random moment after the first checkpoint
-    process.send_signal(sig)
-    code = finish(process)
-    if code == 0:
-        pytest.skip("the run finished before the signal arrived")
-    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    process = metalstm("train", "--out", str(run), *TINY, env=env, signal_after=(after, sig))
+    assert finish(process) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    _, meta = load_checkpoint(run / "last.safetensors")
+    # the SIGINT run stops after the update it was signalled in; a killed one keeps the last
+    # checkpoint before it (one per validation, every 4 updates here)
+    expected = after if sig == signal.SIGINT else (after - 1) // 4 * 4
+    assert meta["train_state"]["step"] == expected
     resumed = metalstm("train", "--resume", str(run), "--quiet", env=env)
     assert finish(resumed) == 0
     assert_same_run(reference, run)
@@ -105,14 +129,10 @@ def test_resume_falls_back_to_previous_checkpoint(
 ) -> None:
     reference, env = reference_run
     run = tmp_path / "run"
-    process = metalstm("train", "--out", str(run), *TINY, env=env)
-    last, prev = run / "last.safetensors", run / "last.prev.safetensors"
-    wait_for(prev, process)
-    wait_for(last, process)  # a rotation renames last to last.prev, then writes a new last
-    process.send_signal(signal.SIGKILL)
-    finish(process)
-    if not last.exists():  # killed inside a rotation (rare): last.prev is then the newest
-        shutil.copyfile(prev, last)
+    # killed after update 9: last holds update 8, last.prev update 4
+    process = metalstm("train", "--out", str(run), *TINY, env=env, signal_after=(9, signal.SIGKILL))
+    assert finish(process) == -signal.SIGKILL
+    last = run / "last.safetensors"
     data = bytearray(last.read_bytes())  # checkpoints are renamed into place: never partial
     data[-5] ^= 0xFF  # a flipped bit in the newest checkpoint
     last.write_bytes(bytes(data))
