@@ -42,8 +42,9 @@ from .config import Config, load_preset, override
 from .data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import EvalResult, Protocol, episode_accuracies, load_part, protocol_for
+from .progress import format_seconds
 from .serialization import algorithm_tensors, load_algorithm
-from .training import format_seconds, resolve_device, resume, train, write_atomic
+from .training import resolve_device, resume, train, write_atomic
 
 #: Every method of the comparison, in the table's order (the paper's Table 1, then later methods).
 METHODS = (
