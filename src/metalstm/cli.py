@@ -91,6 +91,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress line (on stderr)")
     evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
 
     compare = commands.add_parser(
@@ -202,7 +203,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             algorithm, parse_positive_numbers(args.sgd_from_init, "--sgd-from-init")
         )
         algorithm = ablation.model
-    result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
+    result = evaluate(
+        algorithm,
+        part=args.split_part,
+        episodes=args.episodes,
+        seed=args.seed,
+        progress=None if args.quiet else sys.stderr,
+    )
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = name
     if args.sgd_from_init is not None:

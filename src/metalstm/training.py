@@ -277,9 +277,10 @@ class Trainer:
         (episodes sharded over the ranks, gathered so every rank gets the same figures)."""
         count = self.config.val_episodes
         indices = range(self.dist.rank, count, self.dist.world_size)
-        per_episode = self.dist.gather_episodes(
-            candidate_accuracies(self.algorithm, self.val_sampler, indices, adapt), count
-        )  # [episodes][candidates]
+        scores = candidate_accuracies(
+            self.algorithm, self.val_sampler, indices, adapt, self.log, "validation episode"
+        )
+        per_episode = self.dist.gather_episodes(scores, count)  # [episodes][candidates]
         return [sum(column) / count for column in zip(*per_episode, strict=True)]
 
     def run(self) -> TrainState:
