@@ -1,4 +1,5 @@
-"""Progress lines: their content on a terminal, how few lines a pipe gets, --quiet and --json."""
+"""Progress lines: their content on a terminal, how few lines a pipe gets, --quiet and --json,
+and the comparison's own status in front of its methods' lines."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from types import SimpleNamespace
 import pytest
 
 import metalstm
+from metalstm import compare
 from metalstm import progress as pg
 from metalstm.cli import main
+from metalstm.compare import ComparisonProgress
 from metalstm.progress import LiveLine, surrounding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -140,6 +143,69 @@ def test_evaluate_command_progress_on_stderr_quiet_and_json(
     monkeypatch.setattr(sys, "stderr", terminal := FakeTerminal())
     assert main([*argv, "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(printed)
+    assert terminal.getvalue() == ""
+
+
+# -- compare ---------------------------------------------------------------------------------------
+def test_comparison_status_leads_every_line_with_an_overall_eta(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(compare, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    planned = {
+        ("protonet", "training"): 100,
+        ("protonet", "evaluation"): 10,
+        ("maml", "training"): 100,
+        ("maml", "evaluation"): 10,
+    }
+    tracker = ComparisonProgress(["protonet", "maml"], planned)
+    out = FakeTerminal()
+    with tracker.stage("protonet", "training"):
+        training = LiveLine(out, 50)  # the stage's main line: 50 updates of 2 episodes
+        clock.now += 10.0
+        training.update(25, lambda: "episode 50/100")
+        validation = LiveLine(out, 4)  # a validation meanwhile: not the stage's measure
+        validation.update(4, lambda: "validation episode 4/4")
+    # 50 of 220 units in 10 s: this run needs 10 s more, the 120 units left 24 s at 0.2 s each
+    assert screens(out.getvalue()) == [
+        "method 1/2 (protonet) | comparison ETA ~0m34s | episode 50/100",
+        "method 1/2 (protonet) | comparison ETA ~0m34s | validation episode 4/4",
+    ]
+    assert tracker.units_done == 50 and tracker.left == {
+        ("protonet", "evaluation"): 10,
+        ("maml", "training"): 100,
+        ("maml", "evaluation"): 10,
+    }
+    with tracker.stage("maml", "evaluation"):
+        line = LiveLine(out, 10)
+        line.update(10, lambda: "test episode 10/10")
+    assert screens(out.getvalue())[-1].startswith("method 2/2 (maml) | comparison ETA ~")
+    outside = FakeTerminal()
+    LiveLine(outside, 1).update(1, lambda: "alone")
+    assert screens(outside.getvalue()) == ["alone"]  # no prefix outside a stage
+
+
+def test_compare_command_shows_method_training_validation_and_test_progress(
+    data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    argv = ["compare", "--preset", "omniglot-5w1s", "--methods", "nn-pixel,protonet"]
+    argv += ["--out", str(tmp_path / "cmp"), "--episodes", "3", "--train-episodes", "4"]
+    argv += ["--set", "filters=4", "--set", "q_query=2", "--set", "val_episodes=2"]
+    assert main(argv) == 0
+    shown = screens(terminal.getvalue())
+    prefix = r"method 2/2 \(protonet\) \| comparison ETA ~(\d+m\d\ds|\?) \| "
+    assert any(re.match(prefix + r"episode \d/4 \| ", s) for s in shown), shown
+    assert any(re.match(prefix + r"validation episode 2/2 \| ", s) for s in shown), shown
+    for number, method in ((1, "nn-pixel"), (2, "protonet")):
+        assert any(
+            re.match(rf"method {number}/2 \({method}\) \| .* \| test episode 3/3 \| ", s)
+            for s in shown
+        ), shown
+    assert "| Method | Accuracy (%) |" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "stderr", terminal := FakeTerminal())
+    assert main([*argv, "--quiet"]) == 0
     assert terminal.getvalue() == ""
 
 
