@@ -15,6 +15,7 @@ import pytest
 import metalstm
 from metalstm import compare
 from metalstm import progress as pg
+from metalstm.ablation import sgd_from_learned_init
 from metalstm.cli import main
 from metalstm.compare import ComparisonProgress
 from metalstm.progress import LiveLine, surrounding
@@ -144,6 +145,16 @@ def test_evaluate_command_progress_on_stderr_quiet_and_json(
     assert main([*argv, "--json", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out) == json.loads(printed)
     assert terminal.getvalue() == ""
+
+
+def test_sgd_ablation_shows_each_steps_validation(data_env: Path) -> None:
+    model, _ = metalstm.load_algorithm("omniglot-5w1s")
+    out = FakeTerminal()
+    ablation = sgd_from_learned_init(model, [0.1, 0.3], val_episodes=2, progress=out)
+    finals = [s for s in screens(out.getvalue()) if "val episode 2/2" in s]
+    assert [s.split(" | val episode")[0] for s in finals] == ["SGD lr 0.1", "SGD lr 0.3"]
+    for line, lr in zip(finals, (0.1, 0.3), strict=True):
+        assert f"acc {100 * ablation.validation[lr]:.2f} ± " in line
 
 
 # -- compare ---------------------------------------------------------------------------------------

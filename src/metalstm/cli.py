@@ -193,6 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
     device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
     algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
     name = algorithm.name
     if args.sgd_from_init is not None:
@@ -200,7 +201,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from .config import parse_positive_numbers
 
         ablation = sgd_from_learned_init(
-            algorithm, parse_positive_numbers(args.sgd_from_init, "--sgd-from-init")
+            algorithm,
+            parse_positive_numbers(args.sgd_from_init, "--sgd-from-init"),
+            progress=progress,
         )
         algorithm = ablation.model
     result = evaluate(
@@ -208,7 +211,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         part=args.split_part,
         episodes=args.episodes,
         seed=args.seed,
-        progress=None if args.quiet else sys.stderr,
+        progress=progress,
     )
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = name

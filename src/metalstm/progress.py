@@ -141,9 +141,10 @@ _context: ContextVar[Surrounding | None] = ContextVar("metalstm_progress", defau
 
 
 @contextmanager
-def surrounding(prefix: Callable[[], str]) -> Iterator[Surrounding]:
-    """Inside the block, every progress line starts with ``prefix()``."""
-    block = Surrounding(prefix)
+def surrounding(prefix: str | Callable[[], str]) -> Iterator[Surrounding]:
+    """Inside the block, every progress line starts with ``prefix`` (or ``prefix()``, computed
+    for each line)."""
+    block = Surrounding(prefix if callable(prefix) else lambda: prefix)
     token = _context.set(block)
     try:
         yield block
