@@ -7,6 +7,7 @@ import json
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from metalstm.checkpoint import save_checkpoint
 from metalstm.cli import main as cli_main
 from metalstm.config import Config
 from metalstm.errors import DataError
-from metalstm.predict import adapt, load_model, predict, predict_folders
+from metalstm.predict import _short, adapt, grid_figure, load_model, predict, predict_folders
 from metalstm.serialization import algorithm_tensors
 
 SMALL = {"filters": 4, "inner_steps": 2, "n_way": 5}
@@ -100,17 +101,25 @@ def test_omniglot_layout_csv_and_visualize(
     assert code == 0, stderr
     assert "inversion: yes (auto: the support images are light" in stderr
     assert "5 classes x 1 images; query: 10 images" in stderr
-    assert "accuracy:" in stdout  # query folders are named like the classes
     with out.open() as f:
         rows = list(csv.reader(f))
     classes = sorted(p.name for p in (omniglot_layout / "support").iterdir())
-    assert rows[0] == ["file", "label", *(f"p_{c}" for c in classes)]
+    assert rows[0] == ["file", "label", "truth", *(f"p_{c}" for c in classes)]
     assert len(rows) == 11
     for row in rows[1:]:
-        assert row[1] in classes
-        probabilities = [float(p) for p in row[2:]]
+        assert row[1] in classes and row[2] == Path(row[0]).parent.name  # the folder's class
+        probabilities = [float(p) for p in row[3:]]
         assert sum(probabilities) == pytest.approx(1.0, abs=1e-4)
         assert row[1] == classes[int(np.argmax(probabilities))]
+    # the terminal table: a truth column, a mark on wrong rows, and the accuracy line
+    table = stdout.splitlines()
+    assert table[0].split() == ["file", "label", "truth", "p"]
+    right = sum(row[1] == row[2] for row in rows[1:])
+    for line, row in zip(table[1:11], rows[1:], strict=True):
+        assert line.split()[1:3] == row[1:3] and row[0].endswith(line.split()[0].lstrip("…"))
+        assert line.endswith("✗") == (row[1] != row[2])
+    expected = f"accuracy: {100 * right / 10:.1f} % on the 10 query images whose folder names"
+    assert expected in stdout
     with Image.open(png) as image:
         assert image.format == "PNG" and image.width > 200
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["grid.png", "labels.csv"]
@@ -130,7 +139,8 @@ def test_rgb_layout_json_stdout(
     rows = json.loads(stdout)
     assert len(rows) == 6
     for row in rows:
-        assert set(row) == {"file", "label", "probabilities"}
+        assert list(row) == ["file", "label", "truth", "probabilities"]
+        assert row["truth"] == Path(row["file"]).parent.name
         assert list(row["probabilities"]) == ["bolt", "nut", "washer"]  # N=3 < N_train=5
         assert row["label"] == max(row["probabilities"], key=row["probabilities"].get)
         assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
@@ -147,6 +157,48 @@ def test_json_file_matches_stdout_and_files_as_query(
     assert code == 0
     assert json.loads(out.read_text()) == json.loads(stdout)
     assert [r["file"] for r in json.loads(stdout)] == [str(f) for f in files]
+
+
+def query_titles(figure: Any) -> list[tuple[str, str]]:
+    """(title, colour) of every query image of a --visualize figure, in order."""
+    titles = [ax.title for ax in figure.axes if ax.get_title() and "support" not in ax.get_title()]
+    return [(t.get_text(), t.get_color()) for t in titles]
+
+
+def test_grid_marks_wrong_predictions_with_the_truth_and_explains_the_colours(
+    omniglot_layout: Path, gray_checkpoint: Path
+) -> None:
+    result = predict_folders(
+        gray_checkpoint, omniglot_layout / "support", [omniglot_layout / "query"]
+    )
+    assert all(t is not None for t in result.truth)
+    figure = grid_figure(result)
+    title = figure.get_suptitle()
+    assert "green: right, red: wrong (with the true label)" in title
+    assert f"accuracy {100 * result.accuracy:.1f} % on the 10 query images" in title
+    shown = query_titles(figure)
+    assert len(shown) == 10
+    for (text, colour), label, truth in zip(shown, result.labels, result.truth, strict=True):
+        if label == truth:
+            assert colour == "green" and "true" not in text
+        else:
+            assert colour == "red" and text.endswith(f"true {_short(truth)}")
+    assert {colour for _, colour in shown} == {"green", "red"}  # this model gets some wrong
+
+
+def test_grid_of_a_flat_query_folder_says_nothing_of_colours(
+    omniglot_layout: Path, gray_checkpoint: Path, tmp_path: Path
+) -> None:
+    for i, path in enumerate(sorted((omniglot_layout / "query").rglob("*.png"))):
+        (tmp_path / f"{i}.png").write_bytes(path.read_bytes())  # no class folders: no truth
+    result = predict_folders(gray_checkpoint, omniglot_layout / "support", [tmp_path])
+    assert result.truth == [None] * 10 and result.accuracy is None
+    figure = grid_figure(result)
+    title = figure.get_suptitle()
+    assert title.startswith("top: support images") and title.endswith("and its probability")
+    assert not {"red", "green", "wrong", "accuracy"} & set(title.replace(":", " ").split())
+    assert {colour for _, colour in query_titles(figure)} == {"black"}
+    assert "truth" not in result.rows()[0]
 
 
 def test_inversion_flag_is_obeyed_and_reported(
@@ -187,7 +239,8 @@ def test_unequal_shots_and_mixed_modes_are_accepted(
     assert code == 0, stderr
     assert "unequal numbers of support images (1 to 3); accepted" in stderr
     assert "2 classes x 1-3 images" in stderr
-    assert "accuracy" not in stdout  # no true labels known
+    assert "accuracy" not in stdout and "truth" not in stdout  # no true labels known
+    assert stdout.splitlines()[0].split() == ["file", "label", "p"]
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -444,3 +444,27 @@ def test_progress_line_shows_validation_only_once_there_is_one() -> None:
     assert before.startswith("episode 20/20 | ") and "| val - |" in before and "nan" not in before
     assert "loss 1.500 | acc 25.0% |" in before
     assert "| val 50.0% (best 62.5%) |" in after
+
+
+class FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_training_line_and_its_validations_on_a_terminal(
+    synthetic_data: None, tmp_path: Path
+) -> None:
+    terminal = FakeTerminal()
+    metalstm.train(tiny_config(), tmp_path / "run", log=terminal)  # validations at 4 and 8
+    text = terminal.getvalue()
+    lines = text.split("\n")[:-1]  # (splitlines would also split at the carriage returns)
+    kept = [line.rsplit("\r", 1)[-1].replace("\033[K", "") for line in lines]
+    # each validation ends its line (kept on screen); the training line goes on below it
+    assert [line.split(" | ")[0] for line in kept] == [
+        "validation episode 2/2",
+        "validation episode 2/2",
+        "episode 8/8",
+    ]
+    assert all(" episodes/s | acc " in line and "| done in " in line for line in kept[:2])
+    assert "| done in " in kept[2] and "| val " in kept[2]
+    assert "episode 1/8 | " in text  # the first update is shown at once

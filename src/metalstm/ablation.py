@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TextIO
 
 from .algorithm import Algorithm
 from .algorithms.maml import sgd_from_init
 from .errors import MetaLSTMError
 from .evaluation import evaluate
 from .metalearner import MetaLSTM
+from .progress import surrounding
 
 
 @dataclass
@@ -35,9 +37,14 @@ class SGDAblation:
 
 
 def sgd_from_learned_init(
-    model: Algorithm, lrs: Sequence[float], *, val_episodes: int | None = None
+    model: Algorithm,
+    lrs: Sequence[float],
+    *,
+    val_episodes: int | None = None,
+    progress: TextIO | None = None,
 ) -> SGDAblation:
-    """Plain SGD from ``model``'s learned θ_0; with several ``lrs``, the best on validation.
+    """Plain SGD from ``model``'s learned θ_0; with several ``lrs``, the best on validation
+    (each step's validation shows its progress line on ``progress``).
 
     Example::
 
@@ -58,9 +65,12 @@ def sgd_from_learned_init(
         return SGDAblation(sgd, lr, {})
     config = model.config
     episodes = val_episodes or config.val_episodes
-    scores = {
-        lr: evaluate(sgd, part="val", episodes=episodes, seed=config.val_seed).mean
-        for lr, sgd in candidates.items()
-    }
+    scores = {}
+    for lr, sgd in candidates.items():
+        with surrounding(f"SGD lr {lr:g} | "):
+            result = evaluate(
+                sgd, part="val", episodes=episodes, seed=config.val_seed, progress=progress
+            )
+        scores[lr] = result.mean
     best = max(scores, key=scores.__getitem__)
     return SGDAblation(candidates[best], best, scores)

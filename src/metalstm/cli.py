@@ -91,6 +91,7 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress line (on stderr)")
     evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
 
     compare = commands.add_parser(
@@ -192,6 +193,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
     device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
     algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
     name = algorithm.name
     if args.sgd_from_init is not None:
@@ -199,10 +201,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         from .config import parse_positive_numbers
 
         ablation = sgd_from_learned_init(
-            algorithm, parse_positive_numbers(args.sgd_from_init, "--sgd-from-init")
+            algorithm,
+            parse_positive_numbers(args.sgd_from_init, "--sgd-from-init"),
+            progress=progress,
         )
         algorithm = ablation.model
-    result = evaluate(algorithm, part=args.split_part, episodes=args.episodes, seed=args.seed)
+    result = evaluate(
+        algorithm,
+        part=args.split_part,
+        episodes=args.episodes,
+        seed=args.seed,
+        progress=progress,
+    )
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = name
     if args.sgd_from_init is not None:

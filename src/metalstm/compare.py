@@ -25,10 +25,12 @@ import csv
 import hashlib
 import io
 import json
+import math
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,14 +38,15 @@ from typing import Any, TextIO
 import yaml
 
 from .algorithm import NO_BATCHNORM, Algorithm, episode_batchnorm
-from .algorithms import ALGORITHMS, build_algorithm
+from .algorithms import ALGORITHMS, algorithm_class, build_algorithm
 from .checkpoint import read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import Config, load_preset, override
 from .data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import EvalResult, Protocol, episode_accuracies, load_part, protocol_for
+from .progress import Surrounding, format_seconds, surrounding
 from .serialization import algorithm_tensors, load_algorithm
-from .training import format_seconds, resolve_device, resume, train, write_atomic
+from .training import resolve_device, resume, train, write_atomic
 
 #: Every method of the comparison, in the table's order (the paper's Table 1, then later methods).
 METHODS = (
@@ -171,7 +174,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
         help="training length of every method: N episodes (N mini-batches when pre-training)",
     )
     parser.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
-    parser.add_argument("--quiet", action="store_true", help="no training progress lines")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress lines (training and evaluation)"
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
@@ -305,6 +310,92 @@ def check_compatible(method: str, config: Config, base: Config, path: Path) -> N
             )
 
 
+# -- progress --------------------------------------------------------------------------------------
+class ComparisonProgress:
+    """The comparison's own status in front of every progress line of its training and evaluation
+    runs: ``method 3/9 (matching) | comparison ETA ~41m | episode 200/5000 | ...``.
+
+    The comparison's time left is an estimate: the running job's own ETA, plus the work still
+    planned (training episodes or pre-training mini-batches, test episodes; see
+    :func:`planned_work`) at the comparison's average time per unit of work so far.
+    """
+
+    def __init__(self, methods: Sequence[str], planned: dict[tuple[str, str], int]) -> None:
+        self.methods = tuple(methods)
+        self.left = dict(planned)  # (method, "training" or "evaluation") -> units, not yet run
+        self.units_done = 0.0
+        self.t0 = time.perf_counter()
+        self.method = ""
+        self.units = 0  # planned units of the running stage
+        self.block: Surrounding | None = None
+
+    @contextmanager
+    def stage(self, method: str, kind: str) -> Iterator[None]:
+        """The block trains (``kind="training"``) or evaluates ``method``."""
+        self.method, self.units = method, self.left.pop((method, kind), 0)
+        with surrounding(self.prefix) as block:
+            self.block = block
+            try:
+                yield
+            finally:
+                self.units_done += self.stage_units_done()
+                self.block = None
+
+    def stage_units_done(self) -> float:
+        """Units of the running stage done so far, by its main progress line."""
+        main = self.block.main if self.block is not None else None
+        if main is None or main.total <= 0:
+            return 0.0
+        return self.units * (main.done - main.start) / main.total
+
+    def eta(self) -> float:
+        """Seconds the whole comparison still needs (an estimate; inf before any work)."""
+        done = self.units_done + self.stage_units_done()
+        if done <= 0:
+            return math.inf
+        per_unit = (time.perf_counter() - self.t0) / done
+        main = self.block.main if self.block is not None else None
+        running = main.eta() if main is not None else 0.0
+        return running + sum(self.left.values()) * per_unit
+
+    def prefix(self) -> str:
+        number = self.methods.index(self.method) + 1
+        return (
+            f"method {number}/{len(self.methods)} ({self.method}) | "
+            f"comparison ETA ~{format_seconds(self.eta())} | "
+        )
+
+
+def planned_work(request: Request, train_images: Callable[[], int]) -> dict[tuple[str, str], int]:
+    """Units of work of each stage of the comparison, for its ETA: training episodes (pre-training:
+    mini-batches) of every method trained here, and its test episodes. A run found finished
+    turns out to need none."""
+    base = base_config(request)
+    planned = {}
+    for method in request.methods:
+        units = 0
+        if method not in request.checkpoints and method not in ("nn-pixel", "nn-embedding"):
+            config = method_config(request, method, train_images)
+            units = config.episodes
+            if algorithm_class(method).trains_on == "batches":
+                units = math.ceil(config.pretrain_epochs * train_images() / config.pretrain_batch)
+        planned[(method, "training")] = units
+        planned[(method, "evaluation")] = base.test_episodes
+    return planned
+
+
+def train_image_count(base: Config) -> Callable[[], int]:
+    """The number of training images, loaded on the first call only (when it is needed)."""
+    images: list[int] = []
+
+    def train_images() -> int:
+        if not images:
+            images.append(int(load_part(base, "train").class_count.sum()))
+        return images[0]
+
+    return train_images
+
+
 # -- training --------------------------------------------------------------------------------------
 @dataclass
 class Trained:
@@ -410,37 +501,36 @@ def given_checkpoint(method: str, spec: str, base: Config) -> Trained:
     return Trained(path, _training_seconds(path), "given")
 
 
-def prepare_methods(request: Request, log: TextIO | None) -> dict[str, Trained]:
+def prepare_methods(
+    request: Request,
+    log: TextIO | None,
+    progress: ComparisonProgress,
+    train_images: Callable[[], int],
+) -> dict[str, Trained]:
     """A checkpoint for every requested method: given, reused, trained or derived."""
     base = base_config(request)
     runs = request.out / "runs"
-    images: list[int] = []
-
-    def train_images() -> int:  # loaded only when --train-episodes must be converted
-        if not images:
-            images.append(int(load_part(base, "train").class_count.sum()))
-        return images[0]
-
     done: dict[str, Trained] = {}
     for method in request.methods:
-        if method in request.checkpoints:
-            done[method] = given_checkpoint(method, request.checkpoints[method], base)
-        elif method == "nn-pixel":
-            config = method_config(request, method, train_images)
-            done[method] = write_untrained(method, config, runs / method)
-        elif method == "nn-embedding":
-            # The pre-trained network of finetune (given, trained above, or trained now).
-            if "finetune" in request.checkpoints:
-                source = given_checkpoint("finetune", request.checkpoints["finetune"], base)
-            elif "finetune" in done:
-                source = done["finetune"]
+        with progress.stage(method, "training"):
+            if method in request.checkpoints:
+                done[method] = given_checkpoint(method, request.checkpoints[method], base)
+            elif method == "nn-pixel":
+                config = method_config(request, method, train_images)
+                done[method] = write_untrained(method, config, runs / method)
+            elif method == "nn-embedding":
+                # The pre-trained network of finetune (given, trained above, or trained now).
+                if "finetune" in request.checkpoints:
+                    source = given_checkpoint("finetune", request.checkpoints["finetune"], base)
+                elif "finetune" in done:
+                    source = done["finetune"]
+                else:
+                    config = method_config(request, "finetune", train_images)
+                    source = train_method("finetune", config, runs / "finetune", log)
+                done[method] = write_shared(method, source.checkpoint, runs / method)
             else:
-                config = method_config(request, "finetune", train_images)
-                source = train_method("finetune", config, runs / "finetune", log)
-            done[method] = write_shared(method, source.checkpoint, runs / method)
-        else:
-            config = method_config(request, method, train_images)
-            done[method] = train_method(method, config, runs / method, log)
+                config = method_config(request, method, train_images)
+                done[method] = train_method(method, config, runs / method, log)
     return {m: done[m] for m in request.methods}
 
 
@@ -517,7 +607,10 @@ def method_notes(algorithm: Algorithm, trained: Trained, protocol: Protocol, bas
 
 
 def evaluate_methods(
-    request: Request, trained: dict[str, Trained], log: TextIO | None
+    request: Request,
+    trained: dict[str, Trained],
+    log: TextIO | None,
+    progress: ComparisonProgress,
 ) -> tuple[list[MethodResult], str, Config]:
     """Evaluate every method on the same fixed test episodes; returns results and fingerprint."""
     base = base_config(request)
@@ -535,7 +628,8 @@ def evaluate_methods(
         algorithm, _ = load_algorithm(info.checkpoint, device=device, **overrides)
         sampler = RecordingSampler(test, base.n_way, base.k_shot, base.test_queries, seed)
         start = time.perf_counter()
-        accuracies = episode_accuracies(algorithm, sampler, range(count))
+        with progress.stage(method, "evaluation"):
+            accuracies = episode_accuracies(algorithm, sampler, range(count), log)
         seconds = time.perf_counter() - start
         served = sampler.fingerprint()
         if served != fingerprint:
@@ -697,9 +791,10 @@ def compare(request: Request, log: TextIO | None = sys.stderr) -> dict[str, Any]
     """Train, evaluate and report; returns the content of ``results.json``."""
     if request.out.exists() and not request.out.is_dir():
         raise ConfigError(f"--out {request.out} is a file; give a folder")
-    base_config(request)  # fail early on a bad preset or --set
-    trained = prepare_methods(request, log)
-    results, fingerprint, base = evaluate_methods(request, trained, log)
+    train_images = train_image_count(base_config(request))  # fails early on a bad preset or --set
+    progress = ComparisonProgress(request.methods, planned_work(request, train_images))
+    trained = prepare_methods(request, log, progress, train_images)
+    results, fingerprint, base = evaluate_methods(request, trained, log, progress)
     test = load_part(base, "test")
     data_digest = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()
     payload = results_json(results, request, base, fingerprint, data_digest)

@@ -4,14 +4,18 @@ The test protocol of the paper: a fixed list of episodes (identified by split, N
 count, see :func:`metalstm.data.fixed_episodes`), each scored by the accuracy on its query set;
 the result is ``mean ± 1.96 · std / √E``. Episodes can be sharded across ranks; the per-episode
 accuracies are gathered so the figure is the same whatever the number of processes.
+
+Given a ``progress`` stream (the CLI passes stderr unless ``--quiet``), an evaluation shows a
+live line there: episodes done, episodes/s, the running accuracy ± 95% CI (the formula of the
+final result) and the time left; see :mod:`metalstm.progress` for how often.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -19,6 +23,7 @@ from .algorithm import Adapter, Algorithm, accuracy
 from .config import Config
 from .data import ClassImages, EpisodeSampler, load_split
 from .distributed import Distributed
+from .progress import LiveLine
 
 
 @dataclass(frozen=True)
@@ -58,12 +63,7 @@ class EvalResult:
     @property
     def ci95(self) -> float:
         """Half-width of the 95% confidence interval of the mean: 1.96 · std / √E."""
-        n = len(self.accuracies)
-        if n < 2:
-            return float("nan")
-        mean = self.mean
-        var = sum((a - mean) ** 2 for a in self.accuracies) / (n - 1)
-        return 1.96 * math.sqrt(var / n)
+        return ci95(self.accuracies)
 
     def line(self) -> str:
         """``accuracy: MEAN ± CI % (E episodes, 95% CI)``."""
@@ -81,6 +81,51 @@ class EvalResult:
             "per_episode": self.accuracies,
             **self.extra,
         }
+
+
+def ci95(values: Sequence[float]) -> float:
+    """Half-width of the 95% confidence interval of the mean of ``values``: 1.96 · std / √n
+    (sample standard deviation; nan for fewer than two values)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return 1.96 * math.sqrt(var / n)
+
+
+class EvaluationProgress:
+    """The live line of an evaluation, e.g.
+    ``test episode 150/600 | 6.2 episodes/s | acc 92.41 ± 1.05 % | ETA 1m12s``.
+
+    With several classifiers per episode (settings chosen on validation), the accuracy shown is
+    the best one's so far.
+    """
+
+    def __init__(self, out: TextIO | None, total: int, label: str) -> None:
+        self.line = LiveLine(out, total)
+        self.label = label
+        self.scores: list[list[float]] = []  # [episodes][classifiers]
+
+    def add(self, accuracies: list[float]) -> None:
+        """One more episode scored, with the accuracy of each of its classifiers."""
+        self.scores.append(accuracies)
+        self.line.update(len(self.scores), self.text)
+
+    def text(self) -> str:
+        columns = [list(column) for column in zip(*self.scores, strict=True)]
+        best = max(columns, key=sum)
+        spread = ci95(best)
+        ci = f" ± {100 * spread:.2f}" if math.isfinite(spread) else ""
+        which = f" (best of {len(columns)} settings)" if len(columns) > 1 else ""
+        return (
+            f"{self.label} {len(self.scores)}/{self.line.total} | "
+            f"{self.line.rate():.1f} episodes/s | "
+            f"acc {100 * sum(best) / len(best):.2f}{ci} %{which} | {self.line.timing()}"
+        )
+
+    def close(self) -> None:
+        self.line.close()
 
 
 def load_part(config: Config, part: str) -> ClassImages:
@@ -117,10 +162,12 @@ def episode_accuracies(
     algorithm: Algorithm,
     sampler: EpisodeSampler,
     indices: Sequence[int],
-    on_episode: Callable[[int], None] | None = None,
+    progress: TextIO | None = None,
+    label: str = "test episode",
 ) -> list[float]:
-    """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler``."""
-    scores = candidate_accuracies(algorithm, sampler, indices, algorithm.adapt_one, on_episode)
+    """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler`` (a live
+    line on ``progress``, its episodes called ``label``)."""
+    scores = candidate_accuracies(algorithm, sampler, indices, algorithm.adapt_one, progress, label)
     return [accuracies[0] for accuracies in scores]
 
 
@@ -129,12 +176,13 @@ def candidate_accuracies(
     sampler: EpisodeSampler,
     indices: Sequence[int],
     adapt: Adapter,
-    on_episode: Callable[[int], None] | None = None,
+    progress: TextIO | None = None,
+    label: str = "test episode",
 ) -> list[list[float]]:
     """Per episode of ``indices``, the query accuracy of each classifier ``adapt`` returns for
-    its support set (``algorithm`` in eval mode meanwhile)."""
+    its support set (``algorithm`` in eval mode meanwhile; a live line on ``progress``)."""
     device = algorithm.device
-    scores = []
+    report = EvaluationProgress(progress, len(indices), label)
     was_training = algorithm.training
     algorithm.eval()
     try:
@@ -142,12 +190,11 @@ def candidate_accuracies(
             episode = sampler.episode(step=i).to(device)
             classifiers = adapt(episode.support_x, episode.support_y)
             with torch.inference_mode():
-                scores.append([accuracy(c(episode.query_x), episode.query_y) for c in classifiers])
-            if on_episode is not None:
-                on_episode(i)
+                report.add([accuracy(c(episode.query_x), episode.query_y) for c in classifiers])
     finally:
         algorithm.train(was_training)
-    return scores
+        report.close()
+    return report.scores
 
 
 def evaluate(
@@ -157,13 +204,14 @@ def evaluate(
     episodes: int | None = None,
     seed: int | None = None,
     config: Config | None = None,
-    on_episode: Callable[[int], None] | None = None,
+    progress: TextIO | None = None,
     dist: Distributed | None = None,
 ) -> EvalResult:
     """Evaluate on the fixed episodes of ``part`` (default: the config's test episodes).
 
+    ``progress``: a stream for the live progress line (e.g. ``sys.stderr``; default: silent).
     With ``dist``, rank r scores episodes r, r + W, ... and the accuracies are gathered, so the
-    result is exactly the single-process one.
+    result is exactly the single-process one (only rank 0 shows progress, of its share).
     """
     dist = dist or Distributed.single()
     config = config or algorithm.config
@@ -173,7 +221,8 @@ def evaluate(
         load_part(config, part), config.n_way, config.k_shot, config.test_queries, seed
     )
     indices = range(dist.rank, count, dist.world_size)
+    shown = progress if dist.is_main else None
     accuracies = dist.gather_episodes(
-        episode_accuracies(algorithm, sampler, indices, on_episode), count
+        episode_accuracies(algorithm, sampler, indices, shown, f"{part} episode"), count
     )
     return EvalResult(accuracies, protocol_for(algorithm, config, part, count, seed))

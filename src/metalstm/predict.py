@@ -40,8 +40,9 @@ Decisions (and why)
   passes (the authors' non-transductive protocol), whatever the checkpoint's ``transductive``
   setting, so a label never depends on which other images are in the query.
 * **True labels** of query images are known when the folder that directly holds an image is named
-  like a support class (``query/CLASS/img.png``); they only serve the terminal accuracy and the
-  red marks of ``--visualize``.
+  like a support class (``query/CLASS/img.png``). They add a ``truth`` column to the table, the
+  CSV and the JSON rows (empty / null for images whose folder names no class), an accuracy line,
+  and, in ``--visualize``, green and red marks; with a flat query folder none of these appear.
 * Images of any size and mode are converted by the project's one decoder
   (:func:`metalstm.data.images.decode_image`): grayscale or RGB as the checkpoint was trained,
   resized to its image size.
@@ -61,7 +62,7 @@ from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -71,6 +72,9 @@ from .checkpoint import add_checkpoint_argument
 from .config import override
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "FewShotClassifier",
@@ -253,18 +257,26 @@ class PredictionResult:
     notes: list[str] = field(default_factory=list)
 
     def rows(self) -> list[dict[str, Any]]:
-        """``{"file", "label", "probabilities": {label: p}}`` per query image."""
-        return [
-            {
-                "file": file,
-                "label": label,
-                "probabilities": {
-                    name: round(float(p), 6)
-                    for name, p in zip(self.class_names, probs.tolist(), strict=True)
-                },
+        """``{"file", "label", "probabilities": {label: p}}`` per query image, with ``"truth"``
+        (the true label, or None) after ``"label"`` when any query image's truth is known."""
+        rows = []
+        for file, label, truth, probs in zip(
+            self.files, self.labels, self.truth, self.probabilities, strict=True
+        ):
+            row: dict[str, Any] = {"file": file, "label": label}
+            if self.truth_known:
+                row["truth"] = truth
+            row["probabilities"] = {
+                name: round(float(p), 6)
+                for name, p in zip(self.class_names, probs.tolist(), strict=True)
             }
-            for file, label, probs in zip(self.files, self.labels, self.probabilities, strict=True)
-        ]
+            rows.append(row)
+        return rows
+
+    @property
+    def truth_known(self) -> bool:
+        """Whether any query image's true label is known (its folder names a class)."""
+        return any(t is not None for t in self.truth)
 
     @property
     def accuracy(self) -> float | None:
@@ -431,17 +443,30 @@ def render_table(result: PredictionResult, suffix: str) -> str:
         return json.dumps(rows, indent=2, ensure_ascii=False) + "\n"
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["file", "label", *(f"p_{name}" for name in result.class_names)])
+    truth = ["truth"] if result.truth_known else []
+    writer.writerow(["file", "label", *truth, *(f"p_{name}" for name in result.class_names)])
     for row in rows:
-        writer.writerow([row["file"], row["label"], *row["probabilities"].values()])
+        known = [row["truth"] or ""] if result.truth_known else []
+        writer.writerow([row["file"], row["label"], *known, *row["probabilities"].values()])
     return buffer.getvalue()
 
 
 def render_grid(result: PredictionResult) -> bytes:
-    """PNG bytes: the support images (one column per class), then the labelled query images.
+    """PNG bytes of :func:`grid_figure`."""
+    import matplotlib.pyplot as plt
 
-    Query titles are green when right, red (with the true label) when wrong, black when unknown.
-    """
+    fig = grid_figure(result)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def grid_figure(result: PredictionResult) -> Figure:
+    """A matplotlib figure: the support images (one column per class), then the labelled query
+    images. Query titles are green when right, red with the true label beside the prediction
+    when wrong, black when the truth is unknown; the title explains the colours only when some
+    truth is known."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -494,18 +519,25 @@ def render_grid(result: PredictionResult) -> bytes:
         else:
             color, title, frame = "red", f"{_short(label)} p={p:.2f}\ntrue {_short(truth)}", 2.0
         show(axes[s_rows + q // cols, q % cols], result.query_images[q], title, color, frame)
-    accuracy = result.accuracy
-    extra = f"; accuracy {100 * accuracy:.1f} % on labelled queries" if accuracy is not None else ""
-    more = f" (first {shown_q} of {len(result.files)})" if shown_q < len(result.files) else ""
-    fig.suptitle(
+    fig.suptitle(grid_title(result, shown_q), fontsize=9)
+    return fig
+
+
+def grid_title(result: PredictionResult, shown: int) -> str:
+    """What the grid shows, and what its colours mean when some truth is known."""
+    more = f" (first {shown} of {len(result.files)})" if shown < len(result.files) else ""
+    title = (
         f"top: support images, one column per class; below: query images{more} with the "
-        f"predicted label and its probability (red: wrong){extra}",
-        fontsize=9,
+        "predicted label and its probability"
     )
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    accuracy = result.accuracy
+    if accuracy is None:
+        return title
+    known = sum(t is not None for t in result.truth)
+    return (
+        f"{title}\ngreen: right, red: wrong (with the true label); accuracy "
+        f"{100 * accuracy:.1f} % on the {known} query images whose folder names their class"
+    )
 
 
 def _short(text: str, width: int = 16) -> str:
@@ -521,15 +553,16 @@ def summary(result: PredictionResult, max_rows: int = 30) -> str:
     lines = []
     width = min(60, max(len(f) for f in result.files))
     lw = min(40, max(5, *(len(name) for name in result.class_names)))
-    lines.append(f"{'file':<{width}}  {'label':<{lw}} {'p':>6}")
+    truth_header = f" {'truth':<{lw}}" if result.truth_known else ""
+    lines.append(f"{'file':<{width}}  {'label':<{lw}}{truth_header} {'p':>6}")
     shown = result.files if len(result.files) <= max_rows else result.files[: max_rows - 10]
     for q, file in enumerate(shown):
         name = file if len(file) <= width else "…" + file[-(width - 1) :]
-        mark = ""
-        if result.truth[q] is not None:
-            mark = "" if result.truth[q] == result.labels[q] else f"  ✗ true {result.truth[q]}"
+        label, truth = result.labels[q], result.truth[q]
+        truth_cell = f" {_short(truth or '-', lw):<{lw}}" if result.truth_known else ""
+        mark = "  ✗" if truth is not None and truth != label else ""
         p = float(result.probabilities[q].max())
-        lines.append(f"{name:<{width}}  {_short(result.labels[q], lw):<{lw}} {p:>6.3f}{mark}")
+        lines.append(f"{name:<{width}}  {_short(label, lw):<{lw}}{truth_cell} {p:>6.3f}{mark}")
     if len(shown) < len(result.files):
         lines.append(f"... {len(result.files) - len(shown)} more rows (write them all with --out)")
     lines.append("")

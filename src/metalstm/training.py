@@ -40,6 +40,7 @@ from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import candidate_accuracies, load_part
+from .progress import LiveLine
 from .serialization import (
     algorithm_from_tensors,
     algorithm_tensors,
@@ -276,9 +277,10 @@ class Trainer:
         (episodes sharded over the ranks, gathered so every rank gets the same figures)."""
         count = self.config.val_episodes
         indices = range(self.dist.rank, count, self.dist.world_size)
-        per_episode = self.dist.gather_episodes(
-            candidate_accuracies(self.algorithm, self.val_sampler, indices, adapt), count
-        )  # [episodes][candidates]
+        scores = candidate_accuracies(
+            self.algorithm, self.val_sampler, indices, adapt, self.log, "validation episode"
+        )
+        per_episode = self.dist.gather_episodes(scores, count)  # [episodes][candidates]
         return [sum(column) / count for column in zip(*per_episode, strict=True)]
 
     def run(self) -> TrainState:
@@ -343,47 +345,39 @@ class Trainer:
 
 
 class Progress:
-    """A live progress line: episodes/s, loss, accuracy, validation and ETA."""
+    """The live line of a training run: episodes/s, ETA, loss, accuracy and validation.
+
+    Written through :class:`~metalstm.progress.LiveLine`; off a terminal, a line every 10 s
+    (metrics.jsonl holds the figures of every ``log_interval``).
+    """
 
     def __init__(self, total: int, meta_batch: int, start: int, out: TextIO | None) -> None:
-        self.total, self.meta_batch, self.out = total, meta_batch, out
-        self.start_step, self.t0, self.last_print = start, time.perf_counter(), 0.0
-        self.tty = bool(out is not None and out.isatty())
+        self.meta_batch = meta_batch
+        self.line = LiveLine(out, total, start=start, every_fraction=0.0, every_seconds=10.0)
         self.loss, self.acc = float("nan"), float("nan")
 
     def update(self, state: TrainState, loss: float, acc: float) -> None:
-        if self.out is None:
-            return
         if math.isfinite(loss):  # exponential moving averages of the training figures
             fresh = not math.isfinite(self.loss)
             self.loss = loss if fresh else 0.95 * self.loss + 0.05 * loss
             self.acc = acc if fresh else 0.95 * self.acc + 0.05 * acc
-        now = time.perf_counter()
-        if now - self.last_print < (0.5 if self.tty else 10.0) and state.step < self.total:
-            return
-        self.last_print = now
-        steps = state.step - self.start_step
-        rate = steps / max(now - self.t0, 1e-9)
-        eta = (self.total - state.step) / rate if rate > 0 else float("inf")
+        self.line.update(state.step, lambda: self.text(state))
+
+    def text(self, state: TrainState) -> str:
         if state.validations:  # before the first validation there is nothing to show
             last = 100 * state.validations[-1]["accuracy"]
             val = f"val {last:.1f}% (best {100 * state.best_accuracy:.1f}%)"
         else:
             val = "val -"
-        text = (
-            f"episode {state.step * self.meta_batch}/{self.total * self.meta_batch} | "
-            f"{rate * self.meta_batch:.1f} episodes/s | loss {self.loss:.3f} | "
-            f"acc {100 * self.acc:.1f}% | {val} | skipped {state.nonfinite_total} | "
-            f"ETA {format_seconds(eta)}"
+        return (
+            f"episode {state.step * self.meta_batch}/{self.line.total * self.meta_batch} | "
+            f"{self.line.rate() * self.meta_batch:.1f} episodes/s | "
+            f"{self.line.timing()} | loss {self.loss:.3f} | "
+            f"acc {100 * self.acc:.1f}% | {val} | skipped {state.nonfinite_total}"
         )
-        if self.tty:
-            print("\r" + text + "\033[K", end="", file=self.out, flush=True)
-        else:
-            print(text, file=self.out, flush=True)
 
     def close(self) -> None:
-        if self.out is not None and self.tty:
-            print(file=self.out)
+        self.line.close()
 
 
 def gradient_row(
@@ -394,14 +388,6 @@ def gradient_row(
     parts = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     stats = torch.stack([loss.detach(), loss.new_tensor(accuracy)]).to(parts[0])
     return torch.cat([g.reshape(-1) for g in parts] + [stats])
-
-
-def format_seconds(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    minutes, secs = divmod(int(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 @contextmanager
