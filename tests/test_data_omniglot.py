@@ -305,23 +305,6 @@ def test_cache_write_is_atomic(
     assert os.listdir(cache) == []
 
 
-def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
-    target = tmp_path / "file.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), storage.atomic_write(target) as handle:
-        handle.write(b"new but incomplete")
-        raise RuntimeError("interrupted")
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["file.bin"]
-    with storage.atomic_write(target) as handle:
-        handle.write(b"new")
-    assert target.read_bytes() == b"new"
-    assert os.listdir(tmp_path) == ["file.bin"]
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, like any file
-
-
 def test_corrupt_cache_is_rebuilt(
     data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from .bench import add_bench_arguments, bench_main
 from .checkpoint import add_checkpoint_argument
 from .compare import add_compare_arguments, compare_main
 from .errors import MetaLSTMError
+from .files import check_output, output_path, write_file
 from .predict import add_predict_arguments, predict_main
 
 
@@ -91,7 +91,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
-    evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
+    evaluate.add_argument(
+        "--out", type=output_path, help="also write the JSON result (per episode) here"
+    )
 
     compare = commands.add_parser(
         "compare", help="the paper's comparison table: every method on identical episodes"
@@ -117,7 +119,7 @@ def build_parser() -> ArgumentParser:
     plots = plot.add_subparsers(dest="plot_command", required=True, parser_class=ArgumentParser)
     gates = plots.add_parser("gates", help="σ(i) and σ(f) per learner layer across inner steps")
     add_checkpoint_argument(gates)
-    gates.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gates.add_argument("--out", type=output_path, required=True, help="PNG file to write")
     gates.add_argument("--episodes", type=int, default=100, help="validation episodes to average")
     gates.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     curves = plots.add_parser("curves", help="training and validation curves of runs")
@@ -128,7 +130,7 @@ def build_parser() -> ArgumentParser:
         action="append",
         help="run folder; repeat it to compare runs in one figure",
     )
-    curves.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    curves.add_argument("--out", type=output_path, required=True, help="PNG file to write")
     return parser
 
 
@@ -191,6 +193,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         overrides["transductive"] = True
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
+    if args.out is not None:
+        check_output(args.out)
     device = resolve_device(args.device)
     algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
     name = algorithm.name
@@ -208,7 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.sgd_from_init is not None:
         result.extra["update"] = ablation.describe()
     if args.out is not None:
-        _write_json(args.out, result.to_json())
+        write_file(args.out, json.dumps(result.to_json(), indent=2))
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -239,6 +243,7 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plots
 
+    check_output(args.out)
     if args.plot_command == "curves":
         print(plots.plot_curves(args.run, args.out))
         return
@@ -261,13 +266,6 @@ def cmd_plot(args: argparse.Namespace) -> None:
         f"({args.episodes} validation episodes; mean and 10-90th percentile)"
     )
     print(plots.plot_gates(gates, args.out, title))
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
 
 
 COMMANDS = {

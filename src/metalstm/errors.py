@@ -22,3 +22,7 @@ class ConfigError(MetaLSTMError):
 
 class CheckpointError(MetaLSTMError):
     """A checkpoint that is missing, corrupted, foreign or of another learner shape."""
+
+
+class OutputError(MetaLSTMError):
+    """A file or folder that cannot be written (read-only, a folder in the way, a full disk)."""

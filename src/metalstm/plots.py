@@ -18,6 +18,7 @@ from matplotlib.ticker import FormatStrFormatter
 
 from .data import EpisodeSampler
 from .errors import ConfigError
+from .files import write_file
 from .metalearner import MetaLSTM
 
 
@@ -171,13 +172,8 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    """Write atomically: a crash never leaves half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    """Write the PNG through :func:`metalstm.files.write_file` (atomic, never half a PNG)."""
     try:
-        fig.savefig(tmp, dpi=150, format="png")
-        tmp.replace(out)
+        return write_file(out, lambda handle: fig.savefig(handle, dpi=150, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out
