@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import io
 import resource
+import shutil
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -115,6 +117,23 @@ def test_non_finite_weights_are_refused_at_load(tmp_path: Path) -> None:
     assert code == 2 and "non-finite" in err and name.removeprefix("model.") in err
 
 
+@pytest.mark.parametrize("train_state", [None, [1], {"step": "abc"}, {"bogus": 1}, {"step": 0}])
+def test_a_malformed_train_state_or_optimizer_is_one_line(
+    train_state: object, tmp_path: Path, data_env: Path
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    config = Config.from_dict({**TINY.to_dict(), "val_episodes": 2, "episodes": 4})
+    (run / "config.yaml").write_text(yaml.safe_dump(config.to_dict()))
+    meta = {"algorithm": "lstm", "config": config.to_dict(), "train_state": train_state}
+    meta["optimizer"] = "not param groups"
+    save_with_meta(run / "last", meta)
+    code, err = run_cli(["train", "--resume", str(run), "--quiet"])
+    assert code == 2 and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith("metalstm: error: no usable checkpoint"), err
+    assert ("optimizer" if train_state == {"step": 0} else "train_state") in err
+
+
 # -- properties over command lines, settings and checkpoint meta --------------------------------
 SIZES = st.sampled_from(["-1", "0", "1", "15", "100000", "1000000", str(10**12), "abc"])
 KEYS = st.sampled_from([f.name for f in Config.__dataclass_fields__.values()])
@@ -123,6 +142,48 @@ VALUES = st.one_of(
     st.integers(min_value=-(10**12), max_value=10**12).map(str),
     st.floats().map(str),
 )
+
+
+@st.composite
+def command_lines(draw: st.DrawFn, folder: Path, checkpoint: Path) -> list[str]:
+    kind = draw(st.sampled_from(["bench", "evaluate", "train", "predict", "plot"]))
+    if kind == "bench":
+        flag = draw(st.sampled_from(["--image-size", "--filters", "--ways", "--steps", "--hidden"]))
+        return ["bench", flag, draw(SIZES), "--episodes", "1", "--out", str(folder / "b.json")]
+    if kind == "evaluate":
+        return ["evaluate", "--checkpoint", str(checkpoint), "--episodes", draw(SIZES),
+                "--out", str(folder / "e.json")]  # fmt: skip
+    if kind == "train":
+        setting = f"{draw(KEYS)}={draw(VALUES)}"
+        return ["train", "--preset", "omniglot-5w1s", "--out", str(folder / "run"),
+                "--set", setting, "--quiet"]  # fmt: skip
+    if kind == "predict":
+        return ["predict", "--checkpoint", str(checkpoint), "--support", str(folder),
+                "--query", "/dev/zero", "--steps", draw(SIZES)]  # fmt: skip
+    return ["plot", "gates", "--checkpoint", str(checkpoint), "--episodes", draw(SIZES),
+            "--out", str(folder / "g.png")]  # fmt: skip
+
+
+def test_command_lines_exit_cleanly_and_write_nothing_when_refused(
+    tmp_path: Path, no_data: Path
+) -> None:
+    checkpoint = save_with_meta(tmp_path / "model", {"algorithm": "lstm", "config": TINY.to_dict()})
+    outputs = tmp_path / "out"
+    outputs.mkdir()
+
+    @FAST
+    @given(command_lines(outputs, checkpoint))
+    def check(argv: list[str]) -> None:
+        shutil.rmtree(outputs)
+        outputs.mkdir()
+        before = peak_mb()
+        code, err = run_cli(argv)
+        assert_clean_exit(code, err, before)
+        assert no_temporaries(tmp_path)
+        if code != 0:
+            assert not any(outputs.iterdir()), argv  # nothing half-made: no run folder, no file
+
+    check()
 
 
 CONFIG_VALUES = st.dictionaries(
