@@ -1,5 +1,5 @@
-"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) at a random moment and resumed
-ends with the same meta-parameters, metrics and checkpoints as a run never interrupted."""
+"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT, SIGTERM) at a random moment and
+resumed ends with the same meta-parameters, metrics and checkpoints as a run never interrupted."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def wait_for(path: Path, process: subprocess.Popen[str], timeout: float = 240) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
 def test_killed_run_resumes_bit_for_bit(
     reference_run: tuple[Path, dict], tmp_path: Path, sig: signal.Signals
 ) -> None:
@@ -93,7 +93,7 @@ def test_killed_run_resumes_bit_for_bit(
     code = finish(process)
     if code == 0:
         pytest.skip("the run finished before the signal arrived")
-    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130)  # SIGTERM: like Ctrl-C
     resumed = metalstm("train", "--resume", str(run), "--quiet", env=env)
     assert finish(resumed) == 0
     assert_same_run(reference, run)

@@ -188,6 +188,16 @@ def test_an_impossible_out_is_one_line(tmp_path: Path, data_env: Path, where: st
     assert (tmp_path / "file").read_text() == "x"
 
 
+def test_control_characters_in_the_folder_name_are_escaped_on_the_success_line(
+    tmp_path: Path, data_env: Path
+) -> None:
+    out = io.StringIO()
+    with redirect_stdout(out), redirect_stderr(io.StringIO()):
+        assert main(["train", "--out", str(tmp_path / "a\rb\x1b[2J"), *TINY]) == 0
+    assert out.getvalue().count("\n") == 1 and "\r" not in out.getvalue()
+    assert "\x1b" not in out.getvalue() and "a\\rb\\x1b[2J" in out.getvalue()
+
+
 # -- a diverged model is never the best --------------------------------------------------------
 def test_non_finite_weights_are_never_saved_as_best_nor_loaded(
     tmp_path: Path, data_env: Path

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from .bench import add_bench_arguments, bench_main
 from .checkpoint import add_checkpoint_argument
 from .compare import add_compare_arguments, compare_main
-from .errors import MetaLSTMError
+from .errors import MetaLSTMError, printable
 from .files import check_output, output_path, write_file
 from .predict import add_predict_arguments, predict_main
 
@@ -26,12 +26,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
-
-
-def printable(message: str) -> str:
-    """``message`` on one line: control characters (from user input, e.g. a stray carriage
-    return in an argument) written as escapes instead of breaking the line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def build_parser() -> ArgumentParser:
@@ -175,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> None:
             f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
             f"{state.elapsed:.1f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
             f"at episode {state.best_step * trainer.config.meta_batch}; "
-            f"checkpoints in {trainer.run_dir}"
+            f"checkpoints in {printable(str(trainer.run_dir))}"
         )
     if state.stopped == "interrupted":
         raise SystemExit(130)
@@ -218,7 +212,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     else:
         print(result.line())
         print(f"protocol: {result.protocol.describe()}")
-        print(f"checkpoint: {meta['path']} ({name})")
+        print(f"checkpoint: {printable(meta['path'])} ({name})")
         if "update" in result.extra:
             print(f"update: {result.extra['update']}")
 
@@ -245,7 +239,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
     check_output(args.out)
     if args.plot_command == "curves":
-        print(plots.plot_curves(args.run, args.out))
+        print(printable(str(plots.plot_curves(args.run, args.out))))
         return
     from .data import EpisodeSampler
     from .evaluation import load_part
@@ -265,7 +259,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         f"Meta-learner gates, {cfg.dataset} {cfg.n_way}-way {cfg.k_shot}-shot "
         f"({args.episodes} validation episodes; mean and 10-90th percentile)"
     )
-    print(plots.plot_gates(gates, args.out, title))
+    print(printable(str(plots.plot_gates(gates, args.out, title))))
 
 
 COMMANDS = {

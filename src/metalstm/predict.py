@@ -67,7 +67,7 @@ from .algorithm import Algorithm, Classifier
 from .checkpoint import add_checkpoint_argument
 from .config import override
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, printable
 from .files import check_output, output_path, write_file
 
 __all__ = [
@@ -631,8 +631,8 @@ def predict_main(args: argparse.Namespace) -> None:
     k = f"{counts[0]}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     c, s = result.support_images.shape[1], result.support_images.shape[-1]
     print(
-        f"checkpoint: {result.checkpoint}; support: {len(result.class_names)} classes x {k} "
-        f"images; query: {len(result.files)} images; all converted to {s}x{s} "
+        f"checkpoint: {printable(result.checkpoint)}; support: {len(result.class_names)} classes "
+        f"x {k} images; query: {len(result.files)} images; all converted to {s}x{s} "
         f"{'grayscale' if c == 1 else 'RGB'}",
         file=sys.stderr,
     )
@@ -648,7 +648,7 @@ def predict_main(args: argparse.Namespace) -> None:
     _write_outputs(outputs)
     if args.json:
         print(json.dumps(result.rows(), ensure_ascii=False))
-    else:
-        print(summary(result))
+    else:  # file and class names come from the user's folders: escape control characters
+        print("\n".join(printable(line) for line in summary(result).splitlines()))
     for path, _ in outputs:
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {printable(str(path))}", file=sys.stderr)

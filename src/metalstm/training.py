@@ -445,24 +445,22 @@ def format_seconds(seconds: float) -> str:
 
 @contextmanager
 def catch_sigint(trainer: Trainer) -> Iterator[None]:
-    """Ctrl-C finishes the current update, writes a checkpoint and stops."""
+    """Ctrl-C (SIGINT) or SIGTERM finishes the current update, writes a checkpoint and stops."""
 
     def handler(signum: int, frame: object) -> None:
         trainer._interrupted = True
         trainer.say("\ninterrupt: stopping after this update and writing a checkpoint")
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-TENSORBOARD_DIR = "tensorboard"
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def open_tensorboard(run_dir: Path, *, first_step: int) -> Any:
