@@ -165,11 +165,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer = train(config, args.out, force=args.force, dist=dist, log=log)
     state = trainer.state
     if dist.is_main:
+        best = (
+            f"best validation accuracy {100 * state.best_accuracy:.2f} % at episode "
+            f"{state.best_step * trainer.config.meta_batch}"
+            if state.best_accuracy >= 0
+            else "no validation yet"
+        )
         print(
             f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
-            f"{state.elapsed:.1f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
-            f"at episode {state.best_step * trainer.config.meta_batch}; "
-            f"checkpoints in {printable(str(trainer.run_dir))}"
+            f"{state.elapsed:.1f} s; {best}; checkpoints in {printable(str(trainer.run_dir))}"
         )
     if state.stopped == "interrupted":
         raise SystemExit(130)
