@@ -10,11 +10,13 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
@@ -217,3 +219,19 @@ def test_checkpoint_meta_never_crashes_nor_allocates(tmp_path: Path, no_data: Pa
         assert_clean_exit(code, err, before)
 
     check()
+
+
+def test_control_characters_in_class_and_file_names_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = save_with_meta(tmp_path / "model", {"algorithm": "lstm", "config": TINY.to_dict()})
+    rng = np.random.default_rng(0)
+    for folder in ("support/a\rx\x1b[2J", "support/b", "query"):
+        (tmp_path / folder).mkdir(parents=True)
+        image = Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8))
+        image.save(tmp_path / folder / "1\r.png")
+    argv = ["predict", "--checkpoint", str(checkpoint), "--support", str(tmp_path / "support")]
+    assert main([*argv, "--query", str(tmp_path / "query")]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err and "\x1b" not in out + err
+    assert "a\\rx\\x1b[2J" in out and "1\\r.png" in out

@@ -649,6 +649,6 @@ def predict_main(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result.rows(), ensure_ascii=False))
     else:  # file and class names come from the user's folders: escape control characters
-        print("\n".join(printable(line) for line in summary(result).splitlines()))
+        print("\n".join(printable(line) for line in summary(result).split("\n")))
     for path, _ in outputs:
         print(f"wrote {printable(str(path))}", file=sys.stderr)
