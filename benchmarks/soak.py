@@ -18,7 +18,7 @@ import torch
 
 from metalstm import load_preset, override
 from metalstm.config import parse_overrides
-from metalstm.training import Trainer, prepare_run_dir
+from metalstm.training import Trainer
 
 
 def rss_kib() -> int:
@@ -55,7 +55,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "soak"
-        prepare_run_dir(run_dir, config, force=False)
+        run_dir.mkdir()
         trainer = Trainer(config, run_dir, log=None)
         samples: list[tuple[int, int]] = []
         for step in range(args.episodes):

@@ -305,23 +305,6 @@ def test_cache_write_is_atomic(
     assert os.listdir(cache) == []
 
 
-def test_atomic_write_keeps_the_old_file_on_error(tmp_path: Path) -> None:
-    target = tmp_path / "file.bin"
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError), storage.atomic_write(target) as handle:
-        handle.write(b"new but incomplete")
-        raise RuntimeError("interrupted")
-    assert target.read_bytes() == b"old"
-    assert os.listdir(tmp_path) == ["file.bin"]
-    with storage.atomic_write(target) as handle:
-        handle.write(b"new")
-    assert target.read_bytes() == b"new"
-    assert os.listdir(tmp_path) == ["file.bin"]
-    umask = os.umask(0o022)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others, like any file
-
-
 def test_corrupt_cache_is_rebuilt(
     data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -331,6 +314,19 @@ def test_corrupt_cache_is_rebuilt(
     monkeypatch.setenv("METALSTM_CACHE", str(cache))
     monkeypatch.setattr(om, "decode_archives", fake_decode)
     assert om.omniglot_images(8).images.shape == (32460, 1, 8, 8)
+
+
+def test_cache_of_another_dtype_is_rebuilt(
+    data_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METALSTM_CACHE", str(tmp_path))
+    monkeypatch.setattr(om, "decode_archives", fake_decode)
+    path = tmp_path / f"omniglot-8px-v{om.CACHE_VERSION}.npz"
+    om.omniglot_images(8)
+    with np.load(path) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    np.savez(path, **{**arrays, "images": arrays["images"].astype(np.int16)})
+    assert om.omniglot_images(8).images.dtype == torch.uint8
 
 
 # -- splits ---------------------------------------------------------------------------------------
@@ -423,6 +419,18 @@ def test_bad_split_file_line(
     with pytest.raises(DataError, match=match) as exc:
         load_split("omniglot", "vinyals", "test", data_root=root)
     assert f"{split_file}:2" in one_line(exc)
+
+
+def test_binary_split_file_is_one_line(
+    tmp_path: Path, data_root: Path, session_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("METALSTM_CACHE", str(session_cache))
+    root = make_root(tmp_path, data_root)
+    split_file = root / "omniglot" / "splits" / "vinyals" / "test.txt"
+    split_file.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    with pytest.raises(DataError, match="is not Alphabet/characterNN/rotDDD") as exc:
+        load_split("omniglot", "vinyals", "test", data_root=root)
+    assert str(split_file) in one_line(exc)
 
 
 def test_missing_split_file_under_explicit_root(

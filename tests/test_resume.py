@@ -1,5 +1,5 @@
-"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT) and resumed ends with the same
-meta-parameters, metrics and checkpoints as a run never interrupted.
+"""Exact resume: a run killed (SIGKILL) or interrupted (SIGINT, SIGTERM) and resumed ends with
+the same meta-parameters, metrics and checkpoints as a run never interrupted.
 
 The signal is sent by the training process itself right after a given meta-update (a wrapper
 around ``Trainer.update`` in a small driver script), so the test interrupts the run at the same
@@ -104,6 +104,7 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, data_root: Path) -> 
         (signal.SIGKILL, 10),  # between checkpoints (the last one at update 8)
         (signal.SIGKILL, 13),  # in the update right after a validation checkpoint
         (signal.SIGINT, 21),  # finishes the update, checkpoints, exits 130
+        (signal.SIGTERM, 18),  # like Ctrl-C
     ],
 )
 def test_killed_run_resumes_bit_for_bit(
@@ -112,11 +113,11 @@ def test_killed_run_resumes_bit_for_bit(
     reference, env = reference_run
     run = tmp_path / "run"
     process = metalstm("train", "--out", str(run), *TINY, env=env, signal_after=(after, sig))
-    assert finish(process) == (130 if sig == signal.SIGINT else -signal.SIGKILL)
+    assert finish(process) == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     _, meta = load_checkpoint(run / "last.safetensors")
-    # the SIGINT run stops after the update it was signalled in; a killed one keeps the last
+    # SIGINT and SIGTERM stop after the update they arrive in; a killed run keeps the last
     # checkpoint before it (one per validation, every 4 updates here)
-    expected = after if sig == signal.SIGINT else (after - 1) // 4 * 4
+    expected = (after - 1) // 4 * 4 if sig == signal.SIGKILL else after
     assert meta["train_state"]["step"] == expected
     resumed = metalstm("train", "--resume", str(run), "--quiet", env=env)
     assert finish(resumed) == 0

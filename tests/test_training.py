@@ -235,10 +235,17 @@ def test_train_refuses_a_folder_that_holds_files(synthetic_data: None, tmp_path:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError):
         metalstm.train(tiny_config(), tmp_path / "file", log=None)
-    # force: trains over it
-    trainer = metalstm.train(tiny_config(), run, force=True, log=None)
+    # force overwrites only a run folder: not this one
+    with pytest.raises(ConfigError, match="not a metalstm run"):
+        metalstm.train(tiny_config(), run, force=True, log=None)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    # a run folder: force trains over the run, and leaves the notes kept in it alone
+    fresh = tmp_path / "run"
+    metalstm.train(tiny_config(), fresh, log=None)
+    (fresh / "notes.txt").write_text("mine")
+    trainer = metalstm.train(tiny_config(), fresh, force=True, log=None)
     assert trainer.state.stopped == "completed"
-    assert (run / "best.safetensors").is_file()
+    assert (fresh / "best.safetensors").is_file() and (fresh / "notes.txt").read_text() == "mine"
 
 
 def poison_steps(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> dict[str, int]:

@@ -28,7 +28,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from .algorithms import build_algorithm
 from .config import Config
 from .data import Episode
 from .errors import ConfigError
+from .files import check_output, output_path, write_file
 from .learner import LearnerShape, conv_flops
 from .training import resolve_device
 
@@ -74,7 +74,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    parser.add_argument("--out", type=Path, metavar="FILE", help="also write the JSON result here")
+    parser.add_argument(
+        "--out", type=output_path, metavar="FILE", help="also write the JSON result here"
+    )
 
 
 def bench_config(args: argparse.Namespace) -> Config:
@@ -252,6 +254,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
 def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark described by ``args`` (see :func:`add_bench_arguments`); print the
     figures and return them as a dict."""
+    if args.out is not None:
+        check_output(args.out)
     work = build_workload(args)
     config, device, batch, per_call = work.config, work.device, work.batch, work.per_call
     n = work.model.learner.n_params
@@ -294,8 +298,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         },
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_file(args.out, json.dumps(result, indent=2) + "\n")
     if args.json:
         print(json.dumps(result))
     else:

@@ -22,8 +22,9 @@ meta-learner's weights and, optionally, the optimizer state tensors. The header'
 Safety: safetensors files hold data only, so loading cannot run code. Files that start like a
 pickle or a zip archive (``torch.save``) are refused by their first bytes and never unpickled.
 
-Writes go to a temporary file in the target folder, are flushed and fsync'ed, then renamed over the
-final name with :func:`os.replace`: a crash mid-write leaves the previous checkpoint intact.
+Writes go through :func:`metalstm.files.write_file`: a temporary file in the target folder, flushed
+and fsync'ed, then renamed over the final name: a crash mid-write leaves the previous checkpoint
+intact.
 """
 
 from __future__ import annotations
@@ -35,9 +36,7 @@ import json
 import os
 import re
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
-from contextlib import suppress
 from importlib import resources
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -47,6 +46,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from metalstm.errors import CheckpointError
+from metalstm.files import write_file
 
 __all__ = [
     "FORMAT",
@@ -123,42 +123,7 @@ def save_checkpoint(
     }
     data = _st_save(cpu, metadata=metadata)
 
-    tmp_name: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-        ) as tmp:
-            tmp_name = tmp.name
-            tmp.write(data)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_dir(path.parent)
-    except OSError as exc:
-        raise CheckpointError(
-            f"cannot write checkpoint {path}: {_one_line(exc)}; "
-            "check the folder exists, is writable and has free space"
-        ) from exc
-    finally:
-        if tmp_name is not None:
-            with suppress(OSError):
-                os.unlink(tmp_name)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable where the platform allows it (POSIX); ignore it elsewhere."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    return write_file(path, data, error=CheckpointError)
 
 
 # --------------------------------------------------------------------------------------- load

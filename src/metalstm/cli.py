@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +16,8 @@ from typing import Any, NoReturn
 from .bench import add_bench_arguments, bench_main
 from .checkpoint import add_checkpoint_argument
 from .compare import add_compare_arguments, compare_main
-from .errors import MetaLSTMError
+from .errors import MetaLSTMError, printable
+from .files import check_output, output_path, write_file
 from .predict import add_predict_arguments, predict_main
 
 
@@ -26,12 +26,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
-
-
-def printable(message: str) -> str:
-    """``message`` on one line: control characters (from user input, e.g. a stray carriage
-    return in an argument) written as escapes instead of breaking the line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def build_parser() -> ArgumentParser:
@@ -92,7 +86,9 @@ def build_parser() -> ArgumentParser:
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
     evaluate.add_argument("--quiet", action="store_true", help="no progress line (on stderr)")
-    evaluate.add_argument("--out", type=Path, help="also write the JSON result (per episode) here")
+    evaluate.add_argument(
+        "--out", type=output_path, help="also write the JSON result (per episode) here"
+    )
 
     compare = commands.add_parser(
         "compare", help="the paper's comparison table: every method on identical episodes"
@@ -118,7 +114,7 @@ def build_parser() -> ArgumentParser:
     plots = plot.add_subparsers(dest="plot_command", required=True, parser_class=ArgumentParser)
     gates = plots.add_parser("gates", help="σ(i) and σ(f) per learner layer across inner steps")
     add_checkpoint_argument(gates)
-    gates.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    gates.add_argument("--out", type=output_path, required=True, help="PNG file to write")
     gates.add_argument("--episodes", type=int, default=100, help="validation episodes to average")
     gates.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     curves = plots.add_parser("curves", help="training and validation curves of runs")
@@ -129,7 +125,7 @@ def build_parser() -> ArgumentParser:
         action="append",
         help="run folder; repeat it to compare runs in one figure",
     )
-    curves.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    curves.add_argument("--out", type=output_path, required=True, help="PNG file to write")
     return parser
 
 
@@ -170,11 +166,15 @@ def cmd_train(args: argparse.Namespace) -> None:
         trainer = train(config, args.out, force=args.force, dist=dist, log=log)
     state = trainer.state
     if dist.is_main:
+        best = (
+            f"best validation accuracy {100 * state.best_accuracy:.2f} % at episode "
+            f"{state.best_step * trainer.config.meta_batch}"
+            if state.best_accuracy >= 0
+            else "no validation yet"
+        )
         print(
             f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
-            f"{state.elapsed:.1f} s; best validation accuracy {100 * state.best_accuracy:.2f} % "
-            f"at episode {state.best_step * trainer.config.meta_batch}; "
-            f"checkpoints in {trainer.run_dir}"
+            f"{state.elapsed:.1f} s; {best}; checkpoints in {printable(str(trainer.run_dir))}"
         )
     if state.stopped == "interrupted":
         raise SystemExit(130)
@@ -192,6 +192,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         overrides["transductive"] = True
     if args.data_root is not None:
         overrides["data_root"] = args.data_root
+    if args.out is not None:
+        check_output(args.out)
     device = resolve_device(args.device)
     progress = None if args.quiet else sys.stderr
     algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
@@ -218,13 +220,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.sgd_from_init is not None:
         result.extra["update"] = ablation.describe()
     if args.out is not None:
-        _write_json(args.out, result.to_json())
+        write_file(args.out, json.dumps(result.to_json(), indent=2))
     if args.json:
         print(json.dumps(result.to_json()))
     else:
         print(result.line())
         print(f"protocol: {result.protocol.describe()}")
-        print(f"checkpoint: {meta['path']} ({name})")
+        print(f"checkpoint: {printable(meta['path'])} ({name})")
         if "update" in result.extra:
             print(f"update: {result.extra['update']}")
 
@@ -249,8 +251,9 @@ def cmd_presets(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from . import plots
 
+    check_output(args.out)
     if args.plot_command == "curves":
-        print(plots.plot_curves(args.run, args.out))
+        print(printable(str(plots.plot_curves(args.run, args.out))))
         return
     from .data import EpisodeSampler
     from .evaluation import load_part
@@ -270,14 +273,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
         f"Meta-learner gates, {cfg.dataset} {cfg.n_way}-way {cfg.k_shot}-shot "
         f"({args.episodes} validation episodes; mean and 10-90th percentile)"
     )
-    print(plots.plot_gates(gates, args.out, title))
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    print(printable(str(plots.plot_gates(gates, args.out, title))))
 
 
 COMMANDS = {

@@ -44,9 +44,10 @@ from .config import Config, load_preset, override
 from .data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import EvalResult, Protocol, episode_accuracies, load_part, protocol_for
+from .files import write_file
 from .progress import Surrounding, format_seconds, surrounding
 from .serialization import algorithm_tensors, load_algorithm
-from .training import resolve_device, resume, train, write_atomic
+from .training import resolve_device, resume, train
 
 #: Every method of the comparison, in the table's order (the paper's Table 1, then later methods).
 METHODS = (
@@ -773,11 +774,10 @@ def plot(results: Sequence[MethodResult], out: Path, title: str, n_way: int) -> 
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        write_file(out, lambda handle: fig.savefig(handle, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -800,9 +800,9 @@ def compare(request: Request, log: TextIO | None = sys.stderr) -> dict[str, Any]
     payload = results_json(results, request, base, fingerprint, data_digest)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "results.md", markdown(results, request, base, fingerprint))
-    write_atomic(out / "results.csv", csv_text(results))
-    write_atomic(out / "results.json", json.dumps(payload, indent=2) + "\n")
+    write_file(out / "results.md", markdown(results, request, base, fingerprint))
+    write_file(out / "results.csv", csv_text(results))
+    write_file(out / "results.json", json.dumps(payload, indent=2) + "\n")
     title = (
         f"{request.preset}: {base.n_way}-way {base.k_shot}-shot, "
         f"{base.test_episodes} identical test episodes"

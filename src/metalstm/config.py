@@ -109,6 +109,25 @@ class Config:
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"invalid value {key}={value!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"invalid value {f.name}={value!r}; give a finite number")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Upper bounds, so that no config (typed, edited or in a checkpoint) can allocate
+        without limit: each size on its own, and θ, computed from them before anything is built."""
+        for key, limit in SIZE_LIMITS.items():
+            value = getattr(self, key)
+            if value is not None and value > limit:
+                raise ConfigError(f"invalid value {key}={value!r}; at most {limit} is supported")
+        if learner_size(self) > MAX_LEARNER_SIZE:
+            raise ConfigError(
+                f"a learner of {learner_size(self):,} parameters (filters={self.filters}, "
+                f"image_size={self.image_size}, n_way={self.n_way}) is more than the "
+                f"{MAX_LEARNER_SIZE:,} supported; lower filters, image_size or n_way"
+            )
 
     @property
     def test_steps(self) -> int:
@@ -132,6 +151,36 @@ class Config:
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
         """Build from a mapping, checking every key and value type."""
         return override(cls(), values)
+
+
+SIZE_LIMITS = {
+    "image_size": 512,
+    "filters": 512,
+    "n_way": 1000,
+    "k_shot": 1000,
+    "q_query": 1000,
+    "eval_q_query": 1000,
+    "hidden_size": 1024,
+    "inner_steps": 10_000,
+    "eval_inner_steps": 10_000,
+    "meta_batch": 10_000,
+    "val_episodes": 1_000_000,
+    "test_episodes": 1_000_000,
+    "fce_steps": 10_000,
+    "pretrain_batch": 100_000,
+    "pretrain_classes": 100_000,
+}
+MAX_LEARNER_SIZE = 5_000_000  # θ of the conv-4 learner; the Omniglot and miniImageNet ones: ~30 k
+
+
+def learner_size(config: Config) -> int:
+    """Parameters of the conv-4 learner (:class:`metalstm.learner.ConvNet`), by arithmetic."""
+    side, c_in, total = config.image_size, config.channels, 0
+    for _ in range(4):
+        # conv weight and bias, BN scale and shift
+        total += 9 * c_in * config.filters + 3 * config.filters
+        side, c_in = side // 2, config.filters
+    return total + (config.filters * side * side + 1) * config.n_way
 
 
 def _field_types() -> dict[str, Any]:

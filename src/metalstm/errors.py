@@ -8,6 +8,12 @@ prints that line and exits with status 2; the Python API lets it propagate.
 from __future__ import annotations
 
 
+def printable(message: str) -> str:
+    """``message`` on one line: control characters (from user input, e.g. a stray carriage
+    return in an argument or a folder name) written as escapes instead of breaking the line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
+
+
 class MetaLSTMError(Exception):
     """A problem with the user's input, data or files, explained in one line."""
 
@@ -22,3 +28,7 @@ class ConfigError(MetaLSTMError):
 
 class CheckpointError(MetaLSTMError):
     """A checkpoint that is missing, corrupted, foreign or of another learner shape."""
+
+
+class OutputError(MetaLSTMError):
+    """A file or folder that cannot be written (read-only, a folder in the way, a full disk)."""

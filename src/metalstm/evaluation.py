@@ -23,6 +23,7 @@ from .algorithm import Adapter, Algorithm, accuracy
 from .config import Config
 from .data import ClassImages, EpisodeSampler, load_split
 from .distributed import Distributed
+from .errors import ConfigError
 from .progress import LiveLine
 
 
@@ -216,6 +217,8 @@ def evaluate(
     dist = dist or Distributed.single()
     config = config or algorithm.config
     count = episodes if episodes is not None else config.test_episodes
+    if count < 1:
+        raise ConfigError(f"episodes={count} is invalid; evaluate on at least 1 episode")
     seed = seed if seed is not None else config.test_seed
     sampler = EpisodeSampler(
         load_part(config, part), config.n_way, config.k_shot, config.test_queries, seed

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +13,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-import yaml
 from matplotlib.ticker import FormatStrFormatter
 
 from .data import EpisodeSampler
 from .errors import ConfigError
+from .files import write_file
 from .metalearner import MetaLSTM
+from .runfolder import METRICS, metric_rows, read_config_values
 
 
 def layer_name(parameter: str) -> str:
@@ -101,20 +102,20 @@ class Curves:
 
 def read_curves(run_dir: Path) -> Curves:
     """The curves in ``run_dir/metrics.jsonl`` (written by ``metalstm train``)."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         raise ConfigError(
             f"{run_dir} has no metrics.jsonl; give a run folder made by metalstm train"
         )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if r.get("loss") is not None]
-    val = [r for r in rows if "val_accuracy" in r]
+    rows = [row for _, row in metric_rows(path)]
+    train = [r for r in rows if _is_number(r.get("loss")) and _is_number(r.get("accuracy"))]
+    val = [r for r in rows if _is_number(r.get("val_accuracy"))]
     if not train and not val:
         raise ConfigError(f"{path} holds no metrics yet; train longer before plotting")
-    config_path = run_dir / "config.yaml"
     meta_batch = 1
-    if config_path.is_file():
-        meta_batch = int((yaml.safe_load(config_path.read_text()) or {}).get("meta_batch", 1))
+    with suppress(ConfigError):  # no or an unreadable config.yaml: one episode per update
+        value = read_config_values(run_dir).get("meta_batch")
+        meta_batch = value if type(value) is int and value >= 1 else 1
     return Curves(
         name=run_dir.resolve().name,
         train_episodes=[r["step"] * meta_batch for r in train],
@@ -123,6 +124,10 @@ def read_curves(run_dir: Path) -> Curves:
         val_episodes=[r["step"] * meta_batch for r in val],
         val_accuracy=[100 * r["val_accuracy"] for r in val],
     )
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def curves_figure(runs: Sequence[Curves]) -> plt.Figure:
@@ -171,13 +176,8 @@ def plot_curves(run_dirs: Sequence[Path], out: Path) -> Path:
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    """Write atomically: a crash never leaves half a PNG."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    """Write the PNG through :func:`metalstm.files.write_file` (atomic, never half a PNG)."""
     try:
-        fig.savefig(tmp, dpi=150, format="png")
-        tmp.replace(out)
+        return write_file(out, lambda handle: fig.savefig(handle, dpi=150, format="png"))
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return out

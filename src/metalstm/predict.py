@@ -55,11 +55,8 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -71,7 +68,8 @@ from .algorithm import Algorithm, Classifier
 from .checkpoint import add_checkpoint_argument
 from .config import override
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, printable
+from .files import check_output, output_path, write_file
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -398,6 +396,10 @@ def _query_files(
         elif path.is_file():
             _check_image_file(path, "the query list")
             files.append(path)
+        elif path.exists():
+            raise DataError(
+                f"query path {path} is not a file or folder; pass image files or folders"
+            )
         else:
             raise DataError(f"query path {path} does not exist; pass image files or folders")
     seen: set[Path] = set()
@@ -582,27 +584,9 @@ def summary(result: PredictionResult, max_rows: int = 30) -> str:
 
 
 def _write_outputs(outputs: list[tuple[Path, bytes]]) -> None:
-    """Write every file or none: each goes to a temporary file first, then all are renamed."""
-    temps: list[tuple[str, Path]] = []
-    path = Path()
-    try:
-        for path, data in outputs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(
-                delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-            ) as tmp:
-                temps.append((tmp.name, path))
-                tmp.write(data)
-        for tmp_name, path in temps:
-            os.replace(tmp_name, path)
-    except OSError as error:
-        raise DataError(
-            f"cannot write {path}: {' '.join(str(error).split())}; check the folder is writable"
-        ) from None
-    finally:
-        for tmp_name, _ in temps:
-            with suppress(OSError):
-                os.unlink(tmp_name)
+    """Write each output atomically; all are rendered (and checked) before the first is written."""
+    for path, data in outputs:
+        write_file(path, data, error=DataError)
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -628,7 +612,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=output_path,
         metavar="FILE",
         help="write one row per query image to FILE.csv or FILE.json",
     )
@@ -644,7 +628,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--visualize",
-        type=Path,
+        type=output_path,
         metavar="FILE.png",
         help="write a PNG grid of the support images and the labelled query images",
     )
@@ -664,6 +648,9 @@ def predict_main(args: argparse.Namespace) -> None:
         raise ConfigError(f"--visualize {args.visualize} must end in .png")
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps {args.steps} is invalid; give at least 1 inner step")
+    for output in (args.out, args.visualize):
+        if output is not None:
+            check_output(output, error=ConfigError)
     device = resolve_device(args.device)
     result = predict_folders(
         args.checkpoint,
@@ -677,8 +664,8 @@ def predict_main(args: argparse.Namespace) -> None:
     k = f"{counts[0]}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     c, s = result.support_images.shape[1], result.support_images.shape[-1]
     print(
-        f"checkpoint: {result.checkpoint}; support: {len(result.class_names)} classes x {k} "
-        f"images; query: {len(result.files)} images; all converted to {s}x{s} "
+        f"checkpoint: {printable(result.checkpoint)}; support: {len(result.class_names)} classes "
+        f"x {k} images; query: {len(result.files)} images; all converted to {s}x{s} "
         f"{'grayscale' if c == 1 else 'RGB'}",
         file=sys.stderr,
     )
@@ -694,7 +681,7 @@ def predict_main(args: argparse.Namespace) -> None:
     _write_outputs(outputs)
     if args.json:
         print(json.dumps(result.rows(), ensure_ascii=False))
-    else:
-        print(summary(result))
+    else:  # file and class names come from the user's folders: escape control characters
+        print("\n".join(printable(line) for line in summary(result).split("\n")))
     for path, _ in outputs:
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {printable(str(path))}", file=sys.stderr)

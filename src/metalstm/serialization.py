@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .algorithm import Algorithm
 from .algorithms import build_algorithm
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint_meta, resolve_checkpoint
 from .config import Config
 from .errors import CheckpointError, ConfigError
 
@@ -24,7 +24,8 @@ def algorithm_tensors(algorithm: Algorithm) -> dict[str, Tensor]:
 
 
 def algorithm_from_tensors(algorithm: Algorithm, tensors: dict[str, Tensor], path: Path) -> None:
-    """Load ``model.*`` tensors into ``algorithm``, refusing any difference of names or shapes."""
+    """Load ``model.*`` tensors into ``algorithm``, refusing any difference of names or shapes
+    and non-finite values."""
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     expected = algorithm.state_dict()
     if set(state) != set(expected):
@@ -39,6 +40,7 @@ def algorithm_from_tensors(algorithm: Algorithm, tensors: dict[str, Tensor], pat
                 f"checkpoint {path} has {key} of shape {tuple(value.shape)} but this learner "
                 f"needs {tuple(expected[key].shape)}; it was trained for another learner shape"
             )
+    check_finite(state, path)
     algorithm.load_state_dict(state)
 
 
@@ -53,17 +55,20 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
 def optimizer_from_tensors(
     optimizer: torch.optim.Optimizer,
     tensors: dict[str, Tensor],
-    param_groups: list[dict[str, Any]],
+    param_groups: Any,
     path: Path,
 ) -> None:
+    """Load ``optim.*`` tensors and the meta's ``param_groups``, refusing malformed ones."""
     state: dict[int, dict[str, Tensor]] = {}
-    for name, value in tensors.items():
-        if name.startswith("optim."):
-            _, index, key = name.split(".", 2)
-            state.setdefault(int(index), {})[key] = value
     try:
+        for name, value in tensors.items():
+            if name.startswith("optim."):
+                _, index, key = name.split(".", 2)
+                state.setdefault(int(index), {})[key] = value
+        if not isinstance(param_groups, list) or not all(isinstance(g, dict) for g in param_groups):
+            raise ValueError("param_groups is not a list of mappings")
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError, IndexError) as error:
         raise CheckpointError(
             f"checkpoint {path} has an incompatible optimizer state: {error}"
         ) from None
@@ -77,14 +82,32 @@ def load_algorithm(
     ``overrides`` change evaluation-time settings (e.g. ``eval_inner_steps``, ``transductive``).
     """
     path = resolve_checkpoint(str(name_or_path))
+    config = checkpoint_config(read_checkpoint_meta(path), path, overrides, device)
     tensors, meta = load_checkpoint(path, device=device)
-    if "config" not in meta or "algorithm" not in meta:
-        raise CheckpointError(f"{path} is not a metalstm model checkpoint (no config in it)")
-    try:
-        config = Config.from_dict({**meta["config"], **overrides, "device": str(device)})
-    except ConfigError as error:
-        raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
     algorithm = build_algorithm(config).to(device)
     algorithm_from_tensors(algorithm, tensors, path)
     algorithm.eval()
     return algorithm, {**meta, "path": str(path)}
+
+
+def checkpoint_config(
+    meta: dict[str, Any], path: Path, overrides: dict[str, Any], device: str | torch.device
+) -> Config:
+    """The checked config of a checkpoint's meta (read from the header, before any tensor):
+    its sizes are bounded (:class:`Config`), so building its model cannot run away."""
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta.get("algorithm"), str):
+        raise CheckpointError(f"{path} is not a metalstm model checkpoint (no config in it)")
+    try:
+        return Config.from_dict({**meta["config"], **overrides, "device": str(device)})
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+
+
+def check_finite(tensors: dict[str, Tensor], path: Path) -> None:
+    """Refuse weights with NaN or infinity: they come from a diverged run and score chance."""
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(
+                f"checkpoint {path} has non-finite values (NaN or infinity) in {name}: it was "
+                "saved from a diverged run; use an earlier checkpoint"
+            )

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import signal
 import sys
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-import yaml
 
 from .algorithm import Adapter
 from .algorithms import algorithm_class, build_algorithm
@@ -40,7 +38,18 @@ from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import candidate_accuracies, load_part
+from .files import write_file
 from .progress import LiveLine
+from .runfolder import (
+    CONFIG,
+    METRICS,
+    TENSORBOARD,
+    check_new_run_folder,
+    clear_run_folder,
+    hold,
+    metric_rows,
+    read_config_values,
+)
 from .serialization import (
     algorithm_from_tensors,
     algorithm_tensors,
@@ -157,6 +166,7 @@ class Trainer:
         """Load the newest good checkpoint of the run folder (falling back to the previous one).
 
         Returns None when the run stopped before its first checkpoint: it then starts afresh.
+        Nothing in the folder changes before the checkpoint is found to belong to this config.
         """
         errors = []
         for name in ("last", "last.prev"):
@@ -165,35 +175,67 @@ class Trainer:
                 continue
             try:
                 tensors, meta = load_checkpoint(path, device=self.device)
+                self.check_same_run(meta, path)
+                state = train_state_from(meta, path)
+                self.check_episodes(state)
+                algorithm_from_tensors(self.algorithm, tensors, path)
+                optimizer_from_tensors(self.optimizer, tensors, meta.get("optimizer"), path)
             except CheckpointError as error:
                 errors.append(str(error))
                 self.warn(f"{error}; falling back to the previous checkpoint")
                 continue
-            algorithm_from_tensors(self.algorithm, tensors, path)
-            optimizer_from_tensors(self.optimizer, tensors, meta["optimizer"], path)
-            self.state = TrainState(**meta["train_state"])
+            self.state = state
             self.state.stopped = ""
             self.truncate_metrics()
             return path
-        if not errors:
-            self.truncate_metrics()
-            return None
-        raise CheckpointError(f"no usable checkpoint in {self.run_dir}: {'; '.join(errors)}")
+        if errors:
+            raise CheckpointError(f"no usable checkpoint in {self.run_dir}: {'; '.join(errors)}")
+        best = self.run_dir / "best.safetensors"
+        if best.exists():
+            raise CheckpointError(
+                f"{self.run_dir} holds {best.name} but no last.safetensors to resume from, and "
+                f"starting over would replace it; evaluate it with --checkpoint {best}, or start "
+                "a new run with another --out"
+            )
+        self.truncate_metrics()
+        return None
+
+    def check_same_run(self, meta: dict[str, Any], path: Path) -> None:
+        """Refuse a config.yaml that was edited after the checkpoint (episodes may grow)."""
+        values = meta.get("config")
+        if not isinstance(values, dict):
+            raise CheckpointError(f"checkpoint {path} holds no config; it is not a training one")
+        try:
+            saved = Config.from_dict(values).to_dict()
+        except ConfigError as error:
+            raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+        ours = self.config.to_dict()
+        differ = [key for key in ours if key != "episodes" and ours[key] != saved[key]]
+        if differ:
+            changes = ", ".join(
+                f"{key}={ours[key]!r} (checkpoint: {saved[key]!r})" for key in differ
+            )
+            raise ConfigError(
+                f"{self.run_dir / CONFIG} disagrees with {path.name}: {changes}; restore "
+                "config.yaml, or start a new run with --out"
+            )
+
+    def check_episodes(self, state: TrainState) -> None:
+        """Refuse an ``episodes`` below what the run has already done."""
+        done = state.step * self.config.meta_batch
+        if self.batches is None and self.config.episodes < done:
+            raise ConfigError(
+                f"episodes={self.config.episodes} is fewer than the {done} episodes "
+                f"{self.run_dir} has already done; give --episodes {done} or more"
+            )
 
     def truncate_metrics(self) -> None:
         """Drop metric lines written after the checkpoint, so a resumed run rewrites them."""
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS
         if not path.exists() or not self.dist.is_main:
             return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a crash
-                continue
-            if row["step"] <= self.state.step:
-                kept.append(line)
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        kept = [line for line, row in metric_rows(path) if row["step"] <= self.state.step]
+        write_file(path, "".join(line + "\n" for line in kept))
 
     # -- logging ---------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -209,7 +251,7 @@ class Trainer:
         """Append a row to metrics.jsonl and mirror its figures to tensorboard (train/*, val/*)."""
         if not self.dist.is_main:
             return
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
+        with open(self.run_dir / METRICS, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.events is not None:
             group = "val" if "val_accuracy" in row else "train"
@@ -329,12 +371,19 @@ class Trainer:
         )
         state.window = {"loss": 0.0, "acc": 0.0, "n": 0.0}
 
+    def weights_finite(self) -> bool:
+        """Whether every meta-parameter is finite; a diverged model is never saved as best."""
+        finite = all(bool(torch.isfinite(p).all()) for p in self.algorithm.parameters())
+        if not finite:
+            self.warn(f"non-finite meta-parameters at update {self.state.step}: not saved as best")
+        return finite
+
     def validation_round(self) -> None:
         state = self.state
         val_acc = self.validate()
         state.validations.append({"step": state.step, "accuracy": val_acc})
         self.write_metrics({"step": state.step, "val_accuracy": val_acc})
-        if val_acc > state.best_accuracy:
+        if val_acc > state.best_accuracy and self.weights_finite():
             state.best_accuracy, state.best_step = val_acc, state.step
             self.save("best")
         elif self.config.early_stopping:
@@ -392,24 +441,22 @@ def gradient_row(
 
 @contextmanager
 def catch_sigint(trainer: Trainer) -> Iterator[None]:
-    """Ctrl-C finishes the current update, writes a checkpoint and stops."""
+    """Ctrl-C (SIGINT) or SIGTERM finishes the current update, writes a checkpoint and stops."""
 
     def handler(signum: int, frame: object) -> None:
         trainer._interrupted = True
         trainer.say("\ninterrupt: stopping after this update and writing a checkpoint")
 
     try:
-        previous = signal.signal(signal.SIGINT, handler)
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-TENSORBOARD_DIR = "tensorboard"
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def open_tensorboard(run_dir: Path, *, first_step: int) -> Any:
@@ -422,36 +469,7 @@ def open_tensorboard(run_dir: Path, *, first_step: int) -> Any:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is an optional extra
         return None
-    return SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=first_step)
-
-
-def prepare_run_dir(run_dir: Path, config: Config, *, force: bool) -> None:
-    """Create the run folder, refusing one that already holds another run unless ``force``."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir} is a file; give a folder for the run")
-    if run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise ConfigError(
-            f"{run_dir} already holds files; use --resume {run_dir} to continue that run, "
-            "--force to overwrite it, or another --out"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if force:
-        for name in (
-            "metrics.jsonl",
-            "last.safetensors",
-            "last.prev.safetensors",
-            "best.safetensors",
-        ):
-            (run_dir / name).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / TENSORBOARD_DIR, ignore_errors=True)
-    write_atomic(run_dir / "config.yaml", save_yaml(config))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file and rename it: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return SummaryWriter(str(run_dir / TENSORBOARD), purge_step=first_step)
 
 
 def train(
@@ -473,10 +491,15 @@ def train(
     run_dir = Path(run_dir)
     dist = dist or Distributed.single()
     if dist.is_main:
-        prepare_run_dir(run_dir, config, force=force)
-    dist.barrier()
-    trainer = Trainer(config, run_dir, dist=dist, log=log)
-    trainer.run()
+        check_new_run_folder(run_dir, force=force)
+    trainer = Trainer(config, run_dir, dist=dist, log=log)  # checks the config against the data
+    with hold_if_main(run_dir, dist):
+        if dist.is_main:
+            check_new_run_folder(run_dir, force=force)  # again, now that the folder is ours
+            clear_run_folder(run_dir)
+            write_file(run_dir / CONFIG, save_yaml(config))
+        dist.barrier()
+        trainer.run()
     return trainer
 
 
@@ -489,31 +512,50 @@ def resume(
 ) -> Trainer:
     """Continue the run in ``run_dir`` from its last good checkpoint (``episodes`` extends it)."""
     run_dir = Path(run_dir)
+    dist = dist or Distributed.single()
     config = saved_config(run_dir)
     if episodes is not None:
         config = Config.from_dict({**config.to_dict(), "episodes": episodes})
-    trainer = Trainer(config, run_dir, dist=dist, log=log)
-    path = trainer.restore()
-    if trainer.dist.is_main:
-        write_atomic(run_dir / "config.yaml", save_yaml(config))
-        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-    if path is None:
-        trainer.say(f"{run_dir} has no checkpoint yet: starting the run from the beginning")
-    else:
-        episode = trainer.state.step * config.meta_batch
-        trainer.say(f"resuming {run_dir} from {path.name} at episode {episode}")
-    trainer.run()
+    with hold_if_main(run_dir, dist):
+        trainer = Trainer(config, run_dir, dist=dist, log=log)
+        path = trainer.restore()
+        if trainer.dist.is_main:
+            write_file(run_dir / CONFIG, save_yaml(config))
+            for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+        if path is None:
+            trainer.say(f"{run_dir} has no checkpoint yet: starting the run from the beginning")
+        else:
+            episode = trainer.state.step * config.meta_batch
+            trainer.say(f"resuming {run_dir} from {path.name} at episode {episode}")
+        trainer.run()
     return trainer
 
 
 def saved_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(
-            f"{run_dir} is not a metalstm run folder (no config.yaml); check --resume"
-        )
-    values = yaml.safe_load(path.read_text())
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path} is not a config mapping")
-    return Config.from_dict(values)
+    """The config in ``run_dir/config.yaml``, checked like any other."""
+    return Config.from_dict(read_config_values(run_dir))
+
+
+@contextmanager
+def hold_if_main(run_dir: Path, dist: Distributed) -> Iterator[None]:
+    """The run folder's lock (:func:`metalstm.runfolder.hold`), taken by the main rank only."""
+    if not dist.is_main:
+        yield
+        return
+    with hold(run_dir):
+        yield
+
+
+def train_state_from(meta: dict[str, Any], path: Path) -> TrainState:
+    """The :class:`TrainState` of a checkpoint's meta, or a one-line :class:`CheckpointError`."""
+    values = meta.get("train_state")
+    try:
+        if not isinstance(values, dict):
+            raise TypeError("not a mapping")
+        state = TrainState(**values)
+        if type(state.step) is not int or state.step < 0:
+            raise TypeError("step is not a count")
+    except TypeError as error:
+        raise CheckpointError(f"checkpoint {path} has a malformed train_state ({error})") from None
+    return state

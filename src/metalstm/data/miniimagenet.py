@@ -96,6 +96,7 @@ def _load_part(folder: Path, part: str, *, image_size: int, channels: int) -> Cl
     def is_valid(arrays: Mapping[str, np.ndarray]) -> bool:
         return (
             set(arrays) == {"images", "counts"}
+            and arrays["images"].dtype == np.uint8
             and arrays["images"].shape == shape
             and np.array_equal(arrays["counts"], counts)
         )

@@ -200,6 +200,7 @@ def omniglot_images(image_size: int, data_root: str | Path | None = None) -> Omn
         return (
             set(arrays) == {"images", "characters", "counts", "archive_characters", "sha256"}
             and np.array_equal(arrays["sha256"], digests)
+            and arrays["images"].dtype == np.uint8
             and arrays["images"].shape == (arrays["counts"].sum(), 1, image_size, image_size)
             and len(arrays["characters"]) == len(arrays["counts"])
         )
@@ -283,7 +284,10 @@ def parse_split_file(path: Path, known: dict[str, tuple[int, int]]) -> list[tupl
     classes: list[tuple[str, int]] = []
     seen: set[str] = set()
     fix = "fix the line or restore the published split file"
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # undecodable bytes become U+FFFD, which no valid line contains
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read split file {path} ({exc.strerror or exc}); {fix}") from None
     for lineno, raw in enumerate(lines, start=1):
         line = raw.strip()
         if not line:

@@ -5,28 +5,26 @@
   one is filled by downloads: an explicit root is never written to by a download.
 * Decoded-image caches live in ``$METALSTM_CACHE`` when set; else next to the data
   (``<dataset folder>/cache``) when that is writable; else in the per-user cache folder.
-* Every file this package writes goes through :func:`atomic_write`: a temporary file in the target
-  folder, renamed over the target only once complete, removed on any error.
+* Every file this package writes goes through :func:`metalstm.files.write_file`: a temporary file in
+  the target folder, renamed over the target only once complete, removed on any error.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import http.client
 import os
-import secrets
 import stat
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
-from ..errors import DataError
+from ..errors import DataError, OutputError
+from ..files import write_file
 
 DATA_ENV = "METALSTM_DATA"
 CACHE_ENV = "METALSTM_CACHE"
@@ -85,25 +83,6 @@ def is_writable_dir(path: Path) -> bool:
     return bool(stat.S_IMODE(mode) & 0o222) and os.access(probe, os.W_OK | os.X_OK)
 
 
-@contextlib.contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file next to ``path``; on success rename it to ``path``, else delete it.
-
-    Readers never see a half-written ``path``: either the old file (or none), or the complete one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    handle = tmp.open("xb")  # unlike mkstemp's 0600, honours the umask like any other file
-    try:
-        with handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def cache_dirs(data_dir: Path, dataset: str) -> list[Path]:
     """Candidate cache folders, most preferred first (``$METALSTM_CACHE`` alone when set)."""
     env = os.environ.get(CACHE_ENV)
@@ -135,13 +114,9 @@ def load_or_build_arrays(
         )
     arrays = dict(build())
     try:
-        with atomic_write(target / name) as handle:
-            np.savez(handle, **arrays)  # type: ignore[arg-type]
-    except OSError as exc:
-        raise DataError(
-            f"cannot write cache {target / name} ({exc.strerror or exc}); "
-            f"free disk space or set {CACHE_ENV} to a writable folder"
-        ) from exc
+        write_file(target / name, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
+    except OutputError as exc:
+        raise DataError(f"{exc}, or set {CACHE_ENV} to a writable folder") from None
     return arrays
 
 
@@ -168,15 +143,12 @@ def file_digests(path: Path) -> tuple[str, str]:
 def download(url: str, dest: Path, what: str) -> None:
     """Download ``url`` to ``dest`` atomically, or raise a one-line :class:`DataError`."""
     try:
-        with (
-            urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response,
-            atomic_write(dest) as handle,
-        ):
-            while block := response.read(_CHUNK):
-                handle.write(block)
-    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, disk errors...
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()  # the archives are a few MB
+    except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts...
         reason = " ".join(str(getattr(exc, "reason", None) or exc).split())
         raise DataError(
             f"{what} is missing and could not be downloaded ({reason}): "
             f"download {url} by hand and save it as {dest}"
         ) from exc
+    write_file(dest, data, error=DataError)
