@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import subprocess
+import sys
 import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -191,3 +193,32 @@ def test_malicious_pickle_checkpoint_never_runs(tmp_path: Path, command: str) ->
 def test_shipped_name_cannot_escape_its_folder(tmp_path: Path) -> None:
     code, _, err = run_cli(["evaluate", "--checkpoint", "../../../etc/passwd"])
     assert_one_line_usage_error(code, err)
+
+
+#: Runs the ``metalstm`` entry point with a Ctrl-C delivered while torch is being imported: an
+#: import hook sends SIGINT to the process when ``import torch`` starts.
+CTRL_C_WHILE_TORCH_LOADS = """
+import importlib.abc, os, signal, sys
+
+class SigintOnTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, SigintOnTorch())
+from metalstm.entry import main
+sys.exit(main(["presets"]))
+"""
+
+
+def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CTRL_C_WHILE_TORCH_LOADS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "metalstm: interrupted\n"

@@ -10,19 +10,81 @@ evaluation → reports. Quick use::
     print(evaluate(model, episodes=100).line())
 """
 
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .algorithm import Algorithm, EpisodeLoss
-from .algorithms import ALGORITHMS, build_algorithm
-from .config import Config, load_preset, override, preset_names
-from .errors import CheckpointError, ConfigError, DataError, MetaLSTMError
-from .evaluation import EvalResult, evaluate
-from .learner import Learner, LearnerShape
-from .metalearner import MetaLearnerCell, MetaLSTM, preprocess
-from .optim import MetaLSTMOptimizer
-from .predict import adapt, predict
-from .serialization import load_algorithm
-from .training import Trainer, resume, train
+#: Public name -> the module that defines it. Imported on first use (PEP 562), so that
+#: ``import metalstm`` and the command line's first instants do not wait for torch: a Ctrl-C
+#: while torch loads then reaches the CLI's handler (exit 130) instead of a traceback.
+_EXPORTS = {
+    "Algorithm": "algorithm",
+    "EpisodeLoss": "algorithm",
+    "ALGORITHMS": "algorithms",
+    "build_algorithm": "algorithms",
+    "Config": "config",
+    "load_preset": "config",
+    "override": "config",
+    "preset_names": "config",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "DataError": "errors",
+    "MetaLSTMError": "errors",
+    "EvalResult": "evaluation",
+    "evaluate": "evaluation",
+    "Learner": "learner",
+    "LearnerShape": "learner",
+    "MetaLearnerCell": "metalearner",
+    "MetaLSTM": "metalearner",
+    "preprocess": "metalearner",
+    "MetaLSTMOptimizer": "optim",
+    "adapt": "predict",
+    "predict": "predict",
+    "load_algorithm": "serialization",
+    "Trainer": "training",
+    "resume": "training",
+    "train": "training",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'metalstm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+class _Package(types.ModuleType):
+    """``metalstm.predict`` is the function, as it always was, even once the submodule of the
+    same name is imported (the import system then binds the submodule to the package's name)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:
+    from .algorithm import Algorithm, EpisodeLoss
+    from .algorithms import ALGORITHMS, build_algorithm
+    from .config import Config, load_preset, override, preset_names
+    from .errors import CheckpointError, ConfigError, DataError, MetaLSTMError
+    from .evaluation import EvalResult, evaluate
+    from .learner import Learner, LearnerShape
+    from .metalearner import MetaLearnerCell, MetaLSTM, preprocess
+    from .optim import MetaLSTMOptimizer
+    from .predict import adapt, predict
+    from .serialization import load_algorithm
+    from .training import Trainer, resume, train
 
 __all__ = [
     "ALGORITHMS",
