@@ -196,9 +196,12 @@ def test_shipped_name_cannot_escape_its_folder(tmp_path: Path) -> None:
 
 
 #: Runs the ``metalstm`` entry point with a Ctrl-C delivered while torch is being imported: an
-#: import hook sends SIGINT to the process when ``import torch`` starts.
+#: import hook sends SIGINT to the process when ``import torch`` starts. Python's own SIGINT
+#: handler is installed first, as on a terminal: a process started in the background by a
+#: non-interactive shell (``cmd &``, as some CI runners do) inherits SIGINT ignored.
 CTRL_C_WHILE_TORCH_LOADS = """
 import importlib.abc, os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class SigintOnTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
