@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from metalstm import Config
+from metalstm.cli import main
 from metalstm.learner import Learner
 
 DEFAULT_DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -147,3 +150,14 @@ def small_config(**changes: object) -> Config:
     )
     values.update(changes)
     return Config(**values)  # type: ignore[arg-type]
+
+
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+    return code, out.getvalue(), err.getvalue()

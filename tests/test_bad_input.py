@@ -10,30 +10,18 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from metalstm.cli import main
+from conftest import run_cli
 from metalstm.config import Config, override
 from metalstm.data import load_image_folder, load_images
 from metalstm.errors import ConfigError, DataError
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
 
 
 def assert_one_line_usage_error(code: int, err: str) -> None:

@@ -4,33 +4,21 @@ command's outputs go through it."""
 
 from __future__ import annotations
 
-import io
 import os
 import stat
 import threading
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_cli
 from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
-from metalstm.cli import main
 from metalstm.config import Config
 from metalstm.errors import OutputError
 from metalstm.files import write_file
 from metalstm.serialization import algorithm_tensors
-
-
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, out.getvalue(), err.getvalue()
 
 
 def null_device(folder: Path) -> Path:

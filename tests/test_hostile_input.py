@@ -3,10 +3,8 @@ nothing half-written, and no allocation beyond a bound (property-based with hypo
 
 from __future__ import annotations
 
-import io
 import resource
 import shutil
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import run_cli
 from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
 from metalstm.cli import main
@@ -33,17 +32,6 @@ MEMORY_BOUND_MB = 500  # what one refused input may add to the process's peak me
 
 def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def run_cli(argv: list[str]) -> tuple[int, str]:
-    """Run the CLI in-process; returns (exit code, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        try:
-            code = main(argv)
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 2
-    return code, err.getvalue()
 
 
 def assert_clean_exit(code: int, err: str, before_mb: float) -> None:
@@ -93,7 +81,7 @@ def test_checkpoint_config_is_bounded_before_anything_is_built(
     values = {**TINY.to_dict(), **config} if isinstance(config, dict) else config
     path = save_with_meta(tmp_path / "crafted", {"algorithm": "lstm", "config": values})
     before = peak_mb()
-    code, err = run_cli(["evaluate", "--checkpoint", str(path), "--episodes", "2"])
+    code, _, err = run_cli(["evaluate", "--checkpoint", str(path), "--episodes", "2"])
     assert code == 2
     assert_clean_exit(code, err, before)
     assert "crafted.safetensors" in err
@@ -115,7 +103,7 @@ def test_non_finite_weights_are_refused_at_load(tmp_path: Path) -> None:
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     meta = {"algorithm": "lstm", "config": TINY.to_dict()}
     path = save_checkpoint(tmp_path / "diverged", tensors, meta)
-    code, err = run_cli(["evaluate", "--checkpoint", str(path)])
+    code, _, err = run_cli(["evaluate", "--checkpoint", str(path)])
     assert code == 2 and "non-finite" in err and name.removeprefix("model.") in err
 
 
@@ -130,7 +118,7 @@ def test_a_malformed_train_state_or_optimizer_is_one_line(
     meta = {"algorithm": "lstm", "config": config.to_dict(), "train_state": train_state}
     meta["optimizer"] = "not param groups"
     save_with_meta(run / "last", meta)
-    code, err = run_cli(["train", "--resume", str(run), "--quiet"])
+    code, _, err = run_cli(["train", "--resume", str(run), "--quiet"])
     assert code == 2 and "Traceback" not in err, err
     assert err.splitlines()[-1].startswith("metalstm: error: no usable checkpoint"), err
     assert ("optimizer" if train_state == {"step": 0} else "train_state") in err
@@ -179,7 +167,7 @@ def test_command_lines_exit_cleanly_and_write_nothing_when_refused(
         shutil.rmtree(outputs)
         outputs.mkdir()
         before = peak_mb()
-        code, err = run_cli(argv)
+        code, _, err = run_cli(argv)
         assert_clean_exit(code, err, before)
         assert no_temporaries(tmp_path)
         if code != 0:
@@ -214,7 +202,7 @@ def test_checkpoint_meta_never_crashes_nor_allocates(tmp_path: Path, no_data: Pa
             meta = {**meta, "config": {**TINY.to_dict(), **meta["config"]}}
         path = save_with_meta(tmp_path / "meta", meta)
         before = peak_mb()
-        code, err = run_cli(["evaluate", "--checkpoint", str(path), "--episodes", "2"])
+        code, _, err = run_cli(["evaluate", "--checkpoint", str(path), "--episodes", "2"])
         assert code == 2  # no data: even a usable checkpoint stops there, cleanly
         assert_clean_exit(code, err, before)
 
