@@ -53,6 +53,7 @@ from .runfolder import (
 from .serialization import (
     algorithm_from_tensors,
     algorithm_tensors,
+    checkpoint_config,
     optimizer_from_tensors,
     optimizer_tensors,
 )
@@ -202,13 +203,9 @@ class Trainer:
 
     def check_same_run(self, meta: dict[str, Any], path: Path) -> None:
         """Refuse a config.yaml that was edited after the checkpoint (episodes may grow)."""
-        values = meta.get("config")
-        if not isinstance(values, dict):
-            raise CheckpointError(f"checkpoint {path} holds no config; it is not a training one")
-        try:
-            saved = Config.from_dict(values).to_dict()
-        except ConfigError as error:
-            raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
+        config = meta.get("config")
+        device = config.get("device", "auto") if isinstance(config, dict) else "auto"
+        saved = checkpoint_config(meta, path, {}, device).to_dict()
         ours = self.config.to_dict()
         differ = [key for key in ours if key != "episodes" and ours[key] != saved[key]]
         if differ:
