@@ -122,9 +122,10 @@ class Config:
             value = getattr(self, key)
             if value is not None and value > limit:
                 raise ConfigError(f"invalid value {key}={value!r}; at most {limit} is supported")
-        if learner_size(self) > MAX_LEARNER_SIZE:
+        size = learner_size(self)
+        if size > MAX_LEARNER_SIZE:
             raise ConfigError(
-                f"a learner of {learner_size(self):,} parameters (filters={self.filters}, "
+                f"a learner of {size:,} parameters (filters={self.filters}, "
                 f"image_size={self.image_size}, n_way={self.n_way}) is more than the "
                 f"{MAX_LEARNER_SIZE:,} supported; lower filters, image_size or n_way"
             )

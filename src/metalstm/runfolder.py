@@ -91,11 +91,17 @@ def clear_run_folder(run_dir: Path) -> None:
     """Remove a run's own files (never anything else in the folder)."""
     for name in (CONFIG, METRICS, *CHECKPOINTS):
         (run_dir / name).unlink(missing_ok=True)
-    for stale in run_dir.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
+    remove_stale_temporaries(run_dir)
     tensorboard = run_dir / TENSORBOARD
     if tensorboard.is_dir() and not tensorboard.is_symlink():
         shutil.rmtree(tensorboard, ignore_errors=True)
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Remove the temporary files a process killed mid-write left behind (the caller holds the
+    folder's lock, so none belongs to a live writer)."""
+    for stale in run_dir.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 @contextmanager

@@ -49,6 +49,7 @@ from .runfolder import (
     hold,
     metric_rows,
     read_config_values,
+    remove_stale_temporaries,
 )
 from .serialization import (
     algorithm_from_tensors,
@@ -518,8 +519,7 @@ def resume(
         path = trainer.restore()
         if trainer.dist.is_main:
             write_file(run_dir / CONFIG, save_yaml(config))
-            for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
-                stale.unlink(missing_ok=True)
+            remove_stale_temporaries(run_dir)
         if path is None:
             trainer.say(f"{run_dir} has no checkpoint yet: starting the run from the beginning")
         else:
