@@ -13,8 +13,8 @@ threads down different paths within a few updates. Two PyTorch CPU kernels did t
 - oneDNN's convolution weight gradient sums over the batch in a thread-dependent order:
   :func:`conv3x3` computes it on one thread (the input gradient, the larger part, keeps all).
 
-:func:`single_threaded` is the context both of these, and the meta-learner's long reductions over
-the n coordinates, run in. See README "Reproducibility" for what holds where.
+:func:`single_threaded` is the context that weight gradient, and the meta-learner's long
+reductions over the n coordinates, run in. See README "Reproducibility" for what holds where.
 """
 
 from __future__ import annotations
