@@ -164,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = override(load_preset(args.preset), values)
         dist = Distributed.from_environment(resolve_device(config.device))
         trainer = train(config, args.out, force=args.force, dist=dist, log=log)
+    dist.close()
     state = trainer.state
     if dist.is_main:
         best = (

@@ -102,6 +102,13 @@ class Distributed:
                 "same --preset and --set options"
             )
 
+    def close(self) -> None:
+        """Leave the process group once every rank is done (a rank exiting with gloo's threads
+        still running was seen to abort: 'terminate called without an active exception')."""
+        if self.world_size > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
