@@ -119,7 +119,7 @@ def run_machine() -> dict[str, Any]:
 EVAL_SCRIPT = """
 import json, sys, time
 import torch
-from metalstm import build_algorithm, load_preset, override
+from metalstm import build_method, load_preset, override
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
@@ -128,7 +128,7 @@ from metalstm.training import resolve_device
 config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)
-model = build_algorithm(config).to(resolve_device(config.device))
+model = build_method(config).to(resolve_device(config.device))
 start, cpu = time.perf_counter(), time.process_time()
 scores = episode_accuracies(model, sampler, range(600))
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -137,8 +137,8 @@ n = model.learner.n_params
 gflop = episode_flops(config, n, config.n_way * config.k_shot, "eval") / 1e9
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy,
                   "gflop_per_episode": gflop, "gflops": 600 * gflop / seconds,
-                  "settings": {"mode": "eval", "steps": config.test_steps,
-                               "learner_params": n, "hidden": config.hidden_size}}))
+                  "settings": {"mode": "eval", "steps": config.settings.eval_steps,
+                               "learner_params": n, "hidden": config.settings.hidden_size}}))
 """
 
 

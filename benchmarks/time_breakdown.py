@@ -33,7 +33,8 @@ import torch
 from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from metalstm import bench, learner, metalearner
+from metalstm import bench, inner_loop, learner
+from metalstm.methods.metalearner import MetaLearnerCell
 
 SUPPORT = "learner: support passes (L_t, g_t)"
 LSTM_FORWARD = "meta-learner LSTM: forward (preprocessing, both layers, update)"
@@ -59,8 +60,8 @@ def labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def label_the_library() -> None:
     """Wrap the functions that make up an episode in labelled regions (this process only)."""
-    metalearner.learner_loss_and_grad = labelled(SUPPORT, metalearner.learner_loss_and_grad)
-    cell = metalearner.MetaLearnerCell
+    inner_loop.learner_loss_and_grad = labelled(SUPPORT, inner_loop.learner_loss_and_grad)
+    cell = MetaLearnerCell
     cell.forward = labelled(LSTM_FORWARD, cell.forward)  # type: ignore[method-assign]
     learner.Learner.__call__ = labelled(QUERY, learner.Learner.__call__)  # type: ignore[method-assign]
     torch.nn.utils.clip_grad_norm_ = labelled(OPTIMIZER, torch.nn.utils.clip_grad_norm_)
@@ -79,7 +80,7 @@ def part_of(event: FunctionEvent) -> str:
             part = node.name
         elif node.name.startswith("Optimizer."):
             part = OPTIMIZER
-        cell_backward = cell_backward or "_CellStepBackward" in node.name
+        cell_backward = cell_backward or "CellStepBackward" in node.name
         backward = backward or node.name.startswith("autograd::engine")
         node = node.cpu_parent
     if part is not None:
@@ -116,7 +117,7 @@ def main() -> int:
     s, threads = work.config, torch.get_num_threads()
     print(
         f"{args.mode}: {s.image_size}x{s.image_size}x{s.channels}, {s.n_way}-way {s.k_shot}-shot, "
-        f"T = {s.inner_steps} on {work.batch}, {s.filters} filters, {work.device} "
+        f"T = {s.settings.inner_steps} on {work.batch}, {s.filters} filters, {work.device} "
         f"({threads} thread{'s' if threads > 1 else ''}), {episodes} profiled episodes"
     )
     print("\n| part | ms per episode | share |\n| --- | --- | --- |")

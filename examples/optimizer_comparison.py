@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metalstm.data import load_split
-from metalstm.optim import MetaLSTMOptimizer, learned_update_rule
-from metalstm.serialization import load_algorithm
+from metalstm.methods.metalearner.optimizer import MetaLSTMOptimizer, learned_update_rule
+from metalstm.serialization import load_method
 
 
 def mlp() -> nn.Module:
@@ -187,9 +187,9 @@ def main() -> None:
         parser.error("--checkpoint is required (unless --replot)")
     torch.set_num_threads(1)
 
-    meta_model, meta = load_algorithm(args.checkpoint)
+    meta_model, meta = load_method(args.checkpoint)
     cell = learned_update_rule(meta_model)  # MetaLSTM only: other methods have no update rule
-    trained_steps = meta_model.config.inner_steps
+    trained_steps = meta_model.settings.inner_steps
     print(f"meta-learner: {meta['path']} (trained T={trained_steps} steps)")
     optimizers: dict[str, Callable[[list[nn.Parameter]], torch.optim.Optimizer]] = {
         "meta-learner": lambda p: MetaLSTMOptimizer(p, cell),

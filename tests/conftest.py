@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from metalstm import Config
+from metalstm import Config, override
 from metalstm.cli import main
 from metalstm.learner import Learner
 
@@ -149,7 +149,7 @@ def small_config(**changes: object) -> Config:
         device="cpu",
     )
     values.update(changes)
-    return Config(**values)  # type: ignore[arg-type]
+    return override(Config(), values)
 
 
 def run_cli(argv: list[str]) -> tuple[int, str, str]:

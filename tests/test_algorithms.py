@@ -11,36 +11,38 @@ import torch
 import torch.nn.functional as F
 
 from conftest import small_config
-from metalstm import ALGORITHMS, Config, build_algorithm, load_algorithm
-from metalstm.algorithm import Adapter
-from metalstm.algorithms.finetune import Finetune
-from metalstm.algorithms.maml import MAML
-from metalstm.algorithms.matching import MatchingNetFCE, attention_probabilities
-from metalstm.algorithms.nearest import nearest_neighbour_logits
-from metalstm.algorithms.pretraining import ClassBatches, PretrainedClassifier
-from metalstm.algorithms.protonet import ProtoNet, prototypes
+from metalstm import Config, build_method, load_method
 from metalstm.checkpoint import save_checkpoint
-from metalstm.compare import METHODS, checkpoint_meta, recipe
 from metalstm.config import load_preset, override
 from metalstm.data import ClassImages, Episode
+from metalstm.data.batches import ClassBatches
 from metalstm.errors import ConfigError
 from metalstm.evaluation import evaluate, protocol_for
-from metalstm.serialization import algorithm_tensors
+from metalstm.methods.base import Adapter
+from metalstm.methods.finetune import Finetune
+from metalstm.methods.maml import MAML
+from metalstm.methods.matching import MatchingNetFCE, attention_probabilities
+from metalstm.methods.nearest import nearest_neighbour_logits
+from metalstm.methods.pretraining import PretrainedClassifier
+from metalstm.methods.protonet import ProtoNet, prototypes
+from metalstm.registry import TrainsOn, method_entry, method_names
+from metalstm.serialization import method_meta, method_tensors
 from metalstm.training import Trainer, train
 
-TINY = small_config(
-    inner_steps=2,
-    pretrain_classes=7,
-    finetune_lr_grid="0.1",
-    finetune_steps_grid="3",
-)
+TINY = small_config(inner_steps=2)
+# The pre-trained baselines' own settings, given to every method (the others skip them).
+TINY_SETTINGS = {"pretrain_classes": 7, "finetune_lr_grid": "0.1", "finetune_steps_grid": "3"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+METHODS = method_names()  # the built-in methods, in table order
+
+
 def tiny(name: str, **values: object) -> Config:
-    return override(TINY, {"algorithm": name, **values})
+    # Keys of other methods' settings are skipped, so one set of values serves every method.
+    return override(TINY, {"method": name, **TINY_SETTINGS, **values}, strict=False)
 
 
 def random_episode(config: Config, seed: int = 0, dtype: torch.dtype = torch.float32) -> Episode:
@@ -60,18 +62,16 @@ def random_episode(config: Config, seed: int = 0, dtype: torch.dtype = torch.flo
 
 # -- the interface -------------------------------------------------------------------------------
 def test_every_method_is_registered_and_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
-    assert set(METHODS) <= set(ALGORITHMS)
+    assert set(METHODS) <= set(method_names())
     episode = random_episode(TINY)
     for name in METHODS:
-        model = build_algorithm(tiny(name))
+        model = build_method(tiny(name))
         assert model.name == name
         logits = model.predict(episode.support_x, episode.support_y, episode.query_x)
         assert logits.shape == (TINY.n_way * TINY.q_query, TINY.n_way)
         assert torch.isfinite(logits).all()
-        path = save_checkpoint(
-            tmp_path / name, algorithm_tensors(model), checkpoint_meta(model, "test")
-        )
-        loaded, meta = load_algorithm(path)
+        path = save_checkpoint(tmp_path / name, method_tensors(model), method_meta(model, "test"))
+        loaded, meta = load_method(path)
         assert type(loaded) is type(model) and meta["algorithm"] == name
         again = loaded.predict(episode.support_x, episode.support_y, episode.query_x)
         assert torch.allclose(again, logits, atol=1e-6), name
@@ -91,8 +91,10 @@ def test_every_method_is_registered_and_round_trips_through_a_checkpoint(tmp_pat
 )
 def test_protocol_line_states_each_methods_own_test_time_settings(name: str, protocol: str) -> None:
     transductive = name == "protonet"
-    config = tiny(name, eval_inner_steps=4, maml_inner_lr=0.5, transductive=transductive)
-    algorithm = build_algorithm(override(config, {"fce_steps": 2}))
+    config = tiny(
+        name, eval_inner_steps=4, maml_inner_lr=0.5, fce_steps=2, transductive=transductive
+    )
+    algorithm = build_method(config)
     described = protocol_for(algorithm, algorithm.config, "test", 10, 3).describe()
     assert described.startswith("omniglot/vinyals test, 3-way 2-shot, ")
     assert protocol in described and described.endswith("episodes seed 3")
@@ -103,8 +105,8 @@ def test_protocol_line_states_each_methods_own_test_time_settings(name: str, pro
 def test_meta_loss_is_differentiable_for_episodic_methods() -> None:
     episode = random_episode(TINY)
     for name in METHODS:
-        model = build_algorithm(tiny(name))
-        if model.trains_on != "episodes":
+        model = build_method(tiny(name))
+        if method_entry(name).trains_on is not TrainsOn.EPISODES:
             continue
         out = model.meta_loss(episode)
         out.loss.backward()
@@ -114,19 +116,19 @@ def test_meta_loss_is_differentiable_for_episodic_methods() -> None:
 
 
 def test_trains_on_says_how_each_method_is_trained() -> None:
-    kinds = {name: ALGORITHMS[name].trains_on for name in METHODS}
-    assert kinds["nn-pixel"] == "nothing"
-    assert kinds["finetune"] == kinds["nn-embedding"] == "batches"
+    kinds = {name: method_entry(name).trains_on for name in METHODS}
+    assert kinds["nn-pixel"] is TrainsOn.NOTHING
+    assert kinds["finetune"] is kinds["nn-embedding"] is TrainsOn.BATCHES
     assert {kinds[m] for m in ("lstm", "maml", "maml-fo", "matching", "matching-fce")} == {
-        "episodes"
+        TrainsOn.EPISODES
     }
-    assert build_algorithm(tiny("nn-pixel")).device == torch.device("cpu")  # no parameters
+    assert build_method(tiny("nn-pixel")).device == torch.device("cpu")  # no parameters
 
 
 # -- MAML ----------------------------------------------------------------------------------------
 def maml_setup(name: str) -> tuple[MAML, Episode]:
     config = tiny(name, k_shot=2, q_query=2, inner_steps=2, maml_inner_lr=0.5)
-    model = build_algorithm(config).double()
+    model = build_method(config).double()
     assert isinstance(model, MAML)
     return model, random_episode(config, seed=1, dtype=torch.float64)
 
@@ -164,7 +166,7 @@ def test_first_order_maml_is_the_query_gradient_at_the_adapted_parameters() -> N
     (grad,) = torch.autograd.grad(model.meta_loss(episode).loss, model.theta)
     # Definition of first-order MAML: ∇θ' L_query(θ') at θ' = θ_T, inner gradients constant.
     with torch.no_grad():
-        theta_t, _ = model.inner_loop(episode.support_x, episode.support_y, 2)
+        theta_t = model.inner_loop(episode.support_x, episode.support_y, 2).theta
     at = theta_t.detach().requires_grad_(True)
     bn = model.learner.fresh_batchnorm_state(dtype=torch.float64)  # query: batch statistics
     query_loss = F.cross_entropy(
@@ -179,7 +181,7 @@ def test_first_order_maml_is_the_query_gradient_at_the_adapted_parameters() -> N
 
 
 def test_maml_adapts_without_building_a_graph() -> None:
-    model = build_algorithm(tiny("maml"))
+    model = build_method(tiny("maml"))
     episode = random_episode(TINY)
     classifier = model.adapt(episode.support_x, episode.support_y)
     assert not classifier.theta.requires_grad  # type: ignore[attr-defined]
@@ -189,7 +191,7 @@ def test_maml_adapts_without_building_a_graph() -> None:
 # -- Prototypical Networks -----------------------------------------------------------------------
 def test_prototypes_are_class_means_of_the_embeddings() -> None:
     config = tiny("protonet", k_shot=3, q_query=2)
-    model = build_algorithm(config)
+    model = build_method(config)
     assert isinstance(model, ProtoNet)
     episode = random_episode(config, seed=3)
     perm = torch.randperm(len(episode.support_y), generator=torch.Generator().manual_seed(0))
@@ -221,7 +223,7 @@ def test_nearest_neighbour_on_a_hand_made_case() -> None:
 
 def test_pixel_nearest_neighbour_labels_copies_of_the_support_images() -> None:
     config = tiny("nn-pixel", n_way=3, k_shot=1)
-    model = build_algorithm(config)
+    model = build_method(config)
     support = torch.zeros(3, 1, 16, 16)
     support[0, :, :8] = 1.0  # top half
     support[1, :, :, :8] = 1.0  # left half
@@ -247,7 +249,7 @@ def test_matching_attention_is_a_distribution_over_the_support_labels() -> None:
 
 
 def test_full_context_embeddings_depend_on_the_whole_support_set() -> None:
-    model = build_algorithm(tiny("matching-fce"))
+    model = build_method(tiny("matching-fce"))
     assert isinstance(model, MatchingNetFCE)
     g = torch.Generator().manual_seed(0)
     support = torch.randn(6, model.embedding_dim, generator=g)
@@ -289,18 +291,19 @@ def test_class_batches_visit_every_image_once_per_epoch_deterministically() -> N
 
 def test_pretrained_classifier_needs_and_checks_its_number_of_classes() -> None:
     with pytest.raises(ConfigError, match="pretrain_classes"):
-        build_algorithm(tiny("finetune", pretrain_classes=0))
+        build_method(tiny("finetune", pretrain_classes=0))
     data = small_classes([2, 2, 2])
-    cls = ALGORITHMS["finetune"]
-    assert cls.configure(tiny("finetune", pretrain_classes=0), data).pretrain_classes == 3
+    cls = method_entry("finetune").cls
+    configured = cls.configure(tiny("finetune", pretrain_classes=0), data)
+    assert configured.settings.pretrain_classes == 3
     with pytest.raises(ConfigError, match="3 classes"):
         cls.configure(tiny("finetune", pretrain_classes=7), data)
     with pytest.raises(ConfigError, match="finetune_lr_grid"):
-        build_algorithm(tiny("finetune", finetune_lr_grid="fast"))
+        build_method(tiny("finetune", finetune_lr_grid="fast"))
 
 
 def test_batch_loss_trains_the_c_way_classifier_and_its_running_statistics() -> None:
-    model = build_algorithm(tiny("finetune"))
+    model = build_method(tiny("finetune"))
     assert isinstance(model, PretrainedClassifier)
     before = {k: v.clone() for k, v in model.bn_state().items()}
     x, y = torch.rand(8, 1, 16, 16), torch.arange(8) % 7
@@ -311,7 +314,7 @@ def test_batch_loss_trains_the_c_way_classifier_and_its_running_statistics() -> 
 
 
 def test_finetune_starts_from_the_pretrained_body_with_a_new_zero_head() -> None:
-    model = build_algorithm(tiny("finetune"))
+    model = build_method(tiny("finetune"))
     assert isinstance(model, Finetune)
     episode = random_episode(TINY)
     theta = model.fine_tune(episode.support_x, episode.support_y, lr=0.1, steps=0)
@@ -328,7 +331,7 @@ def test_finetune_starts_from_the_pretrained_body_with_a_new_zero_head() -> None
 
 
 def test_finetune_scores_its_whole_grid_in_one_pass_and_keeps_the_best(tmp_path: Path) -> None:
-    model = build_algorithm(
+    model = build_method(
         tiny("finetune", finetune_lr_grid="0.01,0.1,1", finetune_steps_grid="5,1,20")
     )
     assert isinstance(model, Finetune)
@@ -351,8 +354,8 @@ def test_finetune_scores_its_whole_grid_in_one_pass_and_keeps_the_best(tmp_path:
     assert len(calls) == 1  # one pass over the validation episodes
     # A tie goes to the first setting in grid order.
     assert float(model.finetune_lr) == pytest.approx(0.1) and int(model.finetune_steps) == 20
-    path = save_checkpoint(tmp_path / "ft", algorithm_tensors(model), checkpoint_meta(model, "t"))
-    loaded, _ = load_algorithm(path)  # the choice travels with the checkpoint
+    path = save_checkpoint(tmp_path / "ft", method_tensors(model), method_meta(model, "t"))
+    loaded, _ = load_method(path)  # the choice travels with the checkpoint
     assert int(loaded.get_buffer("finetune_steps")) == 20
 
 
@@ -375,11 +378,10 @@ def test_every_method_beats_chance_after_a_short_training(
     method: str, data_env: Path, tmp_path: Path
 ) -> None:
     preset = load_preset("omniglot-5w1s")
-    config = override(preset, recipe(method, preset))
+    config = override(preset, {"method": method, **method_entry(method).recipe(preset)})
     config = override(
         config,
         {
-            "algorithm": method,
             "filters": 16,
             "q_query": 5,
             "val_episodes": 10,
@@ -390,12 +392,12 @@ def test_every_method_beats_chance_after_a_short_training(
     )
     start = time.perf_counter()
     if method == "nn-pixel":
-        model = build_algorithm(config)
+        model = build_method(config)
         with pytest.raises(ConfigError, match="nothing to train"):
             Trainer(config, tmp_path)
     else:
         train(config, tmp_path, log=None)
-        model, _ = load_algorithm(tmp_path / "best")
+        model, _ = load_method(tmp_path / "best")
     result = evaluate(model, episodes=20)
     chance = 1 / config.n_way
     print(f"{method}: {result.line()} in {time.perf_counter() - start:.1f} s")

@@ -10,24 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from metalstm import build_algorithm, cli, compare
+from metalstm import build_method, cli, compare
 from metalstm.checkpoint import save_checkpoint
 from metalstm.compare import (
-    METHODS,
     RecordingSampler,
     Request,
     add_compare_arguments,
     base_config,
-    checkpoint_meta,
     compare_main,
     given_checkpoint,
     method_config,
-    recipe,
 )
 from metalstm.config import Config, load_preset, override
 from metalstm.data import ClassImages, fixed_episodes, load_split
 from metalstm.errors import ConfigError
-from metalstm.serialization import algorithm_tensors
+from metalstm.registry import method_entry, method_names
+from metalstm.serialization import method_meta, method_tensors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,8 +42,8 @@ def request(*argv: str) -> Request:
 
 # -- options -------------------------------------------------------------------------------------
 def test_methods_all_or_a_list_in_table_order() -> None:
-    assert request().methods == METHODS
-    assert request("--methods", "all").methods == METHODS
+    assert request().methods == method_names()
+    assert request("--methods", "all").methods == method_names()
     assert request("--methods", "protonet, maml,protonet").methods == ("maml", "protonet")
     with pytest.raises(ConfigError, match="unknown method 'snail'"):
         request("--methods", "snail")
@@ -106,13 +104,15 @@ def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> No
         "5",
     )
     maml = method_config(req, "maml", lambda: 1000)
-    assert maml.algorithm == "maml" and maml.filters == 8 and maml.maml_inner_lr == 0.2
-    assert maml.inner_steps == recipe("maml", load_preset("omniglot-5w1s"))["inner_steps"]
+    assert maml.method == "maml" and maml.filters == 8 and maml.settings.inner_lr == 0.2
+    recipe = method_entry("maml").recipe(load_preset("omniglot-5w1s"))
+    assert maml.settings.inner_steps == recipe["inner_steps"]
     assert maml.episodes == 40 and maml.test_episodes == 7 and maml.test_seed == 5
     protonet = method_config(req, "protonet", lambda: 1000)
-    assert protonet.maml_inner_lr == 0.3 and protonet.bn_momentum == 1.0
+    # a setting of MAML's applies to the methods that have it only
+    assert not hasattr(protonet.settings, "inner_lr") and protonet.bn_momentum == 1.0
     finetune = method_config(req, "finetune", lambda: 640)  # 10 batches of 64 per epoch
-    assert finetune.pretrain_epochs == pytest.approx(4.0)
+    assert finetune.settings.pretrain_epochs == pytest.approx(4.0)
     assert load_preset("omniglot-5w1s") == override(method_config(request(), "lstm", int), {})
 
 
@@ -139,9 +139,9 @@ def test_a_given_checkpoint_must_match_the_comparison(tmp_path: Path) -> None:
     base = base_config(request())
 
     def write(name: str, **values: object) -> Path:
-        model = build_algorithm(override(base, {"algorithm": name, **values}))
-        meta = checkpoint_meta(model, "test")
-        return save_checkpoint(tmp_path / f"{name}-{len(values)}", algorithm_tensors(model), meta)
+        model = build_method(override(base, {"method": name, **values}))
+        meta = method_meta(model, "test")
+        return save_checkpoint(tmp_path / f"{name}-{len(values)}", method_tensors(model), meta)
 
     with pytest.raises(ConfigError, match="n_way=3"):
         given_checkpoint("protonet", str(write("protonet", n_way=3)), base)
@@ -227,10 +227,10 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
 
 
 def test_untrained_and_config_only_methods_need_no_data(tmp_path: Path) -> None:
-    config = Config(algorithm="nn-pixel")
+    config = override(Config(), {"method": "nn-pixel"})
     path = compare.write_untrained("nn-pixel", config, tmp_path).checkpoint
     assert path.is_file()
-    from metalstm import load_algorithm
+    from metalstm import load_method
 
-    model, meta = load_algorithm(path)
+    model, meta = load_method(path)
     assert model.name == "nn-pixel" and meta["kind"] == "untrained"

@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import run_cli
-from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
 from metalstm.config import Config
 from metalstm.errors import OutputError
 from metalstm.files import write_file
-from metalstm.serialization import algorithm_tensors
+from metalstm.methods import build_method
+from metalstm.serialization import method_tensors
 
 
 def null_device(folder: Path) -> Path:
@@ -137,7 +137,7 @@ def test_checkpoints_follow_the_umask(tmp_path: Path) -> None:
 def checkpoint(tmp_path: Path) -> Path:
     config = Config.from_dict({"filters": 4, "inner_steps": 2})
     meta = {"algorithm": "lstm", "config": config.to_dict()}
-    return save_checkpoint(tmp_path / "model", algorithm_tensors(build_algorithm(config)), meta)
+    return save_checkpoint(tmp_path / "model", method_tensors(build_method(config)), meta)
 
 
 @pytest.mark.parametrize("command", ["evaluate", "gates", "curves"])

@@ -17,13 +17,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import run_cli
-from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
 from metalstm.cli import main
 from metalstm.config import MAX_LEARNER_SIZE, Config, learner_size
 from metalstm.errors import ConfigError
 from metalstm.learner import Learner, LearnerShape
-from metalstm.serialization import algorithm_tensors
+from metalstm.methods import build_method
+from metalstm.serialization import method_tensors
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 TINY = Config.from_dict({"filters": 4, "inner_steps": 2})
@@ -48,7 +48,7 @@ def no_temporaries(folder: Path) -> bool:
 
 def save_with_meta(path: Path, meta: dict[str, Any]) -> Path:
     """A checksum-valid checkpoint: the tiny model's tensors under any meta."""
-    return save_checkpoint(path, algorithm_tensors(build_algorithm(TINY)), meta)
+    return save_checkpoint(path, method_tensors(build_method(TINY)), meta)
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_learner_size_is_the_learners_parameter_count() -> None:
 
 
 def test_non_finite_weights_are_refused_at_load(tmp_path: Path) -> None:
-    tensors = algorithm_tensors(build_algorithm(TINY))
+    tensors = method_tensors(build_method(TINY))
     name = next(k for k, v in tensors.items() if v.is_floating_point())
     tensors[name] = torch.full_like(tensors[name], float("nan"))
     meta = {"algorithm": "lstm", "config": TINY.to_dict()}

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from conftest import reference_net, small_config
-from metalstm import Config, Learner, MetaLearnerCell, MetaLSTM, build_algorithm, preprocess
-from metalstm import metalearner as ml
-from metalstm.algorithm import learner_shape
+from metalstm import Config, Learner, MetaLearnerCell, MetaLSTM, build_method, preprocess
+from metalstm import inner_loop as ml
 from metalstm.data import Episode
 from metalstm.errors import ConfigError
 from metalstm.learner import BatchNormState
-from metalstm.metalearner import CellState
+from metalstm.methods.base import learner_shape
+from metalstm.methods.metalearner import CellState
 
 P = 10.0
 F64 = torch.float64
@@ -82,7 +82,7 @@ def scramble(model: MetaLSTM, seed: int) -> None:
 
 
 def double_model(cfg: Config, seed: int = 7) -> MetaLSTM:
-    model = build_algorithm(cfg).double()
+    model = build_method(cfg).double()
     assert isinstance(model, MetaLSTM)
     scramble(model, seed)
     return model
@@ -97,8 +97,8 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> Iterator[Record]:
     record: Record = []
     real = ml.learner_loss_and_grad
 
-    def spy(learner, theta, x, y, bn, second_order):  # type: ignore[no-untyped-def]
-        loss, grad = real(learner, theta, x, y, bn, second_order)
+    def spy(learner, theta, x, y, bn, second_order, batch_stats=True):  # type: ignore[no-untyped-def]
+        loss, grad = real(learner, theta, x, y, bn, second_order, batch_stats)
         record.append((theta.detach().clone(), loss.detach().clone(), grad.detach().clone()))
         return loss, grad
 
@@ -284,7 +284,7 @@ def test_preprocess_float64_linear_branch_is_exact() -> None:
 
 def test_initialisation_ranges_and_theta0() -> None:
     cfg = Config(n_way=5, filters=8, seed=3, device="cpu")
-    model = build_algorithm(cfg)
+    model = build_method(cfg)
     assert isinstance(model, MetaLSTM)
     cell = model.cell
     b_f, b_i = cell.gate_bias.tolist()
@@ -295,7 +295,7 @@ def test_initialisation_ranges_and_theta0() -> None:
         assert p.abs().max() <= 0.01, name
         # actually drawn from U(±0.01), not left at zero or constant
         assert p.abs().max() > 0.005 and p.std() > 0.003, name
-    h = cfg.hidden_size
+    h = cfg.settings.hidden_size
     assert cell.lstm_weight.shape == (4 * h, 4 + h)
     assert cell.gate_weight.shape == (2, h + 2)
     # the meta-parameters are exactly these five tensors
@@ -330,11 +330,11 @@ def test_initialisation_ranges_and_theta0() -> None:
 def test_build_is_a_function_of_the_seed() -> None:
     cfg = Config(n_way=5, filters=8, seed=11, device="cpu")
     rng_before = torch.get_rng_state()
-    a = build_algorithm(cfg).state_dict()
+    a = build_method(cfg).state_dict()
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's random state is untouched
     torch.manual_seed(12345)  # and the global state does not leak into the build
-    b = build_algorithm(cfg).state_dict()
-    c = build_algorithm(Config(n_way=5, filters=8, seed=12, device="cpu")).state_dict()
+    b = build_method(cfg).state_dict()
+    c = build_method(Config(n_way=5, filters=8, seed=12, device="cpu")).state_dict()
     assert a.keys() == b.keys() == c.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -549,7 +549,7 @@ def test_first_order_meta_gradient_matches_finite_differences(
 
     with recording(monkeypatch) as record:
         out = model.meta_loss(episode)
-    assert len(record) == cfg.inner_steps
+    assert len(record) == cfg.settings.inner_steps
     # what meta_loss back-propagates
     loss_grads = torch.autograd.grad(out.loss, list(model.parameters()))
     from_meta_loss = dict(zip(meta_params(model), loss_grads))
@@ -557,7 +557,9 @@ def test_first_order_meta_gradient_matches_finite_differences(
     support_bn = None
     if train_query_bn == "support":
         with torch.no_grad():
-            support_bn = model.inner_loop(episode.support_x, episode.support_y, cfg.inner_steps).bn
+            support_bn = model.inner_loop(
+                episode.support_x, episode.support_y, cfg.settings.inner_steps
+            ).bn
 
     def objective() -> Tensor:
         return replayed_objective(model, record, episode, support_bn)
@@ -596,7 +598,7 @@ def test_second_order_meta_gradient_matches_finite_differences_of_full_objective
 
 
 def test_first_order_treats_loss_and_gradient_as_constants() -> None:
-    model = build_algorithm(small_config()).double()
+    model = build_method(small_config()).double()
     theta = model.cell.theta0 * 1.0
     episode = random_episode(small_config(), seed=5)
     bn = model.learner.fresh_batchnorm_state(dtype=torch.float64)
@@ -627,8 +629,8 @@ def test_support_passes_update_running_statistics(monkeypatch: pytest.MonkeyPatc
     model = double_model(cfg)
     episode = random_episode(cfg, seed=6)
     with recording(monkeypatch) as record, torch.no_grad():
-        result = model.inner_loop(episode.support_x, episode.support_y, cfg.inner_steps)
-    assert len(record) == cfg.inner_steps
+        result = model.inner_loop(episode.support_x, episode.support_y, cfg.settings.inner_steps)
+    assert len(record) == cfg.settings.inner_steps
     norms: list[nn.BatchNorm2d] = []
     for t, (theta, _, _) in enumerate(record):
         net = reference_net(model.learner, theta, cfg.bn_momentum, cfg.bn_eps).train()
@@ -694,11 +696,11 @@ def test_query_protocol_non_transductive_and_transductive() -> None:
     # ... because they use the support statistics, which classifying does not change
     for key, value in classifier.bn.items():  # type: ignore[attr-defined]
         assert torch.equal(value, bn_before[key]), key
-    result = model.inner_loop(episode.support_x, episode.support_y, cfg.test_steps)
+    result = model.inner_loop(episode.support_x, episode.support_y, cfg.settings.eval_steps)
     expected = model.learner(result.theta.detach(), queries, result.bn, batch_stats=False)
     assert_close(all_logits, expected, rtol=1e-10, atol=1e-12)
 
-    transductive = build_algorithm(small_config(q_query=4, transductive=True)).double()
+    transductive = build_method(small_config(q_query=4, transductive=True)).double()
     transductive.load_state_dict(model.state_dict())
     t_classifier = transductive.adapt(episode.support_x, episode.support_y)
     t_all = t_classifier(queries)
@@ -715,7 +717,7 @@ def test_meta_training_query_batch_norm(algorithm: str, train_query_bn: str) -> 
     """The query pass of meta-training uses its batch statistics (the authors') or, with
     train_query_bn=support, exactly what the non-transductive test classifier uses."""
     cfg = small_config(algorithm=algorithm, train_query_bn=train_query_bn)
-    model = build_algorithm(cfg).double()
+    model = build_method(cfg).double()
     episode = random_episode(cfg, seed=13)
     loss = float(model.meta_loss(episode).loss.detach())
     classifier = model.adapt(episode.support_x, episode.support_y)

@@ -13,17 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
 from metalstm.config import Config
 from metalstm.errors import ConfigError
-from metalstm.metalearner import CellState, MetaLearnerCell, MetaLSTM
-from metalstm.optim import MetaLSTMOptimizer
-from metalstm.serialization import algorithm_tensors
+from metalstm.methods import build_method
+from metalstm.methods.metalearner import CellState, MetaLearnerCell, MetaLSTM
+from metalstm.methods.metalearner.optimizer import MetaLSTMOptimizer
+from metalstm.serialization import method_tensors
 
 
 def meta_model(**values: object) -> MetaLSTM:
-    model = build_algorithm(Config.from_dict({"filters": 4, "inner_steps": 3, **values}))
+    model = build_method(Config.from_dict({"filters": 4, "inner_steps": 3, **values}))
     assert isinstance(model, MetaLSTM)
     return model
 
@@ -159,7 +159,7 @@ def test_from_checkpoint_and_bad_input(tmp_path: Path) -> None:
     model = meta_model()
     path = save_checkpoint(
         tmp_path / "m",
-        algorithm_tensors(model),
+        method_tensors(model),
         {"algorithm": "lstm", "config": model.config.to_dict()},
     )
     net, _, _ = small_problem()

@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import save_checkpoint
 from metalstm.cli import main as cli_main
 from metalstm.config import Config
 from metalstm.errors import DataError
+from metalstm.methods import build_method
 from metalstm.predict import _short, adapt, grid_figure, load_model, predict, predict_folders
-from metalstm.serialization import algorithm_tensors
+from metalstm.serialization import method_tensors
 
 SMALL = {"filters": 4, "inner_steps": 2, "n_way": 5}
 
@@ -28,9 +28,9 @@ SMALL = {"filters": 4, "inner_steps": 2, "n_way": 5}
 def save_untrained(path: Path, **values: object) -> Path:
     """An untrained model saved in the format of training.Trainer.save (model tensors + meta)."""
     config = Config.from_dict({**SMALL, **values})
-    model = build_algorithm(config)
-    meta = {"algorithm": config.algorithm, "config": config.to_dict()}
-    return save_checkpoint(path, algorithm_tensors(model), meta)
+    model = build_method(config)
+    meta = {"algorithm": config.method, "config": config.to_dict()}
+    return save_checkpoint(path, method_tensors(model), meta)
 
 
 @pytest.fixture(scope="session")
@@ -322,7 +322,7 @@ def test_bad_options_and_checkpoints(
     base = ["--support", root / "support", "--query", root / "query"]
     # a checkpoint whose tensors are of another input shape than its config says
     config = Config.from_dict({**SMALL, "channels": 3})
-    tensors = algorithm_tensors(build_algorithm(Config.from_dict({**SMALL, "channels": 1})))
+    tensors = method_tensors(build_method(Config.from_dict({**SMALL, "channels": 1})))
     foreign = save_checkpoint(
         tmp_path / "foreign", tensors, {"algorithm": "lstm", "config": config.to_dict()}
     )
@@ -351,7 +351,7 @@ def test_bad_options_and_checkpoints(
 
 def test_tensor_api(gray_checkpoint: Path) -> None:
     model, _ = load_model(gray_checkpoint, steps=3)
-    assert model.config.test_steps == 3 and not model.config.transductive
+    assert model.settings.eval_steps == 3 and not model.config.transductive
     generator = torch.Generator().manual_seed(0)
     support_x = torch.rand(6, 1, 28, 28, generator=generator)
     support_y = torch.tensor([0, 0, 1, 1, 2, 2])

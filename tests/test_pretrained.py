@@ -12,10 +12,10 @@ import torch
 
 import metalstm
 from conftest import mean_and_se
-from metalstm import load_algorithm, load_preset
-from metalstm.algorithms.maml import sgd_from_init
+from metalstm import Config, load_method, load_preset
 from metalstm.checkpoint import list_pretrained, resolve_checkpoint
 from metalstm.cli import main
+from metalstm.methods.metalearner.ablation import sgd_from_init
 
 SHIPPED = ("omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s")
 EPISODES = 5
@@ -36,11 +36,12 @@ def test_the_four_omniglot_meta_learners_ship() -> None:
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_meta_learner_matches_its_preset_and_classifies(name: str, data_env: Path) -> None:
-    model, meta = load_algorithm(name)  # verifies the sha256 in the metadata
+    model, meta = load_method(name)  # verifies the sha256 in the metadata
     preset = load_preset(name)
-    trained = meta["config"]
-    for key in ("dataset", "split", "n_way", "k_shot", "filters", "inner_steps", "image_size"):
-        assert trained[key] == getattr(preset, key), key
+    trained = Config.from_dict(meta["config"])
+    for key in ("dataset", "split", "n_way", "k_shot", "filters", "image_size"):
+        assert getattr(trained, key) == getattr(preset, key), key
+    assert trained.settings.inner_steps == preset.settings.inner_steps
     assert model.name == "lstm" and not model.config.transductive
     result = metalstm.evaluate(model, episodes=EPISODES)
     assert result.protocol.q_query == 15 and result.protocol.bn_mode == "support statistics"
@@ -61,10 +62,10 @@ def test_sgd_ablation_from_a_shipped_meta_learner(
     assert main([*argv, "--sgd-from-init", "0.3"]) == 0
     out = capsys.readouterr().out
     assert "update: plain SGD from the learned θ_0, lr 0.3" in out, out
-    model, _ = load_algorithm("omniglot-5w1s")
+    model, _ = load_method("omniglot-5w1s")
     sgd = sgd_from_init(model.config, model.cell.theta0.detach(), 0.3)
-    assert torch.equal(sgd.theta, model.cell.theta0) and sgd.config.maml_inner_lr == 0.3
-    assert sgd.config.test_steps == model.config.test_steps
+    assert torch.equal(sgd.theta0, model.cell.theta0) and sgd.lr == 0.3
+    assert sgd.settings.eval_steps == model.settings.eval_steps
     for bad in ("abc", "0", "-1,0.3", "nan", "inf"):
         assert main([*argv, f"--sgd-from-init={bad}"]) == 2
         err = capsys.readouterr().err
@@ -74,7 +75,7 @@ def test_sgd_ablation_from_a_shipped_meta_learner(
 @pytest.mark.slow
 def test_shipped_5w1s_beats_sgd_from_its_own_initialisation(data_env: Path) -> None:
     """The learned update rule adds to the learned θ_0 (the core issue's check, at full scale)."""
-    model, _ = load_algorithm("omniglot-5w1s")
+    model, _ = load_method("omniglot-5w1s")
     # 0.1: the step chosen on validation from 0.02 to 1 (results/omniglot-5w1s/ablation-sgd.txt)
     sgd = sgd_from_init(model.config, model.cell.theta0.detach(), 0.1)
     meta = metalstm.evaluate(model, episodes=100).accuracies

@@ -15,9 +15,9 @@ import pytest
 import metalstm
 from metalstm import compare
 from metalstm import progress as pg
-from metalstm.ablation import sgd_from_learned_init
 from metalstm.cli import main
 from metalstm.compare import ComparisonProgress
+from metalstm.methods.metalearner.ablation import sgd_from_learned_init
 from metalstm.progress import LiveLine, surrounding
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -104,7 +104,7 @@ def test_the_time_left_then_the_time_taken(clock: FakeClock) -> None:
 def test_evaluation_line_on_a_terminal_shows_episodes_rate_accuracy_ci_and_eta(
     data_env: Path,
 ) -> None:
-    model, _ = metalstm.load_algorithm("omniglot-5w1s")
+    model, _ = metalstm.load_method("omniglot-5w1s")
     out = FakeTerminal()
     result = metalstm.evaluate(model, episodes=4, progress=out)
     shown = screens(out.getvalue())
@@ -148,7 +148,7 @@ def test_evaluate_command_progress_on_stderr_quiet_and_json(
 
 
 def test_sgd_ablation_shows_each_steps_validation(data_env: Path) -> None:
-    model, _ = metalstm.load_algorithm("omniglot-5w1s")
+    model, _ = metalstm.load_method("omniglot-5w1s")
     out = FakeTerminal()
     ablation = sgd_from_learned_init(model, [0.1, 0.3], val_episodes=2, progress=out)
     finals = [s for s in screens(out.getvalue()) if "val episode 2/2" in s]

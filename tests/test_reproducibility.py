@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from metalstm import load_preset, override
-from metalstm.algorithms import build_algorithm
 from metalstm.checkpoint import load_checkpoint
 from metalstm.data import EpisodeSampler
 from metalstm.evaluation import load_part
+from metalstm.inner_loop import learner_loss_and_grad
 from metalstm.layers import batch_norm_train, conv3x3
-from metalstm.metalearner import learner_loss_and_grad
+from metalstm.methods import build_method
 from metalstm.training import train
 
 F64 = torch.float64
@@ -118,7 +118,7 @@ def omniglot_5w1s(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     mp.setenv("METALSTM_CACHE", str(tmp_path_factory.mktemp("cache")))
     config = override(load_preset("omniglot-5w1s"), {"seed": 3, "device": "cpu"})
     torch.manual_seed(0)
-    model = build_algorithm(config)
+    model = build_method(config)
     sampler = EpisodeSampler(load_part(config, "train"), 5, 1, 15, config.seed)
     episodes = sampler.meta_batch(0, 4)
     yield config, model, episodes

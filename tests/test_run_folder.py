@@ -205,7 +205,7 @@ def test_non_finite_weights_are_never_saved_as_best_nor_loaded(
     values = {"filters": 4, "inner_steps": 2, "val_episodes": 2, "q_query": 2, "episodes": 4}
     trainer = Trainer(override(Config(), values), tmp_path, log=None)
     with torch.no_grad():
-        next(trainer.algorithm.parameters()).fill_(float("nan"))
+        next(trainer.method.parameters()).fill_(float("nan"))
     trainer.validation_round()
     assert not (tmp_path / "best.safetensors").exists()
     assert trainer.state.best_accuracy == -1.0

@@ -30,12 +30,12 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import small_config
-from metalstm import Config, MetaLSTM, build_algorithm
-from metalstm import metalearner as ml
+from metalstm import Config, MetaLSTM, build_method, override
 from metalstm.bench import add_bench_arguments, bench_main, episode_flops
 from metalstm.data import Episode
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
-from metalstm.metalearner import CellState, MetaLearnerCell, preprocess
+from metalstm.methods.metalearner import CellState, MetaLearnerCell, preprocess
+from metalstm.methods.metalearner import kernels as ml
 
 F64 = torch.float64
 
@@ -98,7 +98,7 @@ def reference_inner_loop(
     learner, cell, cfg = model.learner, model.cell, model.config
     bn = learner.fresh_batchnorm_state(x.device, x.dtype)
     state = cell.initial_state()
-    scale = 1.0 / x.shape[0] if cfg.grad_divide_batch else 1.0
+    scale = 1.0 / x.shape[0] if cfg.settings.grad_divide_batch else 1.0
     for _ in range(steps):
         at = state.theta if second_order else state.theta.detach().requires_grad_(True)
         loss = F.cross_entropy(reference_learner(learner, at, x, bn, True), y)
@@ -114,8 +114,8 @@ def reference_meta_loss(model: MetaLSTM, episode: Episode) -> Tensor:
         model,
         episode.support_x,
         episode.support_y,
-        model.config.inner_steps,
-        model.config.second_order,
+        model.settings.inner_steps,
+        model.settings.second_order,
     )
     logits = reference_learner(model.learner, theta, episode.query_x, bn, True)
     return F.cross_entropy(logits, episode.query_y)
@@ -123,7 +123,7 @@ def reference_meta_loss(model: MetaLSTM, episode: Episode) -> Tensor:
 
 def reference_predict(model: MetaLSTM, episode: Episode) -> Tensor:
     theta, bn = reference_inner_loop(
-        model, episode.support_x, episode.support_y, model.config.test_steps, False
+        model, episode.support_x, episode.support_y, model.settings.eval_steps, False
     )
     with torch.no_grad():
         return reference_learner(
@@ -156,7 +156,7 @@ def episode(cfg: Config, seed: int = 0, dtype: torch.dtype = F64) -> Episode:
 
 def perturbed_model(cfg: Config, seed: int = 1) -> MetaLSTM:
     """A float64 model whose meta-parameters are far from the initialisation (every path busy)."""
-    model = build_algorithm(cfg).double()
+    model = build_method(cfg).double()
     assert isinstance(model, MetaLSTM)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_evaluation_keeps_no_meta_graph() -> None:
     with torch.no_grad():
         result = model.inner_loop(ep.support_x, ep.support_y, 2, record_gates=True)
     assert not result.theta.requires_grad and result.theta.grad_fn is None
-    assert all(g.grad_fn is None for g in result.gates)
+    assert all(g.grad_fn is None for g in result.infos)
     assert len(result.support_losses) == 2 and all(
         isinstance(v, float) for v in result.support_losses
     )
@@ -244,7 +244,7 @@ def test_recorded_gates_match_the_reference_cell() -> None:
     model = perturbed_model(cfg)
     ep = episode(cfg)
     with torch.no_grad():
-        fast = model.inner_loop(ep.support_x, ep.support_y, 3, record_gates=True).gates
+        fast = model.inner_loop(ep.support_x, ep.support_y, 3, record_gates=True).infos
     state, bn, expected = (
         model.cell.initial_state(),
         model.learner.fresh_batchnorm_state(dtype=F64),
@@ -359,8 +359,8 @@ def test_compile_falls_back_to_eager_when_compilation_fails(
 
 
 def test_config_compile_reaches_the_cell() -> None:
-    assert build_algorithm(config(compile=True)).cell.use_compile  # type: ignore[union-attr]
-    assert not build_algorithm(config()).cell.use_compile  # type: ignore[union-attr]
+    assert build_method(config(compile=True)).cell.use_compile  # type: ignore[union-attr]
+    assert not build_method(config()).cell.use_compile  # type: ignore[union-attr]
 
 
 @pytest.mark.slow
@@ -419,9 +419,9 @@ def test_flop_estimate_of_the_issue_workloads() -> None:
     """The issue's floors: about 6, 26 and 47 GFLOP per meta-training episode."""
     n28 = Learner(LearnerShape(1, 28, 5, 32)).n_params
     n84 = Learner(LearnerShape(3, 84, 5, 32)).n_params
-    omniglot = Config(image_size=28, channels=1, inner_steps=12)
-    one_shot = Config(image_size=84, channels=3, inner_steps=12)
-    five_shot = Config(image_size=84, channels=3, k_shot=5, inner_steps=8)
+    omniglot = override(Config(), {"image_size": 28, "channels": 1, "inner_steps": 12})
+    one_shot = override(Config(), {"image_size": 84, "channels": 3, "inner_steps": 12})
+    five_shot = override(Config(), {"image_size": 84, "channels": 3, "k_shot": 5, "inner_steps": 8})
     assert episode_flops(omniglot, n28, 5, "train") / 1e9 == pytest.approx(6, rel=0.15)
     assert episode_flops(one_shot, n84, 5, "train") / 1e9 == pytest.approx(26, rel=0.15)
     assert episode_flops(five_shot, n84, 25, "train") / 1e9 == pytest.approx(47, rel=0.15)
@@ -515,16 +515,16 @@ def test_throughput_lstm_floor_counts_the_episode_kernels(mode: str) -> None:
             model.meta_loss(ep).loss.backward()
         else:
             with torch.no_grad():
-                model.inner_loop(ep.support_x, ep.support_y, cfg.inner_steps)
-    sigmoid, tanh, flops = lstm_kernel_work(prof, cfg.hidden_size)
+                model.inner_loop(ep.support_x, ep.support_y, cfg.settings.inner_steps)
+    sigmoid, tanh, flops = lstm_kernel_work(prof, cfg.settings.hidden_size)
     assert sigmoid > 0 and tanh > 0 and flops > 0
     rates = {"sigmoid_ns": 1.0, "tanh_ns": 1000.0, "lstm_product_gflops": 1e-3}  # tell apart
     settings = {
         "mode": mode,
         "second_order": False,
-        "steps": cfg.inner_steps,
+        "steps": cfg.settings.inner_steps,
         "learner_params": model.learner.n_params,
-        "hidden": cfg.hidden_size,
+        "hidden": cfg.settings.hidden_size,
     }
     expected = (sigmoid * 1.0 + tanh * 1000.0 + flops / rates["lstm_product_gflops"]) / 1e9  # ns
     seconds = throughput.lstm_kernel_seconds({"settings": settings}, rates)

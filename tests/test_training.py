@@ -20,13 +20,12 @@ import yaml
 
 import metalstm
 from conftest import mean_and_se, small_config, tensorboard_scalars
-from metalstm import Config, ConfigError, evaluation, load_algorithm, override, plots
-from metalstm import metalearner as ml
+from metalstm import Config, ConfigError, evaluation, load_method, override, plots
+from metalstm import inner_loop as ml
 from metalstm import training as tr
-from metalstm.ablation import sgd_from_learned_init
-from metalstm.algorithms.maml import sgd_from_init
 from metalstm.cli import main
 from metalstm.data import ClassImages, Episode, EpisodeSampler
+from metalstm.methods.metalearner.ablation import sgd_from_init, sgd_from_learned_init
 from metalstm.training import Trainer, TrainingStopped
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "best.safetensors", "last.safetensors")
@@ -108,7 +107,7 @@ def check_run_folder(run_dir: Path, config: Config) -> list[dict]:
         assert 0.0 <= row["val_accuracy"] <= 1.0
     # the checkpoints load back into a working model
     for name in ("best", "last"):
-        model, meta = load_algorithm(run_dir / f"{name}.safetensors")
+        model, meta = load_method(run_dir / f"{name}.safetensors")
         assert all(torch.isfinite(p).all() for p in model.parameters()), name
         assert meta["config"]["n_way"] == config.n_way
     return rows
@@ -143,9 +142,9 @@ def test_eval_queries_apply_to_validation_and_test_only(
         return episode
 
     monkeypatch.setattr(EpisodeSampler, "episode", record)
-    result = metalstm.evaluate(trainer.algorithm, episodes=2)
+    result = metalstm.evaluate(trainer.method, episodes=2)
     assert served == [cfg.n_way * 3] * 2 and result.protocol.q_query == 3
-    assert tiny_config(q_query=2).test_queries == 2  # None: the training value
+    assert tiny_config(q_query=2).eval_queries == 2  # None: the training value
     with pytest.raises(ConfigError, match="eval_q_query"):
         tiny_config(eval_q_query=0)
 
@@ -258,8 +257,8 @@ def poison_steps(monkeypatch: pytest.MonkeyPatch, bad_steps: set[int]) -> dict[s
         current["step"] = step
         return real_update(self, step)
 
-    def loss_and_grad(learner, theta, x, y, bn, second_order):  # type: ignore[no-untyped-def]
-        loss, grad = real_loss_and_grad(learner, theta, x, y, bn, second_order)
+    def loss_and_grad(learner, theta, x, y, bn, second_order, batch_stats=True):  # type: ignore[no-untyped-def]
+        loss, grad = real_loss_and_grad(learner, theta, x, y, bn, second_order, batch_stats)
         if torch.is_grad_enabled() and current["step"] in bad_steps:
             current["poisoned_calls"] += 1
             return loss, torch.full_like(grad, float("nan"))
@@ -277,10 +276,10 @@ def test_nonfinite_updates_are_skipped_and_counted(
     bad = {1, 2, 5, 6}  # two runs of two: the streak resets in between, so no stop at 3
     current = poison_steps(monkeypatch, bad)
     trainer = metalstm.train(cfg, tmp_path / "run", log=None)
-    assert current["poisoned_calls"] == len(bad) * cfg.inner_steps
+    assert current["poisoned_calls"] == len(bad) * cfg.settings.inner_steps
     assert trainer.state.stopped == "completed"
     assert trainer.state.nonfinite_total == len(bad)
-    for name, p in trainer.algorithm.named_parameters():
+    for name, p in trainer.method.named_parameters():
         assert torch.isfinite(p).all(), name
     # skipped updates never reached Adam: it stepped once per good update
     for state in trainer.optimizer.state.values():
@@ -304,8 +303,8 @@ def test_nonfinite_update_leaves_parameters_unchanged(
     cfg = tiny_config(episodes=2, max_nonfinite=3, val_interval=2)
     poison_steps(monkeypatch, {0, 1})
     trainer = metalstm.train(cfg, tmp_path / "run", log=None)
-    initial = metalstm.build_algorithm(cfg).state_dict()
-    for key, value in trainer.algorithm.state_dict().items():
+    initial = metalstm.build_method(cfg).state_dict()
+    for key, value in trainer.method.state_dict().items():
         assert torch.equal(value, initial[key]), key
     assert trainer.state.nonfinite_total == 2
 
@@ -373,10 +372,10 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         assert trainer.state.stopped == "completed" and trainer.state.nonfinite_total == 0
 
         # the meta-learner as saved, on fixed test episodes with 15 queries per class
-        model, _ = load_algorithm(run / "best.safetensors")
+        model, _ = load_method(run / "best.safetensors")
         result = metalstm.evaluate(model, part="test", episodes=TEST_EPISODES)
         assert result.protocol.bn_mode == "support statistics" and result.protocol.q_query == 15
-        assert result.protocol.adaptation == f"T = {cfg.inner_steps}"
+        assert result.protocol.adaptation == f"T = {cfg.settings.inner_steps}"
 
         # plain SGD from the same c_0, same steps and BN protocol; lr picked on validation;
         # evaluate() serves every model the same fixed test episodes
@@ -393,7 +392,8 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     dflt_m, dflt_se = mean_and_se(out.sgd_default)
     diff_m, diff_se = mean_and_se([m - s for m, s in zip(out.meta, out.sgd)])
     print(
-        f"\nshort run: {cfg.episodes} episodes, filters {cfg.filters}, T = {cfg.inner_steps}, "
+        f"\nshort run: {cfg.episodes} episodes, filters {cfg.filters}, "
+        f"T = {cfg.settings.inner_steps}, "
         f"lr {cfg.lr}; train {trained - started:.0f} s, evaluation {finished - trained:.0f} s\n"
         f"{TEST_EPISODES} test episodes, 5-way 1-shot, 15 queries, BN: support statistics\n"
         f"  meta-learner LSTM          {100 * meta_m:.2f} ± {196 * meta_se:.2f} %\n"

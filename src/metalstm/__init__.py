@@ -1,12 +1,12 @@
 """metalstm: few-shot image classification with the LSTM meta-learner of Ravi & Larochelle,
 "Optimization as a Model for Few-Shot Learning" (ICLR 2017).
 
-The map of the package follows the idea: data → episodes → learner → meta-learner → training →
-evaluation → reports. Quick use::
+The map of the package follows the idea: data → episodes → learner → methods (registered in
+:mod:`metalstm.registry`) → training → evaluation → reports. Quick use::
 
-    from metalstm import load_preset, override, train, load_algorithm, evaluate
+    from metalstm import load_preset, override, train, load_method, evaluate
     trainer = train(override(load_preset("omniglot-5w1s"), {"episodes": 500}), "runs/x")
-    model, _ = load_algorithm("runs/x/best")
+    model, _ = load_method("runs/x/best")
     print(evaluate(model, episodes=100).line())
 """
 
@@ -23,10 +23,13 @@ __version__ = "0.1.0"
 #: ``import metalstm`` and the command line's first instants do not wait for torch: a Ctrl-C
 #: while torch loads then reaches the CLI's handler (exit 130) instead of a traceback.
 _EXPORTS = {
-    "Algorithm": "algorithm",
-    "EpisodeLoss": "algorithm",
-    "ALGORITHMS": "algorithms",
-    "build_algorithm": "algorithms",
+    "Method": "methods.base",
+    "EpisodeLoss": "methods.base",
+    "build_method": "methods",
+    "register": "registry",
+    "method_names": "registry",
+    "MethodSettings": "registry",
+    "TrainsOn": "registry",
     "Config": "config",
     "load_preset": "config",
     "override": "config",
@@ -39,13 +42,13 @@ _EXPORTS = {
     "evaluate": "evaluation",
     "Learner": "learner",
     "LearnerShape": "learner",
-    "MetaLearnerCell": "metalearner",
-    "MetaLSTM": "metalearner",
-    "preprocess": "metalearner",
-    "MetaLSTMOptimizer": "optim",
+    "MetaLearnerCell": "methods.metalearner",
+    "MetaLSTM": "methods.metalearner",
+    "preprocess": "methods.metalearner",
+    "MetaLSTMOptimizer": "methods.metalearner.optimizer",
     "adapt": "predict",
     "predict": "predict",
-    "load_algorithm": "serialization",
+    "load_method": "serialization",
     "Trainer": "training",
     "resume": "training",
     "train": "training",
@@ -74,21 +77,20 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:
-    from .algorithm import Algorithm, EpisodeLoss
-    from .algorithms import ALGORITHMS, build_algorithm
     from .config import Config, load_preset, override, preset_names
     from .errors import CheckpointError, ConfigError, DataError, MetaLSTMError
     from .evaluation import EvalResult, evaluate
     from .learner import Learner, LearnerShape
     from .metalearner import MetaLearnerCell, MetaLSTM, preprocess
+    from .methods import build_method
+    from .methods.base import EpisodeLoss, Method
     from .optim import MetaLSTMOptimizer
     from .predict import adapt, predict
-    from .serialization import load_algorithm
+    from .serialization import load_method
     from .training import Trainer, resume, train
 
 __all__ = [
     "ALGORITHMS",
-    "Algorithm",
     "CheckpointError",
     "Config",
     "ConfigError",
@@ -101,17 +103,20 @@ __all__ = [
     "MetaLSTMError",
     "MetaLSTMOptimizer",
     "MetaLearnerCell",
+    "Method",
     "Trainer",
     "__version__",
     "adapt",
-    "build_algorithm",
+    "build_method",
     "evaluate",
-    "load_algorithm",
+    "load_method",
     "load_preset",
+    "method_names",
     "override",
     "predict",
     "preprocess",
     "preset_names",
+    "register",
     "resume",
     "train",
 ]

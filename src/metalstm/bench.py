@@ -28,18 +28,21 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from .algorithm import Algorithm, accuracy
-from .algorithms import build_algorithm
-from .config import Config
+from .config import Config, override
 from .data import Episode
+from .distributed import Distributed
 from .errors import ConfigError
 from .files import check_output, output_path, write_file
 from .learner import LearnerShape, conv_flops
-from .training import resolve_device
+from .methods import build_method
+from .methods.base import Method, accuracy
+from .methods.metalearner import LSTMSettings
+from .training import meta_gradient, resolve_device
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +83,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_config(args: argparse.Namespace) -> Config:
-    """The :class:`Config` of the benchmarked run."""
+    """The :class:`Config` of the benchmarked run (the meta-learner's)."""
     values: dict[str, Any] = {
         "image_size": args.image_size,
         "channels": args.channels,
@@ -96,7 +99,7 @@ def bench_config(args: argparse.Namespace) -> Config:
     }
     if "compile" in {f.name for f in dataclasses.fields(Config)}:
         values["compile"] = args.compile
-    return Config(**values)
+    return override(Config(), values)
 
 
 class SyntheticEpisodes:
@@ -162,16 +165,18 @@ def episode_flops(config: Config, n: int, batch: int, mode: str) -> float:
     queries = config.n_way * config.q_query
     # Inner loop: T passes on the support batch, each forward and backward (the learner's g_t).
     support = learner_pass_flops(shape, batch, backward=True)
-    if mode == "train" and config.second_order:
+    settings = config.settings
+    assert isinstance(settings, LSTMSettings)
+    if mode == "train" and settings.second_order:
         support *= 2  # backward of the backward, roughly the same again
-    total = config.inner_steps * support
+    total = settings.inner_steps * support
     if mode == "train":
         # Query loss at θ_T, backward into θ_T; the meta-learner forward and backward.
         total += learner_pass_flops(shape, queries, backward=True)
-        total += lstm_flops(n, config.hidden_size, config.inner_steps, backward=True)
+        total += lstm_flops(n, settings.hidden_size, settings.inner_steps, backward=True)
     else:
         total += conv_flops(shape, queries)
-        total += lstm_flops(n, config.hidden_size, config.test_steps, backward=False)
+        total += lstm_flops(n, settings.hidden_size, settings.eval_steps, backward=False)
     return total
 
 
@@ -189,21 +194,20 @@ def _synchronize(device: torch.device) -> None:
 
 
 def train_step(
-    model: Algorithm, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], clip: float
+    model: Method, optimizer: torch.optim.Optimizer, episodes: Sequence[Episode], clip: float
 ) -> float:
-    """One meta-update as :meth:`metalstm.training.Trainer.update` does it; returns the loss."""
-    optimizer.zero_grad(set_to_none=False)
-    total = 0.0
-    for episode in episodes:
-        out = model.meta_loss(episode)
-        (out.loss / len(episodes)).backward()
-        total += float(out.loss.detach())
-    torch.nn.utils.clip_grad_norm_(list(model.parameters()), clip)
-    optimizer.step()
-    return total / len(episodes)
+    """One meta-update through the Trainer's own :func:`metalstm.training.meta_gradient`
+    (per-episode gradient rows, clipping, the non-finite skip); returns the loss."""
+    items = [partial(model.meta_loss, episode) for episode in episodes]
+    loss, _, finite = meta_gradient(
+        model, optimizer, items, len(episodes), Distributed.single(), clip
+    )
+    if finite:
+        optimizer.step()
+    return loss
 
 
-def eval_step(model: Algorithm, episode: Episode) -> float:
+def eval_step(model: Method, episode: Episode) -> float:
     """One evaluation episode as :func:`metalstm.evaluation.episode_accuracies` does it."""
     classifier = model.adapt(episode.support_x, episode.support_y)
     with torch.inference_mode():
@@ -218,7 +222,7 @@ class Workload:
 
     config: Config
     device: torch.device
-    model: Algorithm
+    model: Method
     batch: int  # support images per inner step
     per_call: int
     run: Callable[[], None]
@@ -232,7 +236,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
     if batch < 1 or args.episodes < 1 or args.warmup < 0:
         raise ConfigError("--batch and --episodes must be >= 1, --warmup >= 0")
     torch.manual_seed(args.seed)
-    model = build_algorithm(config).to(device)
+    model = build_method(config).to(device)
     data = SyntheticEpisodes(config, batch, device, args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     if args.mode == "eval":
@@ -282,12 +286,12 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "ways": config.n_way,
             "shots": config.k_shot,
             "queries": config.q_query,
-            "steps": config.inner_steps,
+            "steps": args.steps,
             "batch": batch,
             "filters": config.filters,
-            "hidden": config.hidden_size,
+            "hidden": LSTMSettings().hidden_size,
             "meta_batch": config.meta_batch,
-            "second_order": config.second_order,
+            "second_order": args.second_order,
             "compile": bool(getattr(config, "compile", False)),
             "device": str(device),
             "threads": torch.get_num_threads(),

@@ -183,7 +183,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
-    from .serialization import load_algorithm
+    from .serialization import load_method
     from .training import resolve_device
 
     overrides: dict[str, Any] = {}
@@ -197,11 +197,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         check_output(args.out)
     device = resolve_device(args.device)
     progress = None if args.quiet else sys.stderr
-    algorithm, meta = load_algorithm(args.checkpoint, device, **overrides)
+    algorithm, meta = load_method(args.checkpoint, device, **overrides)
     name = algorithm.name
     if args.sgd_from_init is not None:
-        from .ablation import sgd_from_learned_init
         from .config import parse_positive_numbers
+        from .methods.metalearner.ablation import sgd_from_learned_init
 
         ablation = sgd_from_learned_init(
             algorithm,
@@ -258,16 +258,16 @@ def cmd_plot(args: argparse.Namespace) -> None:
         return
     from .data import EpisodeSampler
     from .evaluation import load_part
-    from .metalearner import MetaLSTM
-    from .serialization import load_algorithm
+    from .methods.metalearner import MetaLSTM
+    from .serialization import load_method
 
     overrides = {"data_root": args.data_root} if args.data_root else {}
-    model, meta = load_algorithm(args.checkpoint, **overrides)
+    model, meta = load_method(args.checkpoint, **overrides)
     if not isinstance(model, MetaLSTM):
         raise MetaLSTMError(f"{meta['path']} is a {model.name!r} model; gates need an LSTM one")
     cfg = model.config
     sampler = EpisodeSampler(
-        load_part(cfg, "val"), cfg.n_way, cfg.k_shot, cfg.test_queries, cfg.val_seed
+        load_part(cfg, "val"), cfg.n_way, cfg.k_shot, cfg.eval_queries, cfg.val_seed
     )
     gates = plots.collect_gates(model, sampler, args.episodes)
     title = (

@@ -13,7 +13,8 @@ For a preset (say ``omniglot-5w1s``) and a list of methods (:data:`METHODS`), th
    published figure; protocol line and command), ``results.csv``, ``results.json`` (with every
    per-episode accuracy) and ``results.png`` (bar chart, error bars = 95% CI).
 
-Settings: the preset, then the method's recipe (:func:`recipe`), then ``--set key=value`` (every
+Methods come from the registry (:mod:`metalstm.registry`), in its order. Settings: the preset,
+then the method's recipe (registered with the method), then ``--set key=value`` (every
 method), then ``--set METHOD:key=value`` (one method), then ``--train-episodes``. Every method's
 checkpoint also works with ``metalstm evaluate --checkpoint``.
 """
@@ -37,109 +38,18 @@ from typing import Any, TextIO
 
 import yaml
 
-from .algorithm import NO_BATCHNORM, Algorithm, episode_batchnorm
-from .algorithms import ALGORITHMS, algorithm_class, build_algorithm
 from .checkpoint import read_checkpoint_meta, resolve_checkpoint, save_checkpoint
 from .config import Config, load_preset, override
 from .data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import EvalResult, Protocol, episode_accuracies, load_part, protocol_for
+from .evaluation import EvalResult, Protocol, evaluate, load_part
 from .files import write_file
+from .methods import build_method
+from .methods.base import NO_BATCHNORM, Method, episode_batchnorm
 from .progress import Surrounding, format_seconds, surrounding
-from .serialization import algorithm_tensors, load_algorithm
+from .registry import BatchSettings, TrainsOn, method_entry, method_names
+from .serialization import load_method, method_meta, method_tensors
 from .training import resolve_device, resume, train
-
-#: Every method of the comparison, in the table's order (the paper's Table 1, then later methods).
-METHODS = (
-    "finetune",
-    "nn-pixel",
-    "nn-embedding",
-    "matching",
-    "matching-fce",
-    "lstm",
-    "maml",
-    "maml-fo",
-    "protonet",
-)
-
-TITLES = {
-    "finetune": "Baseline-finetune",
-    "nn-pixel": "Baseline-nearest-neighbour (pixels)",
-    "nn-embedding": "Baseline-nearest-neighbour (embedding)",
-    "matching": "Matching Networks",
-    "matching-fce": "Matching Networks FCE",
-    "lstm": "Meta-learner LSTM",
-    "maml": "MAML",
-    "maml-fo": "MAML (first-order)",
-    "protonet": "Prototypical Networks",
-}
-
-#: Published accuracies (%) quoted in SPEC.md: (dataset, N, K) -> method -> figure. miniImageNet:
-#: Ravi & Larochelle (2017), Table 1, with MAML (Finn et al. 2017) and Prototypical Networks
-#: (Snell et al. 2017); Omniglot: the MAML, Prototypical and Matching Networks papers.
-PUBLISHED: dict[tuple[str, int, int], dict[str, float]] = {
-    ("miniimagenet", 5, 1): {
-        "finetune": 28.86,
-        "nn-embedding": 41.08,
-        "matching": 43.40,
-        "matching-fce": 43.56,
-        "lstm": 43.44,
-        "maml": 48.70,
-        "protonet": 49.42,
-    },
-    ("miniimagenet", 5, 5): {
-        "finetune": 49.79,
-        "nn-embedding": 51.04,
-        "matching": 51.09,
-        "matching-fce": 55.31,
-        "lstm": 60.60,
-        "maml": 63.11,
-        "protonet": 68.20,
-    },
-    ("omniglot", 5, 1): {"maml": 98.7, "protonet": 98.8, "matching": 98.1},
-    ("omniglot", 5, 5): {"maml": 99.9, "protonet": 99.7, "matching": 98.9},
-    ("omniglot", 20, 1): {"maml": 95.8, "protonet": 96.0, "matching": 93.8},
-    ("omniglot", 20, 5): {"maml": 98.9, "protonet": 98.9, "matching": 98.5},
-}
-
-PRETRAINED = ("finetune", "nn-embedding")  # share one pre-training (same state)
-
-
-def recipe(method: str, config: Config) -> dict[str, Any]:
-    """Training settings of ``method`` on top of the preset (the papers' where they fit).
-
-    The preset is the meta-learner's recipe, kept as is for ``lstm``. The metric methods and MAML
-    use BN momentum 1 (the support statistics used at test are exactly the last support batch's,
-    whatever the number of inner steps). MAML takes Finn et al.'s inner loop (Omniglot 5-way:
-    α = 0.4, 1 step, 3 at test; 20-way: α = 0.1, 5 steps; miniImageNet: α = 0.01, 5 steps, 10
-    at test). The pre-trained baselines run 10 epochs of Adam on mini-batches of 64 and choose
-    the fine-tuning settings on validation episodes once, at the end (every grid point fine-tunes
-    on 100 episodes: minutes of CPU each time). The episode budgets are the preset's.
-    """
-    if method == "lstm" or method == "nn-pixel":
-        return {}
-    if method in PRETRAINED:
-        return {
-            "pretrain_epochs": 10.0,
-            "pretrain_batch": 64,
-            "meta_batch": 1,
-            "lr": 1e-3,
-            "clip_grad_norm": 10.0,
-            "val_interval": 10**9,  # the Trainer always validates after the last step
-        }
-    if method in ("matching", "matching-fce", "protonet"):
-        return {"bn_momentum": 1.0, "clip_grad_norm": 10.0, "meta_batch": 1}
-    if method in ("maml", "maml-fo"):
-        if config.dataset == "miniimagenet":
-            inner = {"maml_inner_lr": 0.01, "inner_steps": 5, "eval_inner_steps": 10}
-            batch = 4 if config.k_shot == 1 else 2
-            return {**inner, "meta_batch": batch, "clip_grad_norm": 10.0, "bn_momentum": 1.0}
-        if config.n_way >= 20:
-            inner = {"maml_inner_lr": 0.1, "inner_steps": 5, "eval_inner_steps": 5}
-            return {**inner, "meta_batch": 16, "clip_grad_norm": 10.0, "bn_momentum": 1.0}
-        inner = {"maml_inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3}
-        return {**inner, "meta_batch": 8, "clip_grad_norm": 10.0, "bn_momentum": 1.0}
-    raise ConfigError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
 
 
 # -- arguments -------------------------------------------------------------------------------------
@@ -149,7 +59,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods",
         default="all",
-        help=f"comma-separated methods, or all ({','.join(METHODS)})",
+        help="comma-separated methods, or all (every registered method; see metalstm methods)",
     )
     parser.add_argument("--out", type=Path, required=True, help="folder for runs and results")
     parser.add_argument(
@@ -257,8 +167,8 @@ class Request:
 
 
 def check_method(name: str) -> str:
-    if name not in METHODS or name not in ALGORITHMS:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(METHODS)} (or all)")
+    if name not in method_names():
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())} (or all)")
     return name
 
 
@@ -268,9 +178,9 @@ def parse_methods(text: str) -> tuple[str, ...]:
     if not names:
         raise ConfigError("--methods is empty; give all or a list like protonet,maml")
     if names == ["all"]:
-        return METHODS
+        return method_names()
     chosen = {check_method(n) for n in names}
-    return tuple(m for m in METHODS if m in chosen)
+    return tuple(m for m in method_names() if m in chosen)
 
 
 # -- configs ---------------------------------------------------------------------------------------
@@ -283,17 +193,20 @@ def base_config(request: Request) -> Config:
         values["test_episodes"] = request.episodes
     if request.seed is not None:
         values["test_seed"] = request.seed
-    return override(load_preset(request.preset), values)
+    # --set applies to every method that has the key (a setting of one method skips the others).
+    return override(load_preset(request.preset), values, strict=False)
 
 
 def method_config(request: Request, method: str, train_images: Callable[[], int]) -> Config:
     """The training config of ``method``: preset, recipe, --set, --set METHOD:, --train-episodes."""
     base = base_config(request)
-    config = override(base, {**recipe(method, base), **request.overrides, "algorithm": method})
+    config = override(base, {"method": method, **method_entry(method).recipe(base)})
+    config = override(config, request.overrides, strict=False)
     config = override(config, request.method_overrides.get(method, {}))
     if request.train_episodes is not None:
-        if method in PRETRAINED:  # N mini-batches: N / (batches per epoch) epochs
-            per_epoch = max(1, train_images() // config.pretrain_batch)
+        settings = config.settings
+        if isinstance(settings, BatchSettings):  # N mini-batches: N / (batches per epoch) epochs
+            per_epoch = max(1, train_images() // settings.pretrain_batch)
             config = override(config, {"pretrain_epochs": request.train_episodes / per_epoch})
         else:
             config = override(config, {"episodes": request.train_episodes})
@@ -303,8 +216,10 @@ def method_config(request: Request, method: str, train_images: Callable[[], int]
 def check_compatible(method: str, config: Config, base: Config, path: Path) -> None:
     """Refuse a checkpoint trained for other episodes or images than the comparison's."""
     keys = ("dataset", "split", "image_size", "channels", "n_way", "k_shot")
+    if method_entry(method).trains_on is TrainsOn.NOTHING:
+        return
     for key in keys:
-        if method != "nn-pixel" and getattr(config, key) != getattr(base, key):
+        if getattr(config, key) != getattr(base, key):
             raise ConfigError(
                 f"checkpoint {path} for {method} was trained with {key}={getattr(config, key)!r} "
                 f"but the comparison uses {key}={getattr(base, key)!r}; pass a matching checkpoint"
@@ -374,12 +289,15 @@ def planned_work(request: Request, train_images: Callable[[], int]) -> dict[tupl
     base = base_config(request)
     planned = {}
     for method in request.methods:
-        units = 0
-        if method not in request.checkpoints and method not in ("nn-pixel", "nn-embedding"):
+        units, entry = 0, method_entry(method)
+        trained_here = entry.trains_on is not TrainsOn.NOTHING and entry.uses_training_of is None
+        if method not in request.checkpoints and trained_here:
             config = method_config(request, method, train_images)
             units = config.episodes
-            if algorithm_class(method).trains_on == "batches":
-                units = math.ceil(config.pretrain_epochs * train_images() / config.pretrain_batch)
+            settings = config.settings
+            if isinstance(settings, BatchSettings):
+                batches = settings.pretrain_epochs * train_images() / settings.pretrain_batch
+                units = math.ceil(batches)
         planned[(method, "training")] = units
         planned[(method, "evaluation")] = base.test_episodes
     return planned
@@ -459,40 +377,31 @@ def train_method(method: str, config: Config, run_dir: Path, log: TextIO | None)
 
 def write_untrained(method: str, config: Config, run_dir: Path) -> Trained:
     """The checkpoint of a method with nothing to train (same format as every other one)."""
-    algorithm = build_algorithm(config)
+    model = build_method(config)
     path = run_dir / "best.safetensors"
-    save_checkpoint(path, algorithm_tensors(algorithm), checkpoint_meta(algorithm, "untrained"))
+    save_checkpoint(path, method_tensors(model), method_meta(model, "untrained"))
     return Trained(path, 0.0, "untrained", "no training")
 
 
 def write_shared(method: str, source: Path, run_dir: Path) -> Trained:
-    """``method``'s checkpoint from the pre-training checkpoint ``source`` of another method."""
-    algorithm, meta = load_algorithm(source, algorithm=method)
+    """``method``'s checkpoint from the training checkpoint ``source`` of the method it shares
+    its training with (``uses_training_of`` in the registry)."""
+    model, meta = load_method(source, method=method)
     path = run_dir / "best.safetensors"
     extra = {"source": str(source), "train_state": meta.get("train_state")}
-    save_checkpoint(path, algorithm_tensors(algorithm), checkpoint_meta(algorithm, "shared", extra))
+    save_checkpoint(path, method_tensors(model), method_meta(model, "shared", **extra))
     seconds = _training_seconds(source)
-    return Trained(path, seconds, "shared", f"pre-training shared with {meta['algorithm']}")
-
-
-def checkpoint_meta(algorithm: Algorithm, kind: str, extra: dict[str, Any] | None = None) -> dict:
-    return {
-        "kind": kind,
-        "algorithm": algorithm.name,
-        "config": algorithm.config.to_dict(),
-        "learner_shape": algorithm.learner.shape.as_dict(),
-        **(extra or {}),
-    }
+    return Trained(path, seconds, "shared", f"training shared with {meta['algorithm']}")
 
 
 def given_checkpoint(method: str, spec: str, base: Config) -> Trained:
     """A ``--checkpoint METHOD=PATH``, checked against the comparison's episodes."""
     path = resolve_checkpoint(spec)
     meta = read_checkpoint_meta(path)
-    algorithm = meta.get("algorithm")
-    if algorithm != method and {algorithm, method} != set(PRETRAINED):
+    held = meta.get("algorithm")
+    if held != method and not shares_training(held, method):
         raise ConfigError(
-            f"--checkpoint {method}={spec} holds a {algorithm!r} model; pass a {method} checkpoint"
+            f"--checkpoint {method}={spec} holds a {held!r} model; pass a {method} checkpoint"
         )
     try:
         config = Config.from_dict(meta.get("config") or {})
@@ -500,6 +409,13 @@ def given_checkpoint(method: str, spec: str, base: Config) -> Trained:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
     check_compatible(method, config, base, path)
     return Trained(path, _training_seconds(path), "given")
+
+
+def shares_training(a: Any, b: str) -> bool:
+    """Whether methods ``a`` and ``b`` are built from the same training (one uses the other's)."""
+    if not isinstance(a, str) or a not in method_names():
+        return False
+    return b in (method_entry(a).uses_training_of, a) or method_entry(b).uses_training_of == a
 
 
 def prepare_methods(
@@ -513,21 +429,23 @@ def prepare_methods(
     runs = request.out / "runs"
     done: dict[str, Trained] = {}
     for method in request.methods:
+        entry = method_entry(method)
         with progress.stage(method, "training"):
             if method in request.checkpoints:
                 done[method] = given_checkpoint(method, request.checkpoints[method], base)
-            elif method == "nn-pixel":
+            elif entry.trains_on is TrainsOn.NOTHING:
                 config = method_config(request, method, train_images)
                 done[method] = write_untrained(method, config, runs / method)
-            elif method == "nn-embedding":
-                # The pre-trained network of finetune (given, trained above, or trained now).
-                if "finetune" in request.checkpoints:
-                    source = given_checkpoint("finetune", request.checkpoints["finetune"], base)
-                elif "finetune" in done:
-                    source = done["finetune"]
+            elif entry.uses_training_of is not None:
+                # The other method's trained network (given, trained above, or trained now).
+                owner = entry.uses_training_of
+                if owner in request.checkpoints:
+                    source = given_checkpoint(owner, request.checkpoints[owner], base)
+                elif owner in done:
+                    source = done[owner]
                 else:
-                    config = method_config(request, "finetune", train_images)
-                    source = train_method("finetune", config, runs / "finetune", log)
+                    config = method_config(request, owner, train_images)
+                    source = train_method(owner, config, runs / owner, log)
                 done[method] = write_shared(method, source.checkpoint, runs / method)
             else:
                 config = method_config(request, method, train_images)
@@ -594,13 +512,13 @@ class MethodResult:
         }
 
 
-def method_notes(algorithm: Algorithm, trained: Trained, protocol: Protocol, base: Config) -> str:
+def method_notes(algorithm: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
     """A short description of the settings behind a method's number: its test-time adaptation,
     its batch-norm statistics where they are not the protocol line's, its training."""
     notes = [protocol.adaptation] if protocol.adaptation else []
     if protocol.bn_mode not in (episode_batchnorm(base.transductive), NO_BATCHNORM):
         notes.append(f"BN: {protocol.bn_mode}")
-    if algorithm.trains_on == "episodes":
+    if method_entry(algorithm.name).trains_on is TrainsOn.EPISODES:
         notes.append(f"{algorithm.config.episodes} training episodes")
     if trained.note:
         notes.append(trained.note)
@@ -618,19 +536,19 @@ def evaluate_methods(
     device = resolve_device(base.device)
     test = load_part(base, "test")
     count, seed = base.test_episodes, base.test_seed
-    expected = fixed_episodes(test, base.n_way, base.k_shot, base.test_queries, seed, count)
+    expected = fixed_episodes(test, base.n_way, base.k_shot, base.eval_queries, seed, count)
     fingerprint = expected.fingerprint()
-    published = PUBLISHED.get((base.dataset, base.n_way, base.k_shot), {})
+    setting = (base.dataset, base.n_way, base.k_shot)
     results = []
     for method, info in trained.items():
         overrides: dict[str, Any] = {"transductive": base.transductive}
         if base.data_root is not None:
             overrides["data_root"] = base.data_root
-        algorithm, _ = load_algorithm(info.checkpoint, device=device, **overrides)
-        sampler = RecordingSampler(test, base.n_way, base.k_shot, base.test_queries, seed)
+        model, _ = load_method(info.checkpoint, device=device, **overrides)
+        sampler = RecordingSampler(test, base.n_way, base.k_shot, base.eval_queries, seed)
         start = time.perf_counter()
         with progress.stage(method, "evaluation"):
-            accuracies = episode_accuracies(algorithm, sampler, range(count), log)
+            result = evaluate(model, episodes=count, seed=seed, progress=log, sampler=sampler)
         seconds = time.perf_counter() - start
         served = sampler.fingerprint()
         if served != fingerprint:
@@ -638,17 +556,16 @@ def evaluate_methods(
                 f"{method} was evaluated on other episodes than the comparison's fixed ones "
                 f"(fingerprint {served[:12]} != {fingerprint[:12]})"
             )
-        protocol = protocol_for(algorithm, algorithm.config, "test", count, seed)
-        result = EvalResult(accuracies, protocol)
+        entry = method_entry(method)
         row = MethodResult(
             method,
-            TITLES[method],
+            entry.title,
             result,
             info,
             served,
             seconds,
-            method_notes(algorithm, info, protocol, base),
-            published.get(method),
+            method_notes(model, info, result.protocol, base),
+            entry.published.get(setting),
         )
         say(log, f"{method}: {result.line()} [{format_seconds(seconds)}]")
         results.append(row)
@@ -660,7 +577,7 @@ def protocol_line(base: Config, fingerprint: str) -> str:
     mode = "transductive" if base.transductive else "non-transductive (support statistics)"
     return (
         f"{base.dataset}/{base.split} test classes, {base.n_way}-way {base.k_shot}-shot, "
-        f"{base.test_queries} queries per class, {base.test_episodes} fixed episodes "
+        f"{base.eval_queries} queries per class, {base.test_episodes} fixed episodes "
         f"(seed {base.test_seed}, fingerprint {fingerprint[:16]}), identical for every method; "
         f"BN at test: {mode}; accuracy = mean ± 1.96·std/√E"
     )
@@ -734,7 +651,7 @@ def results_json(
         "split": base.split,
         "n_way": base.n_way,
         "k_shot": base.k_shot,
-        "q_query": base.test_queries,
+        "q_query": base.eval_queries,
         "episodes": base.test_episodes,
         "seed": base.test_seed,
         "transductive": base.transductive,

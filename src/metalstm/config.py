@@ -1,8 +1,13 @@
-"""Typed configuration: one flat dataclass, named presets stored as YAML, ``key=value`` overrides.
+"""Typed configuration of a run: shared sections, the method and its own settings; presets as YAML.
 
-A :class:`Config` says everything about a run: the data, the episodes, the learner, the algorithm
-and its meta-training. It is frozen; :func:`override` returns a new one. Presets live in
-``metalstm/presets/NAME.yaml`` and only list the fields that differ from the defaults below.
+A :class:`Config` says everything about a run. Its shared sections (:data:`SECTIONS`: data,
+episodes, learner, training, evaluation, execution) are flat fields; ``method`` names a
+registered method (:mod:`metalstm.registry`) and ``settings`` holds that method's own frozen
+settings dataclass, which the method's module defines and validates. It is frozen;
+:func:`override` returns a new one, from flat ``key=value`` pairs (a key names a shared field or
+a setting of the run's method), dotted keys (``training.lr``, ``settings.inner_steps``) or a
+nested ``settings`` mapping. Presets live in ``metalstm/presets/NAME.yaml`` and list only the
+keys that differ from the defaults.
 """
 
 from __future__ import annotations
@@ -12,13 +17,14 @@ import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from typing import Any
 
 import yaml
 
 from .errors import ConfigError
+from .registry import MethodSettings, check_values, method_entry, methods_with_setting
 
 
 @dataclass(frozen=True)
@@ -40,16 +46,9 @@ class Config:
     filters: int = 32
     bn_momentum: float = 0.9  # weight of the new batch in the running statistics
     bn_eps: float = 1e-5
-    # -- algorithm ---------------------------------------------------------------------------------
-    algorithm: str = "lstm"
-    hidden_size: int = 20  # layer-1 LSTM of the meta-learner
-    preprocess_p: float = 10.0  # Andrychowicz et al. (2016) gradient preprocessing
-    inner_steps: int = 12  # T: updates of the learner on the support set
-    eval_inner_steps: int | None = None  # T at evaluation; None = inner_steps
-    second_order: bool = False  # differentiate through the learner's gradients
-    grad_divide_batch: bool = False  # authors' quirk: divide the mean gradient by the batch size
-    train_query_bn: str = "batch"  # BN of the query pass while meta-training: batch (the authors')
-    #                                | support (the support passes' running statistics, as at test)
+    # -- method: its name and its own settings (metalstm.registry; defaults: the meta-learner) -----
+    method: str = "lstm"  # any registered method (metalstm methods / metalstm.registry)
+    settings: MethodSettings = field(default_factory=lambda: method_entry("lstm").settings())
     # -- meta-training -----------------------------------------------------------------------------
     episodes: int = 50_000  # meta-training episodes (updates = episodes / meta_batch)
     meta_batch: int = 1  # episodes per meta-update (the paper: 1)
@@ -63,15 +62,6 @@ class Config:
     max_nonfinite: int = 20  # stop after this many non-finite updates in a row
     log_interval: int = 50  # episodes between metric lines
     seed: int = 0
-    # -- comparison methods (metalstm.algorithms; recipes per method in metalstm.compare) --------
-    maml_inner_lr: float = 0.4  # maml / maml-fo: inner SGD step α (steps: inner_steps, eval_...)
-    fce_steps: int = 5  # matching-fce: processing steps K of the query's attention LSTM
-    pretrain_classes: int = 0  # finetune / nn-embedding: outputs of the pre-trained classifier;
-    #                            0 = every training class (the Trainer fills it in from the data)
-    pretrain_epochs: float = 10.0  # finetune / nn-embedding: passes over the training images
-    pretrain_batch: int = 64  # finetune / nn-embedding: images per pre-training mini-batch
-    finetune_lr_grid: str = "0.01,0.1,0.5"  # finetune: SGD learning rates tried on validation
-    finetune_steps_grid: str = "10,50,100"  # finetune: SGD step counts tried on validation
     # -- evaluation --------------------------------------------------------------------------------
     test_episodes: int = 600
     test_seed: int = 0
@@ -87,8 +77,8 @@ class Config:
             "n_way": self.n_way >= 2,
             "k_shot": self.k_shot >= 1,
             "q_query": self.q_query >= 1,
+            "eval_q_query": self.eval_q_query is None or self.eval_q_query >= 1,
             "filters": self.filters >= 1,
-            "inner_steps": self.inner_steps >= 1,
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
             "lr": self.lr > 0,
@@ -98,30 +88,16 @@ class Config:
             "test_episodes": self.test_episodes >= 1,
             "bn_momentum": 0.0 < self.bn_momentum <= 1.0,
             "lr_schedule": self.lr_schedule in ("constant", "cosine"),
-            "train_query_bn": self.train_query_bn in ("batch", "support"),
             "max_nonfinite": self.max_nonfinite >= 1,
             "log_interval": self.log_interval >= 1,
         }
-        for key, ok in checks.items():
-            if not ok:
-                raise ConfigError(f"invalid value {key}={getattr(self, key)!r}")
-        for key in ("eval_inner_steps", "eval_q_query"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"invalid value {key}={value!r}")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"invalid value {f.name}={value!r}; give a finite number")
-        self._check_sizes()
-
-    def _check_sizes(self) -> None:
-        """Upper bounds, so that no config (typed, edited or in a checkpoint) can allocate
-        without limit: each size on its own, and θ, computed from them before anything is built."""
-        for key, limit in SIZE_LIMITS.items():
-            value = getattr(self, key)
-            if value is not None and value > limit:
-                raise ConfigError(f"invalid value {key}={value!r}; at most {limit} is supported")
+        check_values(self, checks, SIZE_LIMITS)
+        expected = method_entry(self.method).settings
+        if type(self.settings) is not expected:
+            raise ConfigError(
+                f"method {self.method!r} takes {expected.__name__}, "
+                f"not {type(self.settings).__name__}"
+            )
         size = learner_size(self)
         if size > MAX_LEARNER_SIZE:
             raise ConfigError(
@@ -131,29 +107,44 @@ class Config:
             )
 
     @property
-    def test_steps(self) -> int:
-        """Inner steps at evaluation (defaults to the training value)."""
-        return self.eval_inner_steps or self.inner_steps
-
-    @property
-    def train_query_batch_stats(self) -> bool:
-        """Whether the meta-training query pass normalises with its own batch statistics."""
-        return self.train_query_bn == "batch"
-
-    @property
-    def test_queries(self) -> int:
+    def eval_queries(self) -> int:
         """Queries per class of validation and test episodes (defaults to the training value)."""
         return self.eval_q_query or self.q_query
 
     def to_dict(self) -> dict[str, Any]:
+        """Every shared key, ``method`` and its ``settings`` (a nested mapping)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> Config:
-        """Build from a mapping, checking every key and value type."""
-        return override(cls(), values)
+        """Build from a mapping (this version's layout, or the flat keys of earlier versions,
+        where every method's settings sat side by side: those of other methods are skipped)."""
+        return override(cls(), values, strict=False)
 
 
+#: The shared sections of the run config, for dotted keys (``--set training.lr=...``).
+SECTIONS = {
+    "data": ("dataset", "split", "data_root", "image_size", "channels"),
+    "episodes": ("n_way", "k_shot", "q_query", "eval_q_query"),
+    "learner": ("filters", "bn_momentum", "bn_eps"),
+    "training": (
+        "episodes",
+        "meta_batch",
+        "lr",
+        "lr_schedule",
+        "clip_grad_norm",
+        "val_interval",
+        "val_episodes",
+        "val_seed",
+        "early_stopping",
+        "max_nonfinite",
+        "log_interval",
+        "seed",
+    ),
+    "evaluation": ("test_episodes", "test_seed", "transductive"),
+    "execution": ("device", "compile"),
+}
+METHOD_KEYS = ("algorithm", "method")  # "algorithm": the earlier name ("method" wins)
 SIZE_LIMITS = {
     "image_size": 512,
     "filters": 512,
@@ -161,15 +152,9 @@ SIZE_LIMITS = {
     "k_shot": 1000,
     "q_query": 1000,
     "eval_q_query": 1000,
-    "hidden_size": 1024,
-    "inner_steps": 10_000,
-    "eval_inner_steps": 10_000,
     "meta_batch": 10_000,
     "val_episodes": 1_000_000,
     "test_episodes": 1_000_000,
-    "fce_steps": 10_000,
-    "pretrain_batch": 100_000,
-    "pretrain_classes": 100_000,
 }
 MAX_LEARNER_SIZE = 5_000_000  # θ of the conv-4 learner; the Omniglot and miniImageNet ones: ~30 k
 
@@ -184,9 +169,14 @@ def learner_size(config: Config) -> int:
     return total + (config.filters * side * side + 1) * config.n_way
 
 
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(Config)
-    return {f.name: hints[f.name] for f in fields(Config)}
+def shared_keys() -> set[str]:
+    """The keys of the shared sections (every run config has them, whatever its method)."""
+    return {key for keys in SECTIONS.values() for key in keys}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -226,15 +216,70 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     raise ConfigError(f"{key}={value!r} is not a valid {names}")
 
 
-def override(config: Config, values: Mapping[str, Any]) -> Config:
-    """Return ``config`` with ``values`` applied; unknown keys and wrong types raise ConfigError."""
-    kinds = _field_types()
-    changes = {}
-    for key, value in values.items():
-        if key not in kinds:
-            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(kinds)}")
-        changes[key] = _coerce(key, value, kinds[key])
-    return dataclasses.replace(config, **changes)
+def _switch_method(settings: MethodSettings, name: str) -> MethodSettings:
+    """The settings of method ``name``, keeping the values of the fields both methods have (a
+    fine-tuning checkpoint read as the nearest-neighbour baseline keeps its pre-training)."""
+    target = method_entry(name).settings
+    if type(settings) is target:
+        return settings
+    common = {f.name for f in fields(target)} & {f.name for f in fields(settings)}
+    return target(**{key: getattr(settings, key) for key in common})
+
+
+def _undotted(key: str, method: str) -> str:
+    """``section.key``, ``settings.key`` or ``METHOD.key`` → ``key`` (checked)."""
+    prefix, dot, name = key.rpartition(".")
+    if not dot:
+        return key
+    if prefix in SECTIONS and name in SECTIONS[prefix]:
+        return name
+    if prefix in ("settings", method) and name not in shared_keys():
+        return name
+    sections = ", ".join((*SECTIONS, "settings", method))
+    raise ConfigError(f"unknown config key {key!r}; a dotted key is SECTION.KEY, with: {sections}")
+
+
+def override(config: Config, values: Mapping[str, Any], *, strict: bool = True) -> Config:
+    """Return ``config`` with ``values`` applied (flat keys, dotted keys, or a nested
+    ``settings`` mapping); unknown keys and wrong types raise ConfigError.
+
+    The method (``method``, formerly ``algorithm``) is applied first, so the other keys are
+    read against its settings. A key that belongs to another registered method raises with
+    ``strict`` and is skipped without (old flat files list every method's settings).
+    """
+    values = dict(values)
+    method = config.method
+    for alias in METHOD_KEYS:
+        if alias in values:
+            method = _coerce(alias, values.pop(alias), str)
+    settings = _switch_method(config.settings, method)
+    nested = values.pop("settings", None) or {}
+    if not isinstance(nested, Mapping):
+        raise ConfigError(f"settings must be a mapping of {method}'s settings, not {nested!r}")
+    shared = _field_types(Config)
+    kinds = _field_types(type(settings))
+    changes: dict[str, Any] = {}
+    setting_changes: dict[str, Any] = {}
+    # The nested settings first: a flat key beside them (an override) wins.
+    for raw, value in [*((f"settings.{k}", v) for k, v in nested.items()), *values.items()]:
+        key = _undotted(str(raw), method)
+        name = settings.field_for(key)
+        if key in shared and key not in ("method", "settings"):
+            changes[key] = _coerce(key, value, shared[key])
+        elif name is not None:
+            setting_changes[name] = _coerce(key, value, kinds[name])
+        elif methods_with_setting(key):
+            if strict:
+                owners = ", ".join(methods_with_setting(key))
+                raise ConfigError(
+                    f"{key} is a setting of {owners}, not of this run's method {method!r}; "
+                    f"set method first (--set method=NAME) or drop {key}"
+                )
+        else:
+            known = sorted(shared_keys() | set(kinds))
+            raise ConfigError(f"unknown config key {raw!r}; known keys: {', '.join(known)}")
+    settings = dataclasses.replace(settings, **setting_changes)
+    return dataclasses.replace(config, method=method, settings=settings, **changes)
 
 
 def parse_positive_numbers(

@@ -19,11 +19,11 @@ from typing import Any, TextIO
 
 import torch
 
-from .algorithm import Adapter, Algorithm, accuracy
 from .config import Config
 from .data import ClassImages, EpisodeSampler, load_split
 from .distributed import Distributed
 from .errors import ConfigError
+from .methods.base import Adapter, Method, accuracy
 from .progress import LiveLine
 
 
@@ -37,8 +37,8 @@ class Protocol:
     n_way: int
     k_shot: int
     q_query: int
-    adaptation: str  # the method's test-time settings (Algorithm.adaptation), e.g. "T = 8"
-    bn_mode: str  # Algorithm.test_batchnorm: "support statistics", "transductive", ...
+    adaptation: str  # the method's test-time settings (Method.adaptation), e.g. "T = 8"
+    bn_mode: str  # Method.test_batchnorm: "support statistics", "transductive", ...
     episodes: int
     seed: int
 
@@ -142,7 +142,7 @@ def load_part(config: Config, part: str) -> ClassImages:
 
 
 def protocol_for(
-    algorithm: Algorithm, config: Config, part: str, episodes: int, seed: int
+    algorithm: Method, config: Config, part: str, episodes: int, seed: int
 ) -> Protocol:
     """The protocol of ``algorithm`` scored on the fixed episodes (config, part, count, seed)."""
     return Protocol(
@@ -151,7 +151,7 @@ def protocol_for(
         part=part,
         n_way=config.n_way,
         k_shot=config.k_shot,
-        q_query=config.test_queries,
+        q_query=config.eval_queries,
         adaptation=algorithm.adaptation(),
         bn_mode=algorithm.test_batchnorm(),
         episodes=episodes,
@@ -160,7 +160,7 @@ def protocol_for(
 
 
 def episode_accuracies(
-    algorithm: Algorithm,
+    algorithm: Method,
     sampler: EpisodeSampler,
     indices: Sequence[int],
     progress: TextIO | None = None,
@@ -173,7 +173,7 @@ def episode_accuracies(
 
 
 def candidate_accuracies(
-    algorithm: Algorithm,
+    algorithm: Method,
     sampler: EpisodeSampler,
     indices: Sequence[int],
     adapt: Adapter,
@@ -199,7 +199,7 @@ def candidate_accuracies(
 
 
 def evaluate(
-    algorithm: Algorithm,
+    algorithm: Method,
     *,
     part: str = "test",
     episodes: int | None = None,
@@ -207,8 +207,12 @@ def evaluate(
     config: Config | None = None,
     progress: TextIO | None = None,
     dist: Distributed | None = None,
+    sampler: EpisodeSampler | None = None,
 ) -> EvalResult:
     """Evaluate on the fixed episodes of ``part`` (default: the config's test episodes).
+
+    ``sampler``: the episodes' sampler, when the caller needs its own (``compare`` records the
+    episodes each method saw); it must draw ``part``'s episodes of ``seed``.
 
     ``progress``: a stream for the live progress line (e.g. ``sys.stderr``; default: silent).
     With ``dist``, rank r scores episodes r, r + W, ... and the accuracies are gathered, so the
@@ -220,9 +224,10 @@ def evaluate(
     if count < 1:
         raise ConfigError(f"episodes={count} is invalid; evaluate on at least 1 episode")
     seed = seed if seed is not None else config.test_seed
-    sampler = EpisodeSampler(
-        load_part(config, part), config.n_way, config.k_shot, config.test_queries, seed
-    )
+    if sampler is None:
+        sampler = EpisodeSampler(
+            load_part(config, part), config.n_way, config.k_shot, config.eval_queries, seed
+        )
     indices = range(dist.rank, count, dist.world_size)
     shown = progress if dist.is_main else None
     accuracies = dist.gather_episodes(

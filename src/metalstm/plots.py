@@ -18,7 +18,7 @@ from matplotlib.ticker import FormatStrFormatter
 from .data import EpisodeSampler
 from .errors import ConfigError
 from .files import write_file
-from .metalearner import MetaLSTM
+from .methods.metalearner import MetaLSTM
 from .runfolder import METRICS, metric_rows, read_config_values
 
 
@@ -42,9 +42,9 @@ def collect_gates(model: MetaLSTM, sampler: EpisodeSampler, episodes: int) -> di
         episode = sampler.episode(step=i).to(model.device)
         with torch.no_grad():
             result = model.inner_loop(
-                episode.support_x, episode.support_y, model.config.test_steps, record_gates=True
+                episode.support_x, episode.support_y, model.settings.eval_steps, record_gates=True
             )
-        gates = torch.stack(result.gates)  # [T, 2, n]: σ(f), σ(i)
+        gates = torch.stack(result.infos)  # [T, 2, n]: σ(f), σ(i)
         for layer, parts in groups.items():
             values = torch.cat([gates[:, :, part] for part in parts], dim=2)  # [T, 2, n_layer]
             per_layer[layer].append(values.mean(dim=2).cpu().numpy())

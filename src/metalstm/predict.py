@@ -64,12 +64,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from .algorithm import Algorithm, Classifier
 from .checkpoint import add_checkpoint_argument
-from .config import override
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
 from .errors import ConfigError, DataError, printable
 from .files import check_output, output_path, write_file
+from .methods.base import Classifier, Method
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -128,27 +127,25 @@ class FewShotClassifier:
 
 def load_model(
     checkpoint: str | Path, *, steps: int | None = None, device: str | torch.device = "cpu"
-) -> tuple[Algorithm, dict[str, Any]]:
+) -> tuple[Method, dict[str, Any]]:
     """A trained model ready to adapt, and its checkpoint metadata.
 
     ``checkpoint`` is a ``.safetensors`` file, a run folder or a shipped name; ``steps`` overrides
     the number of inner steps at adaptation (default: as trained). Batch norm is set to the
     non-transductive protocol so that query images are labelled independently.
     """
-    from .serialization import load_algorithm
+    from .serialization import load_method
 
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"steps={steps!r} is invalid; give at least 1 inner step")
-    model, meta = load_algorithm(checkpoint, device=device)
     # Evaluation-time settings only (read at adaptation time; the learner's shape is untouched).
     changes: dict[str, Any] = {"transductive": False}
     if steps is not None:
         changes["eval_inner_steps"] = steps
-    model.config = override(model.config, changes)
-    return model, meta
+    return load_method(checkpoint, device=device, **changes)
 
 
-def adapt(model: Algorithm, support_x: Tensor, support_y: Tensor) -> FewShotClassifier:
+def adapt(model: Method, support_x: Tensor, support_y: Tensor) -> FewShotClassifier:
     """Adapt the model's learner to a support set; return a :class:`FewShotClassifier`.
 
     ``support_x``: images ``[M, C, H, W]`` in the model's input format, float in [0, 1] or uint8
@@ -173,7 +170,7 @@ def adapt(model: Algorithm, support_x: Tensor, support_y: Tensor) -> FewShotClas
 
 
 def predict(
-    model: Algorithm, support_x: Tensor, support_y: Tensor, query_x: Tensor
+    model: Method, support_x: Tensor, support_y: Tensor, query_x: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Labels ``[Q]`` and class probabilities ``[Q, N]`` of ``query_x`` after adapting.
 

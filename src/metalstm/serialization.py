@@ -12,18 +12,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithm import Algorithm
-from .algorithms import build_algorithm
 from .checkpoint import load_checkpoint, read_checkpoint_meta, resolve_checkpoint
 from .config import Config
 from .errors import CheckpointError, ConfigError
+from .methods import build_method
+from .methods.base import Method
 
 
-def algorithm_tensors(algorithm: Algorithm) -> dict[str, Tensor]:
+def method_tensors(algorithm: Method) -> dict[str, Tensor]:
     return {f"model.{k}": v.detach() for k, v in algorithm.state_dict().items()}
 
 
-def algorithm_from_tensors(algorithm: Algorithm, tensors: dict[str, Tensor], path: Path) -> None:
+def method_from_tensors(algorithm: Method, tensors: dict[str, Tensor], path: Path) -> None:
     """Load ``model.*`` tensors into ``algorithm``, refusing any difference of names or shapes
     and non-finite values."""
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
@@ -74,9 +74,9 @@ def optimizer_from_tensors(
         ) from None
 
 
-def load_algorithm(
+def load_method(
     name_or_path: str | Path, device: str | torch.device = "cpu", **overrides: Any
-) -> tuple[Algorithm, dict[str, Any]]:
+) -> tuple[Method, dict[str, Any]]:
     """A trained method from a checkpoint path, run folder or shipped name, with its metadata.
 
     ``overrides`` change evaluation-time settings (e.g. ``eval_inner_steps``, ``transductive``).
@@ -84,10 +84,23 @@ def load_algorithm(
     path = resolve_checkpoint(str(name_or_path))
     config = checkpoint_config(read_checkpoint_meta(path), path, overrides, device)
     tensors, meta = load_checkpoint(path, device=device)
-    algorithm = build_algorithm(config).to(device)
-    algorithm_from_tensors(algorithm, tensors, path)
+    algorithm = build_method(config).to(device)
+    method_from_tensors(algorithm, tensors, path)
     algorithm.eval()
     return algorithm, {**meta, "path": str(path)}
+
+
+def method_meta(method: Method, kind: str, **extra: Any) -> dict[str, Any]:
+    """The metadata saved with every checkpoint of ``method``: ``kind`` (training, untrained,
+    shared), the method's name (under ``algorithm``, the key every version reads), its config and
+    the learner's shape, then ``extra``."""
+    return {
+        "kind": kind,
+        "algorithm": method.name,
+        "config": method.config.to_dict(),
+        "learner_shape": method.learner.shape.as_dict(),
+        **extra,
+    }
 
 
 def checkpoint_config(

@@ -1,6 +1,6 @@
 """Meta-training: a plain loop over meta-batches of episodes, with validation and checkpoints.
 
-One update (the paper's Algorithm 1, outer loop):
+One update (the paper's Method 1, outer loop):
     episodes = sampler.meta_batch(step, meta_batch, rank, world_size)   # pure in (seed, step)
     loss = mean over episodes of the query loss after adapting           # method-specific
     loss.backward(); all-reduce the meta-gradient across ranks
@@ -21,25 +21,27 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
 
-from .algorithm import Adapter
-from .algorithms import algorithm_class, build_algorithm
-from .algorithms.pretraining import ClassBatches
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_yaml
 from .data import EpisodeSampler
+from .data.batches import ClassBatches
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import candidate_accuracies, load_part
 from .files import write_file
+from .methods import build_method
+from .methods.base import Adapter, EpisodeLoss, Method
 from .progress import LiveLine
+from .registry import BatchSettings, TrainsOn, method_entry
 from .runfolder import (
     CONFIG,
     METRICS,
@@ -52,9 +54,10 @@ from .runfolder import (
     remove_stale_temporaries,
 )
 from .serialization import (
-    algorithm_from_tensors,
-    algorithm_tensors,
     checkpoint_config,
+    method_from_tensors,
+    method_meta,
+    method_tensors,
     optimizer_from_tensors,
     optimizer_tensors,
 )
@@ -93,7 +96,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Trainer:
-    """Meta-trains an :class:`Algorithm` into a run folder. Use :func:`train` for the usual call."""
+    """Meta-trains an :class:`Method` into a run folder. Use :func:`train` for the usual call."""
 
     def __init__(
         self,
@@ -108,27 +111,31 @@ class Trainer:
         self.log = log if self.dist.is_main else None
         self.device = resolve_device(config.device)
         train_data = load_part(config, "train")
-        # Settings that depend on the training classes (Algorithm.configure), saved in checkpoints.
-        config = algorithm_class(config.algorithm).configure(config, train_data)
+        # Settings that depend on the training classes (Method.configure), saved in checkpoints.
+        entry = method_entry(config.method)
+        config = entry.cls.configure(config, train_data)
         self.config = config
         self.dist.check_same_config(json.dumps(config.to_dict(), sort_keys=True))
-        self.algorithm = build_algorithm(config).to(self.device)
-        if self.algorithm.trains_on == "nothing":
+        if entry.trains_on is TrainsOn.NOTHING:
             raise ConfigError(
-                f"algorithm {config.algorithm!r} has nothing to train; evaluate it directly, or "
+                f"method {config.method!r} has nothing to train; evaluate it directly, or "
                 "let `metalstm compare` write its checkpoint"
             )
-        self.optimizer = torch.optim.Adam(self.algorithm.parameters(), lr=config.lr)
+        self.method = build_method(config).to(self.device)
+        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=config.lr)
         self.state = TrainState()
         self.total_steps = math.ceil(config.episodes / config.meta_batch)
         self.val_every = max(1, config.val_interval // config.meta_batch)
         self.log_every = max(1, config.log_interval // config.meta_batch)
-        # Methods pre-trained on ordinary mini-batches (trains_on == "batches"): one update per
-        # mini-batch, pretrain_epochs passes; val_interval and log_interval count mini-batches.
+        # Methods trained on ordinary mini-batches (TrainsOn.BATCHES, with BatchSettings): one
+        # update per mini-batch, pretrain_epochs passes; val_interval and log_interval count
+        # mini-batches.
         self.batches: ClassBatches | None = None
-        if self.algorithm.trains_on == "batches":
-            self.batches = ClassBatches(train_data, config.pretrain_batch, config.seed)
-            self.total_steps = self.batches.steps(config.pretrain_epochs)
+        if entry.trains_on is TrainsOn.BATCHES:
+            settings = config.settings
+            assert isinstance(settings, BatchSettings)  # registry.register checks it
+            self.batches = ClassBatches(train_data, settings.pretrain_batch, config.seed)
+            self.total_steps = self.batches.steps(settings.pretrain_epochs)
             self.val_every = max(1, config.val_interval)
             self.log_every = max(1, config.log_interval)
         self.train_sampler = EpisodeSampler(
@@ -138,7 +145,7 @@ class Trainer:
             load_part(config, "val"),
             config.n_way,
             config.k_shot,
-            config.test_queries,
+            config.eval_queries,
             config.val_seed,
         )
         self._interrupted = False
@@ -146,19 +153,17 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "kind": "training",
-            "algorithm": self.config.algorithm,
-            "config": self.config.to_dict(),
-            "learner_shape": self.algorithm.learner.shape.as_dict(),
-            "train_state": asdict(self.state),
-            "optimizer": self.optimizer.state_dict()["param_groups"],
-        }
+        return method_meta(
+            self.method,
+            "training",
+            train_state=asdict(self.state),
+            optimizer=self.optimizer.state_dict()["param_groups"],
+        )
 
     def save(self, name: str) -> None:
         if not self.dist.is_main:
             return
-        tensors = {**algorithm_tensors(self.algorithm), **optimizer_tensors(self.optimizer)}
+        tensors = {**method_tensors(self.method), **optimizer_tensors(self.optimizer)}
         path = self.run_dir / f"{name}.safetensors"
         if name == "last" and path.exists():
             path.replace(self.run_dir / "last.prev.safetensors")
@@ -180,7 +185,7 @@ class Trainer:
                 self.check_same_run(meta, path)
                 state = train_state_from(meta, path)
                 self.check_episodes(state)
-                algorithm_from_tensors(self.algorithm, tensors, path)
+                method_from_tensors(self.method, tensors, path)
                 optimizer_from_tensors(self.optimizer, tensors, meta.get("optimizer"), path)
             except CheckpointError as error:
                 errors.append(str(error))
@@ -267,28 +272,22 @@ class Trainer:
     def update(self, step: int) -> tuple[float, float]:
         """One meta-update on this rank's share of the meta-batch; returns (loss, accuracy)."""
         cfg = self.config
-        params = list(self.algorithm.parameters())
-        rows, shares = [], cfg.meta_batch  # per item: flat gradient, loss, accuracy
+        items: list[Callable[[], EpisodeLoss]]
         if self.batches is not None:  # one ordinary mini-batch, split over the ranks
             shares = self.dist.world_size
             images, labels = self.batches.batch(step, self.dist.rank, self.dist.world_size)
-            self.optimizer.zero_grad(set_to_none=False)
-            out = self.algorithm.batch_loss(images.to(self.device), labels.to(self.device))
-            (out.loss / shares).backward()
-            rows.append(gradient_row(params, out.loss, out.accuracy))
+            images, labels = images.to(self.device), labels.to(self.device)
+            items = [lambda: self.method.batch_loss(images, labels)]
         else:
+            shares = cfg.meta_batch
             episodes = self.train_sampler.meta_batch(
                 step, cfg.meta_batch, self.dist.rank, self.dist.world_size
             )
-            for episode in episodes:
-                self.optimizer.zero_grad(set_to_none=False)
-                out = self.algorithm.meta_loss(episode.to(self.device))
-                (out.loss / cfg.meta_batch).backward()
-                rows.append(gradient_row(params, out.loss, out.accuracy))
-        stats = self.dist.sum_gradients(params, torch.stack(rows))
-        loss, acc = (stats.double() / shares).tolist()
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-        if not (math.isfinite(loss) and torch.isfinite(norm)):
+            items = [partial(self.method.meta_loss, e.to(self.device)) for e in episodes]
+        loss, acc, finite = meta_gradient(
+            self.method, self.optimizer, items, shares, self.dist, cfg.clip_grad_norm
+        )
+        if not finite:
             self.skip_update()
             return float("nan"), acc
         self.state.nonfinite_streak = 0
@@ -310,7 +309,7 @@ class Trainer:
 
     def validate(self) -> float:
         # Through the method's hook, which may choose evaluation settings among candidates.
-        return self.algorithm.validate(self.validation_scores)
+        return self.method.validate(self.validation_scores)
 
     def validation_scores(self, adapt: Adapter) -> list[float]:
         """Mean accuracy, on the fixed validation episodes, of each classifier ``adapt`` returns
@@ -318,7 +317,7 @@ class Trainer:
         count = self.config.val_episodes
         indices = range(self.dist.rank, count, self.dist.world_size)
         scores = candidate_accuracies(
-            self.algorithm, self.val_sampler, indices, adapt, self.log, "validation episode"
+            self.method, self.val_sampler, indices, adapt, self.log, "validation episode"
         )
         per_episode = self.dist.gather_episodes(scores, count)  # [episodes][candidates]
         return [sum(column) / count for column in zip(*per_episode, strict=True)]
@@ -371,7 +370,7 @@ class Trainer:
 
     def weights_finite(self) -> bool:
         """Whether every meta-parameter is finite; a diverged model is never saved as best."""
-        finite = all(bool(torch.isfinite(p).all()) for p in self.algorithm.parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in self.method.parameters())
         if not finite:
             self.warn(f"non-finite meta-parameters at update {self.state.step}: not saved as best")
         return finite
@@ -425,6 +424,32 @@ class Progress:
 
     def close(self) -> None:
         self.line.close()
+
+
+def meta_gradient(
+    method: Method,
+    optimizer: torch.optim.Optimizer,
+    items: Sequence[Callable[[], EpisodeLoss]],
+    shares: int,
+    dist: Distributed,
+    clip: float,
+) -> tuple[float, float, bool]:
+    """The clipped meta-gradient of one update in the parameters' ``.grad``: each item (an
+    episode's or a mini-batch's loss) is backpropagated on its own into a row, the rows of every
+    rank are summed in slot order (:meth:`Distributed.sum_gradients`: the same bits for any
+    number of processes), divided by ``shares``. Returns (loss, accuracy, finite); the caller
+    steps the optimiser only when finite. ``metalstm bench`` times exactly this."""
+    params = list(method.parameters())
+    rows = []
+    for item in items:
+        optimizer.zero_grad(set_to_none=False)
+        out = item()
+        (out.loss / shares).backward()
+        rows.append(gradient_row(params, out.loss, out.accuracy))
+    stats = dist.sum_gradients(params, torch.stack(rows))
+    loss, acc = (stats.double() / shares).tolist()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    return loss, acc, math.isfinite(loss) and bool(torch.isfinite(norm))
 
 
 def gradient_row(

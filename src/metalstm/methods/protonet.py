@@ -7,11 +7,10 @@ embedding is the learner's conv-4 body (see :mod:`.metric` for the shared batch-
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from torch import Tensor
 
-from .metric import MetricAlgorithm, class_means
+from ..registry import register
+from .metric import MetricMethod, class_means, metric_recipe
 
 
 def prototypes(support: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -24,17 +23,29 @@ def squared_distances(x: Tensor, y: Tensor) -> Tensor:
     return (x.unsqueeze(1) - y.unsqueeze(0)).pow(2).sum(-1)
 
 
-class ProtoNet(MetricAlgorithm):
+@register(
+    "protonet",
+    title="Prototypical Networks",
+    recipe=metric_recipe,
+    # Snell et al. (2017), Tables 1 and 2.
+    published={
+        ("omniglot", 5, 1): 98.8,
+        ("omniglot", 5, 5): 99.7,
+        ("omniglot", 20, 1): 96.0,
+        ("omniglot", 20, 5): 98.9,
+        ("miniimagenet", 5, 1): 49.42,
+        ("miniimagenet", 5, 5): 68.20,
+    },
+)
+class ProtoNet(MetricMethod):
     """Prototypical Networks: logits = −||f(x) − c_k||², c_k the mean support embedding of class k.
 
     Example::
 
-        model = ProtoNet(override(load_preset("omniglot-5w1s"), {"algorithm": "protonet"}))
+        model = ProtoNet(override(load_preset("omniglot-5w1s"), {"method": "protonet"}))
         loss = model.meta_loss(episode).loss        # meta-training
         labels = model.predict(sx, sy, qx).argmax(-1)
     """
-
-    name: ClassVar[str] = "protonet"
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
         return -squared_distances(query, prototypes(support, support_y, self.config.n_way))

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithm import NO_BATCHNORM, Algorithm, Classifier, EpisodeLoss
-from ..data import Episode
-from .pretraining import PretrainedClassifier
+from ..registry import TrainsOn, register
+from .base import NO_BATCHNORM, Classifier, Method
+from .pretraining import PretrainedClassifier, PretrainSettings
 
 
 def nearest_neighbour_logits(
@@ -53,14 +52,9 @@ def _pixels(x: Tensor) -> Tensor:
     return x.flatten(1)
 
 
-class NearestNeighbourPixels(Algorithm):
+@register("nn-pixel", title="Baseline-nearest-neighbour (pixels)", trains_on=TrainsOn.NOTHING)
+class NearestNeighbourPixels(Method):
     """1-NN in pixel space, cosine distance: no parameters, nothing to train."""
-
-    name: ClassVar[str] = "nn-pixel"
-    trains_on: ClassVar[str] = "nothing"
-
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        raise NotImplementedError("nn-pixel has nothing to train")
 
     def test_batchnorm(self) -> str:
         return NO_BATCHNORM
@@ -69,10 +63,17 @@ class NearestNeighbourPixels(Algorithm):
         return NearestNeighbour(_pixels(support_x), support_y, self.config.n_way, _pixels)
 
 
+@register(
+    "nn-embedding",
+    title="Baseline-nearest-neighbour (embedding)",
+    settings=PretrainSettings,
+    trains_on=TrainsOn.BATCHES,
+    uses_training_of="finetune",  # the same pre-trained network (same state)
+    # Ravi & Larochelle (2017), Table 1.
+    published={("miniimagenet", 5, 1): 41.08, ("miniimagenet", 5, 5): 51.04},
+)
 class NearestNeighbourEmbedding(PretrainedClassifier):
     """1-NN, cosine distance, in the embedding of the network pre-trained on training classes."""
-
-    name: ClassVar[str] = "nn-embedding"
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         with torch.no_grad():

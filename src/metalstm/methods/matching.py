@@ -9,7 +9,7 @@ learner's conv-4 embedding. With full context embeddings (the paper's Appendix A
 the whole support set:
 
 * g(x_i) = g'(x_i) + h→_i + h←_i: a bidirectional LSTM reads the support embeddings g'(x_i);
-* f(x̂) = h_K after K steps (``fce_steps``) of an attention LSTM on f'(x̂):
+* f(x̂) = h_K after K steps (``processing_steps``) of an attention LSTM on f'(x̂):
   ĥ_k, c_k = LSTM(f'(x̂), [h_{k-1}, r_{k-1}], c_{k-1}),  h_k = ĥ_k + f'(x̂),
   r_{k-1} = Σ_i softmax_i(h_{k-1}ᵀ g(x_i)) g(x_i),  starting from h_0 = c_0 = 0.
 
@@ -18,6 +18,8 @@ The classifier's logits are log P(y | x̂, S), so their arg-max is the predicted
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -25,8 +27,31 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..errors import ConfigError
-from .metric import MetricAlgorithm
+from ..registry import MethodSettings, register
+from .metric import MetricMethod, metric_recipe
+
+# Vinyals et al. (2016), Table 1 (Omniglot; their miniImageNet figures as quoted by Ravi &
+# Larochelle 2017, Table 1).
+PUBLISHED = {
+    ("omniglot", 5, 1): 98.1,
+    ("omniglot", 5, 5): 98.9,
+    ("omniglot", 20, 1): 93.8,
+    ("omniglot", 20, 5): 98.5,
+    ("miniimagenet", 5, 1): 43.40,
+    ("miniimagenet", 5, 5): 51.09,
+}
+
+
+@dataclass(frozen=True)
+class FCESettings(MethodSettings):
+    """Settings of Matching Networks with full context embeddings."""
+
+    processing_steps: int = 5  # K: steps of the query's attention LSTM
+    aliases: ClassVar[Mapping[str, str]] = {"fce_steps": "processing_steps"}
+    limits: ClassVar[Mapping[str, int]] = {"processing_steps": 10_000}
+
+    def checks(self) -> dict[str, bool]:
+        return {"processing_steps": self.processing_steps >= 1}
 
 
 def attention_probabilities(
@@ -67,29 +92,33 @@ class FullContextEmbedding(nn.Module):
         return h
 
 
-class MatchingNet(MetricAlgorithm):
+@register("matching", title="Matching Networks", recipe=metric_recipe, published=PUBLISHED)
+class MatchingNet(MetricMethod):
     """Matching Networks without FCE: cosine attention over the conv-4 support embeddings."""
-
-    name: ClassVar[str] = "matching"
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
         probabilities = attention_probabilities(query, support, support_y, self.config.n_way)
         return probabilities.clamp_min(1e-12).log()
 
 
+@register(
+    "matching-fce",
+    title="Matching Networks FCE",
+    settings=FCESettings,
+    recipe=metric_recipe,
+    published={("miniimagenet", 5, 1): 43.56, ("miniimagenet", 5, 5): 55.31},
+)
 class MatchingNetFCE(MatchingNet):
     """Matching Networks with full context embeddings (bidirectional and attention LSTMs)."""
 
-    name: ClassVar[str] = "matching-fce"
+    settings: FCESettings
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        if config.fce_steps < 1:
-            raise ConfigError(f"invalid value fce_steps={config.fce_steps}; use 1 or more")
-        self.fce = FullContextEmbedding(self.embedding_dim, config.fce_steps)
+        self.fce = FullContextEmbedding(self.embedding_dim, self.settings.processing_steps)
 
     def adaptation(self) -> str:
-        return f"K = {self.config.fce_steps}"
+        return f"K = {self.settings.processing_steps}"
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
         context = self.fce.support(support)

@@ -28,7 +28,7 @@ Things to know before relying on it:
 
 Example::
 
-    from metalstm.optim import MetaLSTMOptimizer
+    from metalstm.methods.metalearner.optimizer import MetaLSTMOptimizer
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 5))
     optimizer = MetaLSTMOptimizer(model.parameters(), "runs/omniglot/best")
@@ -54,29 +54,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .algorithm import Algorithm
-from .errors import CheckpointError, ConfigError
-from .metalearner import CellState, MetaLearnerCell, MetaLSTM
+from ...errors import CheckpointError, ConfigError
+from ..base import Method
+from .cell import CellState, MetaLearnerCell
+from .method import MetaLSTM
 
 __all__ = ["MetaLSTMOptimizer", "learned_update_rule"]
 
 Params = Iterable[Tensor] | Iterable[dict[str, Any]]
 
 
-def learned_update_rule(source: Algorithm | MetaLearnerCell | str | Path) -> MetaLearnerCell:
+def learned_update_rule(source: Method | MetaLearnerCell | str | Path) -> MetaLearnerCell:
     """The meta-learner cell of a model, or of a checkpoint path / run folder / shipped name."""
     if isinstance(source, MetaLearnerCell):
         return source
     if isinstance(source, MetaLSTM):
         return source.cell
-    if isinstance(source, Algorithm):
+    if isinstance(source, Method):
         raise ConfigError(
             f"a {source.name!r} model has no learned update rule; pass a meta-learner LSTM"
         )
     if isinstance(source, str | Path):
-        from .serialization import load_algorithm
+        from ...serialization import load_method
 
-        model, meta = load_algorithm(source)
+        model, meta = load_method(source)
         if not isinstance(model, MetaLSTM):
             raise CheckpointError(
                 f"{meta['path']} holds a {model.name!r} model, which has no learned update rule; "
@@ -109,7 +110,7 @@ class MetaLSTMOptimizer(torch.optim.Optimizer):
     def __init__(
         self,
         params: Params,
-        meta_learner: Algorithm | MetaLearnerCell | str | Path,
+        meta_learner: Method | MetaLearnerCell | str | Path,
         *,
         grad_scale: float = 1.0,
         reset_interval: int | None = None,
@@ -206,7 +207,7 @@ class MetaLSTMOptimizer(torch.optim.Optimizer):
         values = {name: state[name].to(dtype) for name in self._start}
         current = CellState(theta=p.detach().to(dtype).reshape(shape), **values)
         scaled = grad.detach().to(dtype).reshape(shape) * scale
-        new, _ = cell(current, loss.to(p.device, dtype), scaled)
+        new, _ = cell.update(current, loss.to(p.device, dtype), scaled)
         p.copy_(new.theta.reshape(p.shape))
         for name in self._start:
             state[name] = getattr(new, name)

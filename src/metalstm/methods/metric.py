@@ -20,13 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..algorithm import Algorithm, Classifier, EpisodeLoss, accuracy
 from ..config import Config
 from ..data import Episode
 from ..learner import BatchNormState, feature_side
+from .base import Classifier, EpisodeLoss, Method, accuracy
 
 
-class MetricAlgorithm(Algorithm):
+def metric_recipe(config: Config) -> dict[str, float | int]:
+    """Recipe of the metric methods in ``compare``: BN momentum 1 (the support statistics used at
+    test are exactly the support batch's), gradient clipping at norm 10, one episode per update."""
+    return {"bn_momentum": 1.0, "clip_grad_norm": 10.0, "meta_batch": 1}
+
+
+class MetricMethod(Method):
     """Shared by the metric methods: embed support and query, then :meth:`logits` from distances."""
 
     def __init__(self, config: Config) -> None:
@@ -62,7 +68,7 @@ class MetricAlgorithm(Algorithm):
 class MetricClassifier:
     """A metric method adapted to one support set (its embeddings and BN statistics)."""
 
-    method: MetricAlgorithm
+    method: MetricMethod
     support: Tensor
     support_y: Tensor
     bn: BatchNormState

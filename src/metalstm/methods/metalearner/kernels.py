@@ -1,32 +1,8 @@
-"""The meta-learner LSTM of Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning"
-(ICLR 2017), as the authors' code implements it.
+"""The meta-learner's inner step as fused kernels: one autograd node with a hand-written backward.
 
-The learner's parameters θ (n coordinates, see :mod:`metalstm.learner`) are the cell state of a
-two-layer, coordinate-wise LSTM. At inner step t, for every coordinate independently:
-
-1. inputs: the learner's loss L_t and gradient g_t at θ_{t-1} on the support set, each
-   preprocessed into two features (Andrychowicz et al. 2016, Sec. 3.2):   x → [n, 4];
-2. layer 1, a standard LSTM with hidden size 20 shared by all coordinates:   (h_t, c_t) [n, 20];
-3. layer 2, the meta-learner cell (the paper's Eq. 2-4, with the authors' logit feedback):
-       f_t = W_F · [h_t, θ_{t-1}, f_{t-1}] + b_F
-       i_t = W_I · [h_t, θ_{t-1}, i_{t-1}] + b_I
-       θ_t = σ(f_t) ⊙ θ_{t-1} − σ(i_t) ⊙ g_t
-   where f_{t-1}, i_{t-1} are the previous gate logits (0 at t = 1) and θ_0 = c_0 is learned.
-
-After T steps the learner's query loss at θ_T is the meta-training loss. First-order by default:
-L_t and g_t enter as constants (the paper's simplification), while the chain θ_{t-1} → θ_t, the
-gate recurrence and layer 1's state are differentiated.
-
-Speed: one inner step of both layers is a single autograd node with a hand-written backward
-(:func:`step_forward`, :func:`step_backward`), optionally through ``torch.compile``
-(``Config.compile``); the learner runs channels-last on the CPU (:mod:`metalstm.learner`). Tests
+One inner step of both layers of the meta-learner (:mod:`.cell`) is :func:`step_forward`, and its
+backward :func:`step_backward`, optionally through ``torch.compile`` (``Config.compile``). Tests
 compare both with the plain formulation (tests/test_speed_paths.py); ``metalstm bench`` times them.
-
-Example::
-
-    from metalstm import Config, MetaLSTM
-    model = MetaLSTM(Config(n_way=5, k_shot=1, inner_steps=12))
-    logits = model.predict(support_x, support_y, query_x)   # [N*Q, N]
 """
 
 from __future__ import annotations
@@ -37,17 +13,12 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .algorithm import Algorithm, Classifier, EpisodeLoss, accuracy
-from .config import Config
-from .data import Episode
-from .layers import single_threaded
-from .learner import BatchNormState, Learner
+from ...layers import single_threaded
 
 
 def preprocess(x: Tensor, p: float = 10.0) -> Tensor:
@@ -236,7 +207,7 @@ class StepKernels:
 EAGER_KERNELS = StepKernels(step_forward, step_backward)
 
 
-class _CellStep(torch.autograd.Function):
+class CellStep(torch.autograd.Function):
     """One inner step (:func:`step_forward`) as a single autograd node (:func:`step_backward`)."""
 
     @staticmethod
@@ -310,192 +281,3 @@ class _CompileOrEager:
             except Exception as error:  # compiler missing or failing: same math, eagerly
                 self._give_up(error)
         return self.fn(*args)
-
-
-@dataclass
-class CellState:
-    """Per-coordinate state of the meta-learner between inner steps.
-
-    Coordinates are the last (contiguous) dimension, so every element-wise operation of the
-    LSTM runs over long contiguous rows: this layout is several times faster than [n, H].
-    """
-
-    theta: Tensor  # [n]    learner parameters (layer-2 cell state)
-    gate_logits: Tensor  # [2, n] previous forget and input logits (f_{t-1}, i_{t-1})
-    hidden: Tensor  # [H, n] layer-1 LSTM hidden state
-    cell: Tensor  # [H, n] layer-1 LSTM cell state
-
-
-class MetaLearnerCell(nn.Module):
-    """Both layers of the meta-learner and the learned initialisation c_0 = θ_0."""
-
-    def __init__(self, theta0: Tensor, hidden_size: int = 20, p: float = 10.0) -> None:
-        super().__init__()
-        self.p = p
-        self.hidden_size = hidden_size
-        # Layer 1: a standard LSTM on 4 input features; one matrix for all four gates, rows
-        # ordered (input, forget, output, candidate) so the three sigmoid gates are contiguous.
-        self.lstm_weight = nn.Parameter(torch.empty(4 * hidden_size, 4 + hidden_size))
-        self.lstm_bias = nn.Parameter(torch.empty(4 * hidden_size))
-        # Layer 2: rows (forget, input); columns h_t (hidden_size), θ_{t-1}, previous logit.
-        self.gate_weight = nn.Parameter(torch.empty(2, hidden_size + 2))  # W_F, W_I
-        self.gate_bias = nn.Parameter(torch.empty(2))  # b_F, b_I
-        self.theta0 = nn.Parameter(theta0.clone())  # c_0, the learned initialisation [n]
-        # Run the step's fused kernels through torch.compile (Config.compile); eager otherwise.
-        self.use_compile = False
-        self.reset_parameters()
-
-    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """The paper's initialisation: U(±0.01), b_F ~ U(4, 5), b_I ~ U(−5, −4); θ_0 untouched."""
-        with torch.no_grad():
-            for param in (self.lstm_weight, self.lstm_bias, self.gate_weight):
-                param.uniform_(-0.01, 0.01, generator=generator)
-            self.gate_bias[0].uniform_(4.0, 5.0, generator=generator)  # σ(f) ≈ 0.98: keep θ
-            self.gate_bias[1].uniform_(-5.0, -4.0, generator=generator)  # σ(i) ≈ 0.01: small step
-
-    def initial_state(self) -> CellState:
-        n, hidden = self.theta0.shape[0], self.hidden_size
-        zeros = self.theta0.new_zeros
-        return CellState(self.theta0, zeros(2, n), zeros(hidden, n), zeros(hidden, n))
-
-    def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
-        """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n]).
-
-        Computed by :func:`step_forward` as one autograd node whose backward is
-        :func:`step_backward` (the plain formulation under autograd gives the same numbers,
-        several times slower); without a meta-graph (evaluation) nothing is kept for a backward.
-        """
-        hidden, w = self.hidden_size, self.lstm_weight
-        # Inputs of layer 1. The two loss features are the same for every coordinate, so their
-        # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
-        grad_features = preprocess_rows(grad, self.p)  # [2, n]
-        loss_features = preprocess_rows(loss.reshape(1), self.p).reshape(2)  # [2]
-        bias = torch.addmv(self.lstm_bias, w[:, 2:4], loss_features)  # [4H]
-        weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
-        args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
-        params = (weight, bias, self.gate_weight, self.gate_bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params)):
-            theta, logits, h, cell, gates = _CellStep.apply(self._kernels(), hidden, *args, *params)
-        else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
-            with flushing_denormals():
-                theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
-        return CellState(theta, logits, h, cell), gates
-
-    def _kernels(self) -> StepKernels:
-        return compiled_kernels() if self.use_compile else EAGER_KERNELS
-
-
-def learner_loss_and_grad(
-    learner: Learner,
-    theta: Tensor,
-    x: Tensor,
-    y: Tensor,
-    bn: BatchNormState,
-    second_order: bool,
-) -> tuple[Tensor, Tensor]:
-    """The learner's support loss L_t and gradient g_t = ∇θ L_t [n] at θ (batch statistics).
-
-    First-order: θ is detached, so L_t and g_t are constants for the meta-gradient. Second-order:
-    the gradient keeps its graph (``create_graph``) and the meta-gradient flows through it.
-    """
-    with torch.enable_grad():
-        at = theta if second_order else theta.detach().requires_grad_(True)
-        loss = F.cross_entropy(learner(at, x, bn, batch_stats=True), y)
-        (grad,) = torch.autograd.grad(loss, at, create_graph=second_order)
-    if second_order:
-        return loss, grad
-    return loss.detach(), grad
-
-
-@dataclass
-class InnerLoopResult:
-    theta: Tensor  # θ_T [n]
-    bn: BatchNormState  # running statistics collected on the support passes
-    gates: list[Tensor]  # per step, σ(f_t), σ(i_t) [2, n] (only when recorded)
-    support_losses: list[float]
-
-
-class MetaLSTM(Algorithm):
-    """Ravi & Larochelle's meta-learner LSTM (the paper's Algorithm 1), behind :class:`Algorithm`.
-
-    Reference: S. Ravi and H. Larochelle, "Optimization as a Model for Few-Shot Learning",
-    ICLR 2017. Example::
-
-        model = MetaLSTM(load_preset("omniglot-5w1s"))
-        out = model.meta_loss(episode); out.loss.backward()   # meta-training step
-        labels = model.predict(support_x, support_y, query_x).argmax(-1)
-    """
-
-    name: ClassVar[str] = "lstm"
-
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.cell = MetaLearnerCell(
-            self.learner.initial_theta(), config.hidden_size, config.preprocess_p
-        )
-        self.cell.use_compile = config.compile
-
-    def inner_loop(
-        self, support_x: Tensor, support_y: Tensor, steps: int, record_gates: bool = False
-    ) -> InnerLoopResult:
-        """T updates of the learner on the support set by the meta-learner (Algorithm 1, l. 5-10).
-
-        Builds the meta-graph only when gradients are enabled; under ``torch.no_grad`` it is the
-        evaluation-time optimiser (the learner's own gradient is still computed).
-        """
-        bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype)  # per episode
-        state = self.cell.initial_state()
-        second_order = self.config.second_order and torch.is_grad_enabled()
-        scale = 1.0 / support_x.shape[0] if self.config.grad_divide_batch else 1.0
-        gates, losses = [], []
-        for _ in range(steps):
-            loss, grad = learner_loss_and_grad(
-                self.learner, state.theta, support_x, support_y, bn, second_order
-            )
-            state, step_gates = self.cell(state, loss, grad * scale if scale != 1.0 else grad)
-            losses.append(loss.detach())
-            if record_gates:
-                gates.append(step_gates.detach())
-        # One host transfer for all steps (a float() per step would wait on the device each time).
-        support_losses = torch.stack(losses).tolist()
-        return InnerLoopResult(state.theta, bn, gates, support_losses)
-
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
-        running statistics with ``train_query_bn=support``)."""
-        result = self.inner_loop(episode.support_x, episode.support_y, self.config.inner_steps)
-        logits = self.learner(
-            result.theta,
-            episode.query_x,
-            result.bn,
-            batch_stats=self.config.train_query_batch_stats,
-        )
-        return EpisodeLoss(
-            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
-        )
-
-    def adaptation(self) -> str:
-        return f"T = {self.config.test_steps}"
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
-        """Train the learner on the support set with the meta-learner (no meta-graph)."""
-        with torch.no_grad():
-            result = self.inner_loop(support_x, support_y, self.config.test_steps)
-        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
-
-
-@dataclass
-class AdaptedLearner:
-    """The learner at θ_T with its episode's batch-norm statistics."""
-
-    learner: Learner
-    theta: Tensor
-    bn: BatchNormState
-    transductive: bool
-
-    def __call__(self, x: Tensor) -> Tensor:
-        # Non-transductive: the running statistics of the support passes (the authors' test
-        # protocol); transductive: the query batch's own statistics.
-        bn = {k: v.clone() for k, v in self.bn.items()}
-        with torch.no_grad():
-            return self.learner(self.theta, x, bn, batch_stats=self.transductive)

@@ -15,27 +15,33 @@ classifier never sees statistics of the test episode beyond its support images' 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..algorithm import Classifier, Score
-from ..metalearner import AdaptedLearner
-from .pretraining import PretrainedClassifier, parse_grid
+from ..inner_loop import SGD, AdaptedLearner, run_inner_loop
+from ..registry import TrainsOn, register
+from .base import Classifier, Score
+from .pretraining import PretrainedClassifier, PretrainSettings, parse_grid, pretrained_recipe
 
 
+@register(
+    "finetune",
+    title="Baseline-finetune",
+    settings=PretrainSettings,
+    trains_on=TrainsOn.BATCHES,
+    recipe=pretrained_recipe,
+    # Ravi & Larochelle (2017), Table 1.
+    published={("miniimagenet", 5, 1): 28.86, ("miniimagenet", 5, 5): 49.79},
+)
 class Finetune(PretrainedClassifier):
     """Baseline-finetune: pre-trained conv-4, new output layer, SGD on the support set.
 
     Example::
 
-        model, _ = load_algorithm("runs/finetune/best")
+        model, _ = load_method("runs/finetune/best")
         logits = model.predict(support_x, support_y, query_x)
     """
-
-    name: ClassVar[str] = "finetune"
 
     def fine_tune(self, support_x: Tensor, support_y: Tensor, lr: float, steps: int) -> Tensor:
         """θ [n] of the N-way learner after ``steps`` SGD steps from (pre-trained body, 0 head)."""
@@ -47,18 +53,19 @@ class Finetune(PretrainedClassifier):
         """θ [n] after each of ``steps`` SGD steps (any order), all from one run of max(steps)."""
         body = self.body()
         theta = torch.cat([body, body.new_zeros(self.learner.n_params - self.n_body)])
-        bn = self.bn_state()  # eval mode: read, never updated
-        wanted = set(steps)
-        after = {0: theta} if 0 in wanted else {}
-        for step in range(1, max(steps) + 1):
-            with torch.enable_grad():
-                at = theta.detach().requires_grad_(True)
-                logits = self.learner(at, support_x, bn, batch_stats=False)
-                (grad,) = torch.autograd.grad(F.cross_entropy(logits, support_y), at)
-            theta = theta.detach() - lr * grad
-            if step in wanted:
-                after[step] = theta
-        return [after[count] for count in steps]
+        with torch.no_grad():
+            result = run_inner_loop(
+                self.learner,
+                SGD(lr),
+                theta.detach(),
+                support_x,
+                support_y,
+                max(steps),
+                bn=self.bn_state(),  # eval mode: read, never updated
+                batch_stats=False,
+                keep_steps=tuple(steps),
+            )
+        return [result.thetas[count] for count in steps]
 
     def adaptation(self) -> str:
         lr, steps = float(self.finetune_lr), int(self.finetune_steps)
@@ -76,8 +83,8 @@ class Finetune(PretrainedClassifier):
     def validate(self, score: Score) -> float:
         """Score every (learning rate, steps) of the grids on the validation episodes in one pass
         (one fine-tuning run per learning rate); keep the best, the first in grid order on ties."""
-        lrs = parse_grid(self.config, "finetune_lr_grid", float)
-        step_counts = [int(s) for s in parse_grid(self.config, "finetune_steps_grid", int)]
+        lrs = parse_grid(self.settings, "finetune_lr_grid", float)
+        step_counts = [int(s) for s in parse_grid(self.settings, "finetune_steps_grid", int)]
         grid = [(lr, steps) for lr in lrs for steps in step_counts]
 
         def adapt_all(support_x: Tensor, support_y: Tensor) -> list[Classifier]:

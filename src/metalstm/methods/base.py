@@ -1,16 +1,19 @@
 """The one small interface every few-shot method implements.
 
 A method is an ``nn.Module`` whose parameters are its meta-parameters. It is meta-trained by the
-shared training loop through :meth:`Algorithm.meta_loss` (one episode in, a differentiable loss
-out), adapts to a support set with :meth:`Algorithm.adapt`, and labels a query set with the
+shared training loop through :meth:`Method.meta_loss` (one episode in, a differentiable loss
+out), adapts to a support set with :meth:`Method.adapt`, and labels a query set with the
 returned classifier. Every method uses the same episodes, learner, checkpoints and evaluation.
 
-Optional hooks (all with defaults, for methods that are not meta-trained on episodes):
-``trains_on`` says what the Trainer trains the method on (``"episodes"``, ``"batches"`` of
-ordinary mini-batches over all training classes through :meth:`Algorithm.batch_loss`, or
-``"nothing"``); :meth:`Algorithm.configure` fills in settings that depend on the training classes
-before the method is built; :meth:`Algorithm.validate` lets a method choose evaluation settings
-on the validation episodes.
+A method module registers its class with :func:`metalstm.registry.register`, with its own
+settings dataclass (``self.settings``), what the Trainer trains it on
+(:class:`~metalstm.registry.TrainsOn`: :meth:`Method.meta_loss` on episodes,
+:meth:`Method.batch_loss` on mini-batches, or nothing), its ``compare`` recipe and published
+figures.
+
+Optional hooks (all with defaults): :meth:`Method.configure` fills in settings that depend on
+the training classes before the method is built; :meth:`Method.validate` lets a method choose
+evaluation settings on the validation episodes.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import Config
-from .data import ClassImages, Episode
-from .learner import Learner, LearnerShape
+from ..config import Config
+from ..data import ClassImages, Episode
+from ..learner import Learner, LearnerShape
+from ..registry import MethodSettings
 
 Classifier = Callable[[Tensor], Tensor]
 """An adapted model: images [B, C, H, W] → logits [B, N]."""
@@ -46,7 +50,7 @@ class EpisodeLoss:
     accuracy: float  # query accuracy in [0, 1]
 
 
-NO_BATCHNORM = "none"  # Algorithm.test_batchnorm of a method without batch norm
+NO_BATCHNORM = "none"  # Method.test_batchnorm of a method without batch norm
 
 
 def episode_batchnorm(transductive: bool) -> str:
@@ -55,24 +59,24 @@ def episode_batchnorm(transductive: bool) -> str:
     return "transductive" if transductive else "support statistics"
 
 
-class Algorithm(nn.Module, ABC):
+class Method(nn.Module, ABC):
     """A few-shot learning method: meta-train on episodes, adapt to a support set, predict."""
 
-    name: ClassVar[str]
-    trains_on: ClassVar[str] = "episodes"
-    """What the shared Trainer trains: ``"episodes"`` (:meth:`meta_loss` on N-way K-shot episodes),
-    ``"batches"`` (:meth:`batch_loss` on ordinary mini-batches over every image of every training
-    class; ``pretrain_epochs`` and ``pretrain_batch`` set their number and size) or ``"nothing"``
-    (no parameters to train)."""
+    name: ClassVar[str]  # set by metalstm.registry.register
+    settings: MethodSettings  # the method's own settings (config.settings), typed by subclasses
 
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        self.settings = config.settings
         self.learner = Learner(learner_shape(config), config.bn_momentum, config.bn_eps)
 
-    @abstractmethod
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss after adapting to the support set; differentiable in the meta-parameters."""
+        """Query loss after adapting to the support set; differentiable in the meta-parameters.
+
+        Called by the Trainer for a method registered with ``TrainsOn.EPISODES``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} is not meta-trained on episodes")
 
     @abstractmethod
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
@@ -107,7 +111,7 @@ class Algorithm(nn.Module, ABC):
     def batch_loss(self, images: Tensor, labels: Tensor) -> EpisodeLoss:
         """Loss on a mini-batch of training images [B, C, H, W] with their class indices [B].
 
-        Called by the Trainer instead of :meth:`meta_loss` when ``trains_on == "batches"``.
+        Called by the Trainer for a method registered with ``TrainsOn.BATCHES``.
         """
         raise NotImplementedError(f"{type(self).__name__} is not trained on mini-batches")
 

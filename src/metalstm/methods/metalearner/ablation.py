@@ -13,19 +13,73 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from .algorithm import Algorithm
-from .algorithms.maml import sgd_from_init
-from .errors import MetaLSTMError
-from .evaluation import evaluate
-from .metalearner import MetaLSTM
-from .progress import surrounding
+import torch
+from torch import Tensor
+
+from ...config import Config
+from ...errors import MetaLSTMError
+from ...evaluation import evaluate
+from ...inner_loop import SGD, AdaptedLearner, InnerLoopSettings, run_inner_loop
+from ...progress import surrounding
+from ..base import Classifier, Method
+from .method import MetaLSTM
+
+
+class SGDFromInit(Method):
+    """The learner trained by plain SGD (step ``lr``) from ``theta0``: an ablation baseline.
+
+    With the meta-learner's learned θ_0 = c_0 this isolates what the learned update rule adds to
+    the learned initialisation (Ravi & Larochelle 2017, Eq. 2 with σ(f) = 1, σ(i) = ``lr``): the
+    same learner, the same T = ``eval_steps``, the same batch-norm protocol and the same inner
+    loop (:func:`metalstm.inner_loop.run_inner_loop` with :class:`~metalstm.inner_loop.SGD`).
+    Evaluated like any method; it is not registered (it has nothing to train or save).
+
+    Example::
+
+        lstm, _ = load_method("omniglot-5w1s")
+        sgd = sgd_from_init(lstm.config, lstm.cell.theta0.detach(), lr=0.3)
+        print(evaluate(sgd).line())
+    """
+
+    name = "sgd-from-init"
+    settings: InnerLoopSettings
+
+    def __init__(self, config: Config, theta0: Tensor, lr: float) -> None:
+        super().__init__(config)
+        if not isinstance(self.settings, InnerLoopSettings):
+            raise MetaLSTMError(
+                f"SGD from an initialisation needs inner-loop settings, not {config.method}"
+            )
+        self.theta0: Tensor
+        self.register_buffer("theta0", theta0.detach().clone())
+        self.lr = lr
+
+    def adaptation(self) -> str:
+        return f"SGD lr {self.lr:g}, T = {self.settings.eval_steps}"
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        with torch.no_grad():
+            result = run_inner_loop(
+                self.learner,
+                SGD(self.lr),
+                self.theta0,
+                support_x,
+                support_y,
+                self.settings.eval_steps,
+            )
+        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
+
+
+def sgd_from_init(config: Config, theta0: Tensor, lr: float) -> SGDFromInit:
+    """:class:`SGDFromInit` from ``theta0`` with step ``lr``, on ``theta0``'s device."""
+    return SGDFromInit(config, theta0, lr).to(theta0.device)
 
 
 @dataclass
 class SGDAblation:
     """Plain SGD from a meta-learner's learned θ_0, with the step it uses."""
 
-    model: Algorithm
+    model: Method
     lr: float
     validation: dict[float, float]  # validation accuracy per step tried (empty: step given)
 
@@ -37,7 +91,7 @@ class SGDAblation:
 
 
 def sgd_from_learned_init(
-    model: Algorithm,
+    model: Method,
     lrs: Sequence[float],
     *,
     val_episodes: int | None = None,
@@ -48,7 +102,7 @@ def sgd_from_learned_init(
 
     Example::
 
-        lstm, _ = load_algorithm("omniglot-5w1s")
+        lstm, _ = load_method("omniglot-5w1s")
         sgd = sgd_from_learned_init(lstm, [0.1, 0.3, 1.0])
         print(sgd.describe(), evaluate(sgd.model).line())
     """

@@ -1,0 +1,194 @@
+"""The one inner loop: an update rule trains the learner on a support set, step by step.
+
+An update rule is an ``(init, update)`` pair (as in torchopt / optax):
+
+    state_0 = rule.init(θ_0)
+    state_t, info_t = rule.update(state_{t-1}, L_t, g_t)      t = 1..T,   θ_t = state_t.theta
+
+where L_t and g_t = ∇θ L_t are the learner's support loss and gradient at θ_{t-1}
+(:func:`learner_loss_and_grad`). Plain SGD (:class:`SGD`: MAML's inner loop, fine-tuning, the
+ablation of the meta-learner) and the meta-learner cell (Ravi & Larochelle 2017, Eq. 2) are both
+update rules; :func:`run_inner_loop` runs any of them, and
+:class:`~metalstm.methods.metalearner.optimizer.MetaLSTMOptimizer` runs the cell's ``update`` on
+any model's parameters.
+
+Example::
+
+    result = run_inner_loop(learner, SGD(lr=0.4), theta0, support_x, support_y, steps=5)
+    logits = AdaptedLearner(learner, result.theta, result.bn, transductive=False)(query_x)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .learner import BatchNormState, Learner
+from .registry import MethodSettings
+
+
+class HasTheta(Protocol):
+    @property
+    def theta(self) -> Tensor: ...  # the learner's parameters [n]
+
+
+S = TypeVar("S", bound=HasTheta)
+
+
+class UpdateRule(Protocol[S]):
+    """``init(θ_0) → state``; ``update(state, L_t, g_t) → (state, info)``; ``state.theta`` = θ_t.
+
+    ``info`` is what the rule wants to report about the step (the meta-learner's gates
+    σ(f_t), σ(i_t) [2, n]), or None.
+    """
+
+    def init(self, theta0: Tensor) -> S: ...
+
+    def update(self, state: S, loss: Tensor, grad: Tensor) -> tuple[S, Tensor | None]: ...
+
+
+@dataclass(frozen=True)
+class SGDState:
+    theta: Tensor  # [n]
+
+
+@dataclass(frozen=True)
+class SGD:
+    """Plain gradient descent: θ_t = θ_{t-1} − lr · g_t."""
+
+    lr: float
+
+    def init(self, theta0: Tensor) -> SGDState:
+        return SGDState(theta0)
+
+    def update(self, state: SGDState, loss: Tensor, grad: Tensor) -> tuple[SGDState, None]:
+        return SGDState(state.theta - self.lr * grad), None
+
+
+def learner_loss_and_grad(
+    learner: Learner,
+    theta: Tensor,
+    x: Tensor,
+    y: Tensor,
+    bn: BatchNormState,
+    second_order: bool,
+    batch_stats: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """The learner's support loss L_t and gradient g_t = ∇θ L_t [n] at θ.
+
+    First-order: θ is detached, so L_t and g_t are constants for the meta-gradient. Second-order:
+    the gradient keeps its graph (``create_graph``) and the meta-gradient flows through it.
+    ``batch_stats``: normalise with the batch's statistics (updating ``bn``'s running ones), or
+    with ``bn`` as it is.
+    """
+    with torch.enable_grad():
+        at = theta if second_order else theta.detach().requires_grad_(True)
+        loss = F.cross_entropy(learner(at, x, bn, batch_stats=batch_stats), y)
+        (grad,) = torch.autograd.grad(loss, at, create_graph=second_order)
+    if second_order:
+        return loss, grad
+    return loss.detach(), grad
+
+
+@dataclass
+class InnerLoopResult:
+    theta: Tensor  # θ_T [n]
+    bn: BatchNormState  # running statistics after the support passes
+    support_losses: list[float]  # L_1 .. L_T
+    infos: list[Tensor] = field(default_factory=list)  # per step, the rule's info (if recorded)
+    thetas: dict[int, Tensor] = field(default_factory=dict)  # θ_t at the steps asked for
+
+
+def run_inner_loop(
+    learner: Learner,
+    rule: UpdateRule[Any],
+    theta0: Tensor,
+    support_x: Tensor,
+    support_y: Tensor,
+    steps: int,
+    *,
+    bn: BatchNormState | None = None,
+    batch_stats: bool = True,
+    second_order: bool = False,
+    grad_scale: float = 1.0,
+    record_info: bool = False,
+    keep_steps: tuple[int, ...] = (),
+) -> InnerLoopResult:
+    """``steps`` updates of the learner by ``rule`` from θ_0 on the support set.
+
+    ``bn``: the batch-norm state the support passes read and update (default: fresh statistics
+    for this episode, the authors' protocol); ``batch_stats=False`` normalises with ``bn`` as it
+    is (fine-tuning with a pre-trained network's statistics). ``second_order``: the meta-gradient
+    flows through g_t (only when gradients are enabled). ``grad_scale`` multiplies g_t before the
+    rule sees it. ``keep_steps``: also return θ_t after those steps (0: θ_0).
+    """
+    if bn is None:
+        bn = learner.fresh_batchnorm_state(support_x.device, support_x.dtype)
+    second_order = second_order and torch.is_grad_enabled()
+    state = rule.init(theta0)
+    thetas = {0: theta0} if 0 in keep_steps else {}
+    losses, infos = [], []
+    for step in range(1, steps + 1):
+        loss, grad = learner_loss_and_grad(
+            learner, state.theta, support_x, support_y, bn, second_order, batch_stats
+        )
+        state, info = rule.update(state, loss, grad * grad_scale if grad_scale != 1.0 else grad)
+        losses.append(loss.detach())
+        if record_info and info is not None:
+            infos.append(info.detach())
+        if step in keep_steps:
+            thetas[step] = state.theta
+    # One host transfer for all steps (a float() per step would wait on the device each time).
+    support_losses = torch.stack(losses).tolist() if losses else []
+    return InnerLoopResult(state.theta, bn, support_losses, infos, thetas)
+
+
+@dataclass
+class AdaptedLearner:
+    """The learner at θ_T with its episode's batch-norm statistics."""
+
+    learner: Learner
+    theta: Tensor
+    bn: BatchNormState
+    transductive: bool
+
+    def __call__(self, x: Tensor) -> Tensor:
+        # Non-transductive: the running statistics of the support passes (the authors' test
+        # protocol); transductive: the query batch's own statistics.
+        bn = {k: v.clone() for k, v in self.bn.items()}
+        with torch.no_grad():
+            return self.learner(self.theta, x, bn, batch_stats=self.transductive)
+
+
+@dataclass(frozen=True)
+class InnerLoopSettings(MethodSettings):
+    """Settings of a method that adapts by an inner loop on the support set."""
+
+    inner_steps: int = 12  # T: updates of the learner on the support set
+    eval_inner_steps: int | None = None  # T at evaluation; None = inner_steps
+    # BN of the query pass while meta-training: batch (the authors') | support (the support
+    # passes' running statistics, as at test)
+    train_query_bn: str = "batch"
+    limits: ClassVar[Mapping[str, int]] = {"inner_steps": 10_000, "eval_inner_steps": 10_000}
+
+    def checks(self) -> dict[str, bool]:
+        return {
+            "inner_steps": self.inner_steps >= 1,
+            "eval_inner_steps": self.eval_inner_steps is None or self.eval_inner_steps >= 1,
+            "train_query_bn": self.train_query_bn in ("batch", "support"),
+        }
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner steps at evaluation (defaults to the training value)."""
+        return self.eval_inner_steps or self.inner_steps
+
+    @property
+    def train_query_batch_stats(self) -> bool:
+        """Whether the meta-training query pass normalises with its own batch statistics."""
+        return self.train_query_bn == "batch"

@@ -1,0 +1,146 @@
+"""MAML (Finn, Abbeel & Levine, ICML 2017), second-order and first-order, on the learner's flat θ.
+
+Inner loop (one episode), from the meta-learned initialisation θ_0 = θ:
+
+    θ_t = θ_{t-1} − α ∇θ L_support(θ_{t-1}),   t = 1..T   (α = ``inner_lr``, T = ``inner_steps``)
+
+Meta-loss: the query loss at θ_T. ``maml`` differentiates through the inner gradients (second
+order, ``create_graph``); ``maml-fo`` treats them as constants (first-order MAML), so its
+meta-gradient is the query gradient at θ_T. The meta-batch is a plain loop over episodes in the
+shared Trainer (never ``vmap``: batch norm in training mode under ``vmap`` gave wrong second-order
+gradients). Batch norm follows the meta-learner's protocol: fresh statistics per episode, support
+steps with batch statistics, query with batch statistics while meta-training and with the support
+passes' running statistics at evaluation (unless ``transductive``). Evaluation runs
+``eval_inner_steps`` steps (default: ``inner_steps``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import Config
+from ..data import Episode
+from ..inner_loop import SGD, AdaptedLearner, InnerLoopResult, InnerLoopSettings, run_inner_loop
+from ..registry import register
+from .base import Classifier, EpisodeLoss, Method, accuracy
+
+# Finn et al. (2017), Table 1 (Omniglot, transductive batch norm) and Table 2 (miniImageNet).
+PUBLISHED = {
+    ("omniglot", 5, 1): 98.7,
+    ("omniglot", 5, 5): 99.9,
+    ("omniglot", 20, 1): 95.8,
+    ("omniglot", 20, 5): 98.9,
+    ("miniimagenet", 5, 1): 48.70,
+    ("miniimagenet", 5, 5): 63.11,
+}
+
+
+@dataclass(frozen=True)
+class MAMLSettings(InnerLoopSettings):
+    """MAML's inner loop: T = ``inner_steps`` SGD steps of size α = ``inner_lr``."""
+
+    inner_lr: float = 0.4  # α
+    aliases: ClassVar[Mapping[str, str]] = {"maml_inner_lr": "inner_lr"}
+
+    def checks(self) -> dict[str, bool]:
+        return {**super().checks(), "inner_lr": self.inner_lr > 0}
+
+
+def recipe(config: Config) -> dict[str, float | int]:
+    """Finn et al.'s settings: Omniglot 5-way α = 0.4, 1 step (3 at test), 8 tasks per update;
+    20-way α = 0.1, 5 steps, 16 tasks; miniImageNet α = 0.01, 5 steps (10 at test), 4 tasks
+    (1-shot) or 2 (5-shot). BN momentum 1: the support statistics used at test are exactly the
+    last support batch's, whatever the number of inner steps."""
+    common = {"clip_grad_norm": 10.0, "bn_momentum": 1.0}
+    if config.dataset == "miniimagenet":
+        batch = 4 if config.k_shot == 1 else 2
+        return {
+            "inner_lr": 0.01,
+            "inner_steps": 5,
+            "eval_inner_steps": 10,
+            "meta_batch": batch,
+            **common,
+        }
+    if config.n_way >= 20:
+        return {
+            "inner_lr": 0.1,
+            "inner_steps": 5,
+            "eval_inner_steps": 5,
+            "meta_batch": 16,
+            **common,
+        }
+    return {"inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3, "meta_batch": 8, **common}
+
+
+@register("maml", title="MAML", settings=MAMLSettings, recipe=recipe, published=PUBLISHED)
+class MAML(Method):
+    """Second-order MAML: the meta-gradient flows through the inner loop's gradients.
+
+    Example::
+
+        model = MAML(override(load_preset("omniglot-5w1s"),
+                              {"method": "maml", "inner_steps": 1, "inner_lr": 0.4}))
+        model.meta_loss(episode).loss.backward()
+    """
+
+    second_order: ClassVar[bool] = True
+    settings: MAMLSettings
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.theta = nn.Parameter(self.learner.initial_theta())  # θ_0, the meta-learned init
+
+    def adaptation(self) -> str:
+        s = self.settings
+        return f"α = {s.inner_lr:g}, {_steps(s.inner_steps)} ({s.eval_steps} at test)"
+
+    def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int) -> InnerLoopResult:
+        """θ_T and the support passes' BN statistics after ``steps`` SGD steps from θ_0.
+
+        The graph back to θ_0 is built only when gradients are enabled (meta-training); the
+        inner gradients keep their own graph only for second-order MAML.
+        """
+        rule = SGD(self.settings.inner_lr)
+        return run_inner_loop(
+            self.learner,
+            rule,
+            self.theta,
+            support_x,
+            support_y,
+            steps,
+            second_order=self.second_order,
+        )
+
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
+        logits = self.learner(
+            result.theta,
+            episode.query_x,
+            result.bn,
+            batch_stats=self.settings.train_query_batch_stats,
+        )
+        return EpisodeLoss(
+            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+        )
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        with torch.no_grad():
+            result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
+        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
+
+
+@register("maml-fo", title="MAML (first-order)", settings=MAMLSettings, recipe=recipe)
+class FirstOrderMAML(MAML):
+    """First-order MAML: inner gradients are constants; meta-gradient = query gradient at θ_T."""
+
+    second_order: ClassVar[bool] = False
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"

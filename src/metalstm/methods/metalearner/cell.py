@@ -1,0 +1,114 @@
+"""Both layers of Ravi & Larochelle's meta-learner as an update rule (``init``, ``update``).
+
+The learner's parameters θ (n coordinates, see :mod:`metalstm.learner`) are the cell state of a
+two-layer, coordinate-wise LSTM. At inner step t, for every coordinate independently:
+
+1. inputs: the learner's loss L_t and gradient g_t at θ_{t-1} on the support set, each
+   preprocessed into two features (Andrychowicz et al. 2016, Sec. 3.2):   x → [n, 4];
+2. layer 1, a standard LSTM with hidden size 20 shared by all coordinates:   (h_t, c_t) [n, 20];
+3. layer 2, the meta-learner cell (the paper's Eq. 2-4, with the authors' logit feedback):
+       f_t = W_F · [h_t, θ_{t-1}, f_{t-1}] + b_F
+       i_t = W_I · [h_t, θ_{t-1}, i_{t-1}] + b_I
+       θ_t = σ(f_t) ⊙ θ_{t-1} − σ(i_t) ⊙ g_t
+   where f_{t-1}, i_{t-1} are the previous gate logits (0 at t = 1) and θ_0 = c_0 is learned.
+
+One step of both layers is one autograd node (:mod:`.kernels`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .kernels import (
+    EAGER_KERNELS,
+    CellStep,
+    StepKernels,
+    compiled_kernels,
+    flushing_denormals,
+    preprocess_rows,
+)
+
+
+@dataclass
+class CellState:
+    """Per-coordinate state of the meta-learner between inner steps.
+
+    Coordinates are the last (contiguous) dimension, so every element-wise operation of the
+    LSTM runs over long contiguous rows: this layout is several times faster than [n, H].
+    """
+
+    theta: Tensor  # [n]    learner parameters (layer-2 cell state)
+    gate_logits: Tensor  # [2, n] previous forget and input logits (f_{t-1}, i_{t-1})
+    hidden: Tensor  # [H, n] layer-1 LSTM hidden state
+    cell: Tensor  # [H, n] layer-1 LSTM cell state
+
+
+class MetaLearnerCell(nn.Module):
+    """Both layers of the meta-learner and the learned initialisation c_0 = θ_0."""
+
+    def __init__(self, theta0: Tensor, hidden_size: int = 20, p: float = 10.0) -> None:
+        super().__init__()
+        self.p = p
+        self.hidden_size = hidden_size
+        # Layer 1: a standard LSTM on 4 input features; one matrix for all four gates, rows
+        # ordered (input, forget, output, candidate) so the three sigmoid gates are contiguous.
+        self.lstm_weight = nn.Parameter(torch.empty(4 * hidden_size, 4 + hidden_size))
+        self.lstm_bias = nn.Parameter(torch.empty(4 * hidden_size))
+        # Layer 2: rows (forget, input); columns h_t (hidden_size), θ_{t-1}, previous logit.
+        self.gate_weight = nn.Parameter(torch.empty(2, hidden_size + 2))  # W_F, W_I
+        self.gate_bias = nn.Parameter(torch.empty(2))  # b_F, b_I
+        self.theta0 = nn.Parameter(theta0.clone())  # c_0, the learned initialisation [n]
+        # Run the step's fused kernels through torch.compile (Config.compile); eager otherwise.
+        self.use_compile = False
+        self.reset_parameters()
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """The paper's initialisation: U(±0.01), b_F ~ U(4, 5), b_I ~ U(−5, −4); θ_0 untouched."""
+        with torch.no_grad():
+            for param in (self.lstm_weight, self.lstm_bias, self.gate_weight):
+                param.uniform_(-0.01, 0.01, generator=generator)
+            self.gate_bias[0].uniform_(4.0, 5.0, generator=generator)  # σ(f) ≈ 0.98: keep θ
+            self.gate_bias[1].uniform_(-5.0, -4.0, generator=generator)  # σ(i) ≈ 0.01: small step
+
+    def initial_state(self) -> CellState:
+        """The state at t = 0, from the learned initialisation c_0."""
+        return self.init(self.theta0)
+
+    def init(self, theta0: Tensor) -> CellState:
+        """Update-rule ``init`` (:mod:`metalstm.inner_loop`): θ_0 with zero gates and LSTM state."""
+        n, hidden = theta0.shape[0], self.hidden_size
+        zeros = theta0.new_zeros
+        return CellState(theta0, zeros(2, n), zeros(hidden, n), zeros(hidden, n))
+
+    def update(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+        """Update-rule ``update``: one inner step; the info is the gates σ(f_t), σ(i_t) [2, n]."""
+        return self(state, loss, grad)
+
+    def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+        """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n]).
+
+        Computed by :func:`step_forward` as one autograd node whose backward is
+        :func:`step_backward` (the plain formulation under autograd gives the same numbers,
+        several times slower); without a meta-graph (evaluation) nothing is kept for a backward.
+        """
+        hidden, w = self.hidden_size, self.lstm_weight
+        # Inputs of layer 1. The two loss features are the same for every coordinate, so their
+        # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
+        grad_features = preprocess_rows(grad, self.p)  # [2, n]
+        loss_features = preprocess_rows(loss.reshape(1), self.p).reshape(2)  # [2]
+        bias = torch.addmv(self.lstm_bias, w[:, 2:4], loss_features)  # [4H]
+        weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
+        args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
+        params = (weight, bias, self.gate_weight, self.gate_bias)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params)):
+            theta, logits, h, cell, gates = CellStep.apply(self._kernels(), hidden, *args, *params)
+        else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
+            with flushing_denormals():
+                theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
+        return CellState(theta, logits, h, cell), gates
+
+    def _kernels(self) -> StepKernels:
+        return compiled_kernels() if self.use_compile else EAGER_KERNELS

@@ -1,0 +1,122 @@
+"""The meta-learner LSTM of Ravi & Larochelle, "Optimization as a Model for Few-Shot Learning"
+(ICLR 2017), as the authors' code implements it, behind the :class:`~metalstm.methods.base.Method`
+interface.
+
+The learner's parameters θ are the cell state of a two-layer, coordinate-wise LSTM
+(:mod:`.cell`), run for T steps on the support set by the shared inner loop
+(:func:`metalstm.inner_loop.run_inner_loop`). After T steps the learner's query loss at θ_T is
+the meta-training loss. First-order by default: L_t and g_t enter as constants (the paper's
+simplification), while the chain θ_{t-1} → θ_t, the gate recurrence and layer 1's state are
+differentiated.
+
+Example::
+
+    from metalstm import MetaLSTM, override, Config
+    model = MetaLSTM(override(Config(), {"n_way": 5, "k_shot": 1, "inner_steps": 12}))
+    logits = model.predict(support_x, support_y, query_x)   # [N*Q, N]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...config import Config
+from ...data import Episode
+from ...inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, run_inner_loop
+from ...registry import register
+from ..base import Classifier, EpisodeLoss, Method, accuracy
+from .cell import MetaLearnerCell
+
+
+@dataclass(frozen=True)
+class LSTMSettings(InnerLoopSettings):
+    """The meta-learner's own settings (defaults: the paper's)."""
+
+    hidden_size: int = 20  # layer-1 LSTM of the meta-learner
+    preprocess_p: float = 10.0  # Andrychowicz et al. (2016) gradient preprocessing
+    second_order: bool = False  # differentiate through the learner's gradients
+    grad_divide_batch: bool = False  # authors' quirk: divide the mean gradient by the batch size
+    limits: ClassVar[Mapping[str, int]] = {**InnerLoopSettings.limits, "hidden_size": 1024}
+
+    def checks(self) -> dict[str, bool]:
+        return {**super().checks(), "hidden_size": self.hidden_size >= 1}
+
+
+@register(
+    "lstm",
+    title="Meta-learner LSTM",
+    settings=LSTMSettings,
+    # Ravi & Larochelle (2017), Table 1.
+    published={("miniimagenet", 5, 1): 43.44, ("miniimagenet", 5, 5): 60.60},
+)
+class MetaLSTM(Method):
+    """Ravi & Larochelle's meta-learner LSTM (the paper's Method 1), behind :class:`Method`.
+
+    Reference: S. Ravi and H. Larochelle, "Optimization as a Model for Few-Shot Learning",
+    ICLR 2017. Example::
+
+        model = MetaLSTM(load_preset("omniglot-5w1s"))
+        out = model.meta_loss(episode); out.loss.backward()   # meta-training step
+        labels = model.predict(support_x, support_y, query_x).argmax(-1)
+    """
+
+    settings: LSTMSettings
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.cell = MetaLearnerCell(
+            self.learner.initial_theta(), self.settings.hidden_size, self.settings.preprocess_p
+        )
+        self.cell.use_compile = config.compile
+
+    def inner_loop(
+        self, support_x: Tensor, support_y: Tensor, steps: int, record_gates: bool = False
+    ) -> InnerLoopResult:
+        """T updates of the learner on the support set by the meta-learner (Method 1, l. 5-10).
+
+        Builds the meta-graph only when gradients are enabled; under ``torch.no_grad`` it is the
+        evaluation-time optimiser (the learner's own gradient is still computed). With
+        ``record_gates`` the result's ``infos`` are the gates σ(f_t), σ(i_t) [2, n] per step.
+        """
+        settings = self.settings
+        scale = 1.0 / support_x.shape[0] if settings.grad_divide_batch else 1.0
+        return run_inner_loop(
+            self.learner,
+            self.cell,
+            self.cell.theta0,
+            support_x,
+            support_y,
+            steps,
+            second_order=settings.second_order,
+            grad_scale=scale,
+            record_info=record_gates,
+        )
+
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
+        running statistics with ``train_query_bn=support``)."""
+        result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
+        logits = self.learner(
+            result.theta,
+            episode.query_x,
+            result.bn,
+            batch_stats=self.settings.train_query_batch_stats,
+        )
+        return EpisodeLoss(
+            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+        )
+
+    def adaptation(self) -> str:
+        return f"T = {self.settings.eval_steps}"
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        """Train the learner on the support set with the meta-learner (no meta-graph)."""
+        with torch.no_grad():
+            result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
+        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
