@@ -22,7 +22,7 @@ from metalstm.methods.base import Adapter
 from metalstm.methods.finetune import Finetune
 from metalstm.methods.maml import MAML
 from metalstm.methods.matching import MatchingNetFCE, attention_probabilities
-from metalstm.methods.nearest import nearest_neighbour_logits
+from metalstm.methods.metric import nearest_neighbour_logits
 from metalstm.methods.pretraining import PretrainedClassifier
 from metalstm.methods.protonet import ProtoNet, prototypes
 from metalstm.registry import TrainsOn, method_entry, method_names

@@ -158,7 +158,7 @@ TINY_RUN = [
     "--set", "val_interval=1000", "--set", "pretrain_batch=32",
     "--set", "finetune_lr_grid=0.1", "--set", "finetune_steps_grid=5",
 ]  # fmt: skip
-TINY_METHODS = ("finetune", "nn-pixel", "nn-embedding", "protonet")
+TINY_METHODS = ("finetune", "nn-embedding", "nn-pixel", "protonet")  # registry order
 
 
 @pytest.mark.slow
@@ -172,7 +172,7 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
             super().__init__(*args, **kwargs)  # type: ignore[arg-type]
             samplers.append(self)
 
-    monkeypatch.setattr(compare, "RecordingSampler", Spy)
+    monkeypatch.setattr(compare.evaluation, "RecordingSampler", Spy)
     out = tmp_path / "cmp"
     compare_main(parse(*TINY_RUN, "--methods", ",".join(TINY_METHODS), "--out", str(out)))
     printed = capsys.readouterr().out
@@ -195,8 +195,9 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
     for row in results["methods"]:
         assert row["fingerprint"] == expected and row["episodes"] == 6
         assert len(row["per_episode"]) == 6 and 0.0 <= row["accuracy"] <= 1.0
-    assert results["methods"][1]["train_seconds"] == 0.0  # nn-pixel: nothing to train
-    shared = results["methods"][2]
+    by_name = {row["method"]: row for row in results["methods"]}
+    assert by_name["nn-pixel"]["train_seconds"] == 0.0  # nothing to train
+    shared = by_name["nn-embedding"]
     assert shared["train_origin"] == "shared" and "finetune" in shared["notes"]
 
     table = (out / "results.md").read_text()

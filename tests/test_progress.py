@@ -13,10 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 import metalstm
-from metalstm import compare
 from metalstm import progress as pg
 from metalstm.cli import main
-from metalstm.compare import ComparisonProgress
+from metalstm.compare import ComparisonProgress, configs
 from metalstm.methods.metalearner.ablation import sgd_from_learned_init
 from metalstm.progress import LiveLine, surrounding
 
@@ -161,7 +160,7 @@ def test_sgd_ablation_shows_each_steps_validation(data_env: Path) -> None:
 def test_comparison_status_leads_every_line_with_an_overall_eta(
     clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(compare, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(configs, "time", SimpleNamespace(perf_counter=clock.perf_counter))
     planned = {
         ("protonet", "training"): 100,
         ("protonet", "evaluation"): 10,

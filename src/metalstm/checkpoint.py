@@ -182,7 +182,7 @@ def _read_header(path: Path, f: BinaryIO, size: int) -> tuple[str, str]:
     if version != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {version!r}, this metalstm reads "
-            f"{FORMAT_VERSION!r}; use a matching metalstm version"
+            f"{FORMAT_VERSION!r}; use a compatible metalstm version"
         )
     meta_json, digest = metadata.get("meta"), metadata.get("sha256")
     if not isinstance(meta_json, str) or not isinstance(digest, str):

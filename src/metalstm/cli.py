@@ -110,6 +110,11 @@ def build_parser() -> ArgumentParser:
     )
     presets.add_argument("--json", action="store_true")
 
+    methods = commands.add_parser(
+        "methods", help="list the registered methods, what they train on and their settings"
+    )
+    methods.add_argument("--json", action="store_true")
+
     plot = commands.add_parser("plot", help="figures")
     plots = plot.add_subparsers(dest="plot_command", required=True, parser_class=ArgumentParser)
     gates = plots.add_parser("gates", help="σ(i) and σ(f) per learner layer across inner steps")
@@ -244,9 +249,32 @@ def cmd_presets(args: argparse.Namespace) -> None:
     for name, cfg in rows.items():
         print(
             f"{name:<20} {cfg['dataset']}/{cfg['split']} {cfg['n_way']}-way {cfg['k_shot']}-shot "
-            f"T={cfg['inner_steps']} filters={cfg['filters']} episodes={cfg['episodes']}"
+            f"{cfg['method']} T={cfg['settings'].get('inner_steps', '-')} "
+            f"filters={cfg['filters']} episodes={cfg['episodes']}"
             + ("  [trained meta-learner ships: --checkpoint NAME]" if name in shipped else "")
         )
+
+
+def cmd_methods(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
+    from .registry import method_entry, method_names
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in method_names():
+        entry = method_entry(name)
+        rows[name] = {
+            "title": entry.title,
+            "trains_on": entry.trains_on.value,
+            "settings": asdict(entry.settings()),
+            "uses_training_of": entry.uses_training_of,
+        }
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for name, row in rows.items():
+        settings = " ".join(f"{k}={v}" for k, v in row["settings"].items()) or "(no settings)"
+        print(f"{name:<14} {row['title']:<40} trains on {row['trains_on']:<8} {settings}")
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -282,6 +310,7 @@ COMMANDS = {
     "train": cmd_train,
     "evaluate": cmd_evaluate,
     "presets": cmd_presets,
+    "methods": cmd_methods,
     "predict": predict_main,
     "compare": compare_main,
     "bench": bench_main,

@@ -32,7 +32,9 @@ class Config:
     """Settings of a run; defaults follow Ravi & Larochelle (2017) where the paper fixes them."""
 
     # -- data ------------------------------------------------------------------------------------
-    dataset: str = "omniglot"  # omniglot | miniimagenet | folder
+    dataset: str = (
+        "omniglot"  # a registered dataset (data.sources): omniglot | miniimagenet | folder
+    )
     split: str = "vinyals"  # omniglot: vinyals | lake; miniimagenet: ravi; folder: unused
     data_root: str | None = None  # default: $METALSTM_DATA, then the per-user cache folder
     image_size: int = 28

@@ -66,6 +66,7 @@ from torch import Tensor
 
 from .checkpoint import add_checkpoint_argument
 from .data.images import IMAGE_SUFFIXES, load_image_folder, load_images
+from .data.sources import dataset_entry
 from .errors import ConfigError, DataError, printable
 from .files import check_output, output_path, write_file
 from .methods.base import Classifier, Method
@@ -314,7 +315,9 @@ def predict_folders(
     query_files, truth = _query_files(query, classes.class_names)
     query_images = load_images(query_files, image_size=size, channels=channels, invert=False)
 
-    inverted, reason = _decide_inversion(invert, classes.images, config.dataset == "omniglot")
+    inverted, reason = _decide_inversion(
+        invert, classes.images, dataset_entry(config.dataset).inverted
+    )
     support_images = 255 - classes.images if inverted else classes.images
     if inverted:
         query_images = 255 - query_images

@@ -1,8 +1,13 @@
-"""One entry point for every image source: :func:`load_split`."""
+"""The registered image sources (:data:`DATASETS`) and one entry point for all: :func:`load_split`.
+
+A new source is a loader plus :func:`register_dataset`; nothing else names it.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import ConfigError, DataError
 from .images import ClassImages, check_image_format, load_image_folder
@@ -10,9 +15,41 @@ from .miniimagenet import load_miniimagenet
 from .omniglot import load_omniglot
 from .storage import resolve_data_root
 
-#: dataset -> (image_size, channels) used when the caller gives none.
-DEFAULT_FORMAT = {"omniglot": (28, 1), "miniimagenet": (84, 3), "folder": (84, 3)}
 FOLDER_PARTS = ("train", "val", "test")
+
+
+class SplitLoader(Protocol):
+    def __call__(
+        self, split: str, part: str, *, data_root: str | Path | None, image_size: int, channels: int
+    ) -> ClassImages: ...
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A registered image source: its loader and its image conventions."""
+
+    name: str
+    load: SplitLoader  # (split, part, data_root=, image_size=, channels=) -> ClassImages
+    image_size: int  # default side when the config gives none
+    channels: int
+    inverted: bool  # stored inverted (strokes 1 on 0): predict inverts dark-on-light drawings
+
+
+DATASETS: dict[str, Dataset] = {}
+
+
+def register_dataset(dataset: Dataset) -> Dataset:
+    """Add an image source; ``Config.dataset`` and ``load_split`` then accept its name."""
+    DATASETS[dataset.name] = dataset
+    return dataset
+
+
+def dataset_entry(name: str) -> Dataset:
+    """The registered dataset ``name``; a clear :class:`ConfigError` for an unknown one."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {name!r}; use one of {', '.join(DATASETS)}") from None
 
 
 def load_split(
@@ -34,23 +71,18 @@ def load_split(
 
     ``part`` is ``train``, ``val``, ``test`` or ``trainval``.
     """
-    if dataset not in DEFAULT_FORMAT:
-        raise ConfigError(f"unknown dataset {dataset!r}; use one of {', '.join(DEFAULT_FORMAT)}")
-    default_size, default_channels = DEFAULT_FORMAT[dataset]
-    size = default_size if image_size is None else image_size
-    chans = default_channels if channels is None else channels
+    entry = dataset_entry(dataset)
+    size = entry.image_size if image_size is None else image_size
+    chans = entry.channels if channels is None else channels
     check_image_format(size, chans)
-    if dataset == "omniglot":
-        return load_omniglot(split, part, data_root=data_root, image_size=size, channels=chans)
-    if dataset == "miniimagenet":
-        return load_miniimagenet(split, part, data_root=data_root, image_size=size, channels=chans)
-    return load_folder_split(part, data_root=data_root, image_size=size, channels=chans)
+    return entry.load(split, part, data_root=data_root, image_size=size, channels=chans)
 
 
 def load_folder_split(
-    part: str, *, data_root: str | Path | None, image_size: int, channels: int
+    split: str, part: str, *, data_root: str | Path | None, image_size: int, channels: int
 ) -> ClassImages:
-    """An ImageFolder, or its ``part`` sub-folder when it has train/val/test sub-folders."""
+    """An ImageFolder, or its ``part`` sub-folder when it has train/val/test sub-folders
+    (``split`` is not used)."""
     if part not in (*FOLDER_PARTS, "trainval"):
         raise ConfigError(f"unknown split part {part!r}; use train, val, test or trainval")
     root = resolve_data_root(data_root)
@@ -67,3 +99,8 @@ def load_folder_split(
     return ClassImages.concat(
         [load_image_folder(root / p, image_size=image_size, channels=channels) for p in wanted]
     )
+
+
+register_dataset(Dataset("omniglot", load_omniglot, 28, 1, inverted=True))
+register_dataset(Dataset("miniimagenet", load_miniimagenet, 84, 3, inverted=False))
+register_dataset(Dataset("folder", load_folder_split, 84, 3, inverted=False))

@@ -25,10 +25,12 @@ from itertools import chain
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
 from ..data import ClassImages, Episode
+from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings
 from ..learner import Learner, LearnerShape
 from ..registry import MethodSettings
 
@@ -137,6 +139,39 @@ class Method(nn.Module, ABC):
         for tensor in chain(self.parameters(), self.buffers()):
             return tensor.device
         return torch.device("cpu")
+
+
+class InnerLoopMethod(Method):
+    """A method that adapts by running an inner loop on the support set (MAML, the meta-learner):
+    the meta-loss is the query loss at θ_T (Ravi & Larochelle 2017, Method 1 l. 12; Finn et al.
+    2017, Eq. 1), and at evaluation the learner at θ_T labels the queries with the support
+    passes' statistics (or, ``transductive``, their own)."""
+
+    settings: InnerLoopSettings
+
+    @abstractmethod
+    def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int) -> InnerLoopResult:
+        """``steps`` updates of the learner on the support set (:func:`run_inner_loop`)."""
+
+    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
+        running statistics with ``train_query_bn=support``)."""
+        result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
+        logits = self.learner(
+            result.theta,
+            episode.query_x,
+            result.bn,
+            batch_stats=self.settings.train_query_batch_stats,
+        )
+        return EpisodeLoss(
+            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
+        )
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        """The learner at θ_T after ``eval_steps`` updates (no meta-graph)."""
+        with torch.no_grad():
+            result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
+        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
 
 
 def learner_shape(config: Config) -> LearnerShape:

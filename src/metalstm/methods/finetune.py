@@ -1,12 +1,16 @@
-"""Baseline-finetune (Ravi & Larochelle 2017, Sec. 5): fine-tune a pre-trained network per episode.
+"""The two baselines of Ravi & Larochelle (2017, Sec. 5) on a pre-trained network: fine-tuning
+and nearest neighbour in its embedding (one pre-training serves both, see :mod:`.pretraining`).
 
-The network pre-trained on all meta-training classes (:mod:`.pretraining`) gets, on every episode,
-a new N-way output layer (zeros); then plain SGD on the whole network fits the support set
-(full-batch, cross-entropy). The learning rate and number of steps are chosen on validation
-episodes, from the grids ``finetune_lr_grid`` x ``finetune_steps_grid``, at every validation of
-the pre-training: the choice lives in the model's buffers, so the best checkpoint carries the
-setting that made it best, and ``metalstm evaluate`` uses it. One fine-tuning run per learning
-rate serves every step count of the grid (the shorter ones are its prefixes).
+Baseline-nearest-neighbour: every query image takes the label of its nearest support image by
+cosine distance in the pre-trained embedding (:class:`.metric.NearestNeighbour`).
+
+Baseline-finetune: the pre-trained network gets, on every episode, a new N-way output layer (zeros);
+then plain SGD on the whole network fits the support set (full-batch, cross-entropy). The learning
+rate and number of steps are chosen on validation episodes, from the grids ``finetune_lr_grid`` x
+``finetune_steps_grid``, at every validation of the pre-training: the choice lives in the model's
+buffers, so the best checkpoint carries the setting that made it best, and ``metalstm evaluate``
+uses it. One fine-tuning run per learning rate serves every step count of the grid (the shorter ones
+are its prefixes).
 
 Batch norm uses the pre-training running statistics throughout (eval mode), so the fine-tuned
 classifier never sees statistics of the test episode beyond its support images' labels.
@@ -22,6 +26,7 @@ from torch import Tensor
 from ..inner_loop import SGD, AdaptedLearner, run_inner_loop
 from ..registry import TrainsOn, register
 from .base import Classifier, Score
+from .metric import NearestNeighbour
 from .pretraining import PretrainedClassifier, PretrainSettings, parse_grid, pretrained_recipe
 
 
@@ -99,3 +104,21 @@ class Finetune(PretrainedClassifier):
         self.finetune_lr.fill_(grid[best][0])
         self.finetune_steps.fill_(grid[best][1])
         return accuracies[best]
+
+
+@register(
+    "nn-embedding",
+    title="Baseline-nearest-neighbour (embedding)",
+    settings=PretrainSettings,
+    trains_on=TrainsOn.BATCHES,
+    uses_training_of=Finetune.name,  # the same pre-trained network (same state)
+    # Ravi & Larochelle (2017), Table 1.
+    published={("miniimagenet", 5, 1): 41.08, ("miniimagenet", 5, 5): 51.04},
+)
+class NearestNeighbourEmbedding(PretrainedClassifier):
+    """1-NN, cosine distance, in the embedding of the network pre-trained on training classes."""
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
+        with torch.no_grad():
+            support = self.embed(support_x)
+        return NearestNeighbour(support, support_y, self.config.n_way, self.embed)

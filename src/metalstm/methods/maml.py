@@ -20,15 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..data import Episode
-from ..inner_loop import SGD, AdaptedLearner, InnerLoopResult, InnerLoopSettings, run_inner_loop
+from ..inner_loop import SGD, InnerLoopResult, InnerLoopSettings, run_inner_loop
 from ..registry import register
-from .base import Classifier, EpisodeLoss, Method, accuracy
+from .base import InnerLoopMethod
 
 # Finn et al. (2017), Table 1 (Omniglot, transductive batch norm) and Table 2 (miniImageNet).
 PUBLISHED = {
@@ -79,7 +76,7 @@ def recipe(config: Config) -> dict[str, float | int]:
 
 
 @register("maml", title="MAML", settings=MAMLSettings, recipe=recipe, published=PUBLISHED)
-class MAML(Method):
+class MAML(InnerLoopMethod):
     """Second-order MAML: the meta-gradient flows through the inner loop's gradients.
 
     Example::
@@ -116,23 +113,6 @@ class MAML(Method):
             steps,
             second_order=self.second_order,
         )
-
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
-        logits = self.learner(
-            result.theta,
-            episode.query_x,
-            result.bn,
-            batch_stats=self.settings.train_query_batch_stats,
-        )
-        return EpisodeLoss(
-            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
-        )
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
-        with torch.no_grad():
-            result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
-        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
 
 
 @register("maml-fo", title="MAML (first-order)", settings=MAMLSettings, recipe=recipe)

@@ -14,6 +14,7 @@ support's recorded statistics (or the query batch's own when ``transductive``). 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -85,3 +86,30 @@ def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
     sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add(0, labels, embeddings)
     counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(embeddings.dtype)
     return sums / counts.unsqueeze(1)
+
+
+def nearest_neighbour_logits(
+    support: Tensor, support_y: Tensor, query: Tensor, n_way: int
+) -> Tensor:
+    """[Q, N]: for each query row, its highest cosine similarity to a support row of each class.
+
+    ``support`` [S, ...] and ``query`` [Q, ...] are flattened to vectors; ``support_y`` [S] holds
+    labels in ``0..n_way-1``. The arg-max of a row is the 1-nearest-neighbour label.
+    """
+    sims = F.normalize(query.flatten(1), dim=1) @ F.normalize(support.flatten(1), dim=1).T
+    out = sims.new_full((sims.shape[0], n_way), -2.0)  # below any cosine similarity
+    index = support_y.unsqueeze(0).expand_as(sims)
+    return out.scatter_reduce(1, index, sims, reduce="amax", include_self=True)
+
+
+@dataclass
+class NearestNeighbour:
+    """Labels query images by their nearest support image in ``embed``'s space."""
+
+    support: Tensor  # embedded support images [S, D]
+    support_y: Tensor  # [S]
+    n_way: int
+    embed: Callable[[Tensor], Tensor]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return nearest_neighbour_logits(self.support, self.support_y, self.embed(x), self.n_way)

@@ -22,15 +22,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ...config import Config
-from ...data import Episode
-from ...inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, run_inner_loop
+from ...inner_loop import InnerLoopResult, InnerLoopSettings, run_inner_loop
 from ...registry import register
-from ..base import Classifier, EpisodeLoss, Method, accuracy
+from ..base import InnerLoopMethod
 from .cell import MetaLearnerCell
 
 
@@ -55,7 +52,7 @@ class LSTMSettings(InnerLoopSettings):
     # Ravi & Larochelle (2017), Table 1.
     published={("miniimagenet", 5, 1): 43.44, ("miniimagenet", 5, 5): 60.60},
 )
-class MetaLSTM(Method):
+class MetaLSTM(InnerLoopMethod):
     """Ravi & Larochelle's meta-learner LSTM (the paper's Method 1), behind :class:`Method`.
 
     Reference: S. Ravi and H. Larochelle, "Optimization as a Model for Few-Shot Learning",
@@ -98,25 +95,5 @@ class MetaLSTM(Method):
             record_info=record_gates,
         )
 
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
-        running statistics with ``train_query_bn=support``)."""
-        result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
-        logits = self.learner(
-            result.theta,
-            episode.query_x,
-            result.bn,
-            batch_stats=self.settings.train_query_batch_stats,
-        )
-        return EpisodeLoss(
-            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
-        )
-
     def adaptation(self) -> str:
         return f"T = {self.settings.eval_steps}"
-
-    def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
-        """Train the learner on the support set with the meta-learner (no meta-graph)."""
-        with torch.no_grad():
-            result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
-        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)

@@ -1,0 +1,140 @@
+"""The comparison's reports: results.md, results.csv, results.json and results.png."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import Config
+from ..files import write_file
+from ..progress import format_seconds
+from .evaluation import MethodResult
+from .request import Request
+
+
+def protocol_line(base: Config, fingerprint: str) -> str:
+    mode = "transductive" if base.transductive else "non-transductive (support statistics)"
+    return (
+        f"{base.dataset}/{base.split} test classes, {base.n_way}-way {base.k_shot}-shot, "
+        f"{base.eval_queries} queries per class, {base.test_episodes} fixed episodes "
+        f"(seed {base.test_seed}, fingerprint {fingerprint[:16]}), identical for every method; "
+        f"BN at test: {mode}; accuracy = mean ± 1.96·std/√E"
+    )
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else format_seconds(value)
+
+
+def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp: str) -> str:
+    lines = [
+        f"# Few-shot comparison: {request.preset}",
+        "",
+        f"Protocol: {protocol_line(base, fp)}.",
+        "",
+        "| Method | Accuracy (%) | Episodes | Training time | Published (%) | Notes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        published = "—" if r.published is None else f"{r.published:.2f}"
+        lines.append(
+            f"| {r.title} (`{r.method}`) | {100 * r.result.mean:.2f} ± {100 * r.result.ci95:.2f} "
+            f"| {len(r.result.accuracies)} | {_seconds(r.trained.seconds)} | {published} "
+            f"| {r.notes} |"
+        )
+    lines += [
+        "",
+        f"Command: `{request.command()}`",
+        "",
+        "Training time: wall time of each method's training run on this machine (validation "
+        "included); `—` when unknown. Published: the figure quoted in the project's SPEC for "
+        "this dataset and N-way K-shot setting, for reference only (other budgets and protocols).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+CSV_FIELDS = (
+    "method",
+    "title",
+    "accuracy",
+    "ci95",
+    "episodes",
+    "train_seconds",
+    "eval_seconds",
+    "published",
+    "notes",
+    "checkpoint",
+    "fingerprint",
+)
+
+
+def csv_text(results: Sequence[MethodResult]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for r in results:
+        row = r.to_json()
+        writer.writerow({k: row[k] for k in CSV_FIELDS})
+    return buffer.getvalue()
+
+
+def results_json(
+    results: Sequence[MethodResult], request: Request, base: Config, fingerprint: str, data: str
+) -> dict[str, Any]:
+    return {
+        "preset": request.preset,
+        "command": request.command(),
+        "protocol": protocol_line(base, fingerprint),
+        "dataset": base.dataset,
+        "split": base.split,
+        "n_way": base.n_way,
+        "k_shot": base.k_shot,
+        "q_query": base.eval_queries,
+        "episodes": base.test_episodes,
+        "seed": base.test_seed,
+        "transductive": base.transductive,
+        "fingerprint": fingerprint,
+        "test_images_sha256": data,
+        "methods": [r.to_json() for r in results],
+    }
+
+
+def plot(results: Sequence[MethodResult], out: Path, title: str, n_way: int) -> Path:
+    """Bar chart of the accuracies with 95% CI error bars (published figures as markers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.1 * len(results) + 4.0, 4.2))
+    x = list(range(len(results)))
+    means = [100 * r.result.mean for r in results]
+    errors = [100 * r.result.ci95 if r.result.ci95 == r.result.ci95 else 0.0 for r in results]
+    ax.bar(x, means, yerr=errors, capsize=4, color="#4c72b0", label="this run (95% CI)")
+    marked = [(i, r.published) for i, r in enumerate(results) if r.published is not None]
+    if marked:
+        ax.scatter(
+            [i for i, _ in marked],
+            [p for _, p in marked],
+            marker="_",
+            s=600,
+            color="#c44e52",
+            zorder=3,
+            label="published",
+        )
+    ax.axhline(100 / n_way, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xticks(x, [r.method for r in results], rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    try:
+        write_file(out, lambda handle: fig.savefig(handle, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
+    return out
