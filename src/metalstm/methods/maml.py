@@ -115,7 +115,18 @@ class MAML(InnerLoopMethod):
         )
 
 
-@register("maml-fo", title="MAML (first-order)", settings=MAMLSettings, recipe=recipe)
+def first_order_recipe(config: Config) -> dict[str, float | int]:
+    """Finn et al.'s settings, with α = 0.1 on Omniglot 5-way: at 0.4 this learner's support step
+    is so far from linear that the first-order meta-gradient loses the second-order direction
+    (cosine 0.07 at initialisation against 0.35 at α = 0.1) and trains to ~61 % instead of 87 %
+    (tests/test_method_fixes.py). The 20-way and miniImageNet steps are already small."""
+    values = recipe(config)
+    if config.dataset != "miniimagenet" and config.n_way < 20:
+        values["inner_lr"] = 0.1
+    return values
+
+
+@register("maml-fo", title="MAML (first-order)", settings=MAMLSettings, recipe=first_order_recipe)
 class FirstOrderMAML(MAML):
     """First-order MAML: inner gradients are constants; meta-gradient = query gradient at θ_T."""
 
