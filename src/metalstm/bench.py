@@ -19,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import resource
@@ -96,9 +95,8 @@ def bench_config(args: argparse.Namespace) -> Config:
         "second_order": args.second_order,
         "device": args.device,
         "seed": args.seed,
+        "compile": args.compile,
     }
-    if "compile" in {f.name for f in dataclasses.fields(Config)}:
-        values["compile"] = args.compile
     return override(Config(), values)
 
 
@@ -262,6 +260,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
         check_output(args.out)
     work = build_workload(args)
     config, device, batch, per_call = work.config, work.device, work.batch, work.per_call
+    settings = config.settings
+    assert isinstance(settings, LSTMSettings)  # bench_config: the meta-learner
     n = work.model.learner.n_params
     calls = max(1, -(-args.episodes // per_call))  # timed calls (meta-updates or episodes)
     warm = _time_calls(work.run, max(args.warmup, 0), device)
@@ -286,13 +286,13 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "ways": config.n_way,
             "shots": config.k_shot,
             "queries": config.q_query,
-            "steps": args.steps,
+            "steps": settings.inner_steps,
             "batch": batch,
             "filters": config.filters,
-            "hidden": LSTMSettings().hidden_size,
+            "hidden": settings.hidden_size,
             "meta_batch": config.meta_batch,
-            "second_order": args.second_order,
-            "compile": bool(getattr(config, "compile", False)),
+            "second_order": settings.second_order,
+            "compile": config.compile,
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,

@@ -270,12 +270,11 @@ def override(config: Config, values: Mapping[str, Any], *, strict: bool = True) 
             changes[key] = _coerce(key, value, shared[key])
         elif name is not None:
             setting_changes[name] = _coerce(key, value, kinds[name])
-        elif methods_with_setting(key):
+        elif owners := methods_with_setting(key):
             if strict:
-                owners = ", ".join(methods_with_setting(key))
                 raise ConfigError(
-                    f"{key} is a setting of {owners}, not of this run's method {method!r}; "
-                    f"set method first (--set method=NAME) or drop {key}"
+                    f"{key} is a setting of {', '.join(owners)}, not of this run's method "
+                    f"{method!r}; set method first (--set method=NAME) or drop {key}"
                 )
         else:
             known = sorted(shared_keys() | set(kinds))

@@ -84,10 +84,11 @@ class MethodSettings:
         """``{field: value is valid}`` for every field with a constraint."""
         return {}
 
-    def field_for(self, key: str) -> str | None:
+    @classmethod
+    def field_for(cls, key: str) -> str | None:
         """The field that flat key ``key`` names (itself or an alias), or None."""
-        name = self.aliases.get(key, key)
-        return name if name in {f.name for f in dataclasses.fields(self)} else None
+        name = cls.aliases.get(key, key)
+        return name if name in {f.name for f in dataclasses.fields(cls)} else None
 
 
 @dataclass(frozen=True)
@@ -197,4 +198,4 @@ def method_entry(name: str) -> MethodEntry:
 def methods_with_setting(key: str) -> list[str]:
     """Names of the registered methods whose settings have field (or alias) ``key``."""
     _load_builtin()
-    return [n for n, e in _METHODS.items() if e.settings().field_for(key) is not None]
+    return [n for n, e in _METHODS.items() if e.settings.field_for(key) is not None]
