@@ -43,6 +43,7 @@ class Config:
     n_way: int = 5
     k_shot: int = 1
     q_query: int = 15  # queries per class of meta-training episodes
+    train_n_way: int | None = None  # ways of meta-training episodes; None = n_way
     eval_q_query: int | None = None  # of validation and test episodes; None = q_query
     # -- learner: 4 x [conv3x3(filters), BN, ReLU, maxpool2] + linear ----------------------------
     filters: int = 32
@@ -80,6 +81,7 @@ class Config:
             "k_shot": self.k_shot >= 1,
             "q_query": self.q_query >= 1,
             "eval_q_query": self.eval_q_query is None or self.eval_q_query >= 1,
+            "train_n_way": self.train_n_way is None or self.train_n_way >= 2,
             "filters": self.filters >= 1,
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
@@ -109,6 +111,11 @@ class Config:
             )
 
     @property
+    def train_ways(self) -> int:
+        """Ways of meta-training episodes (defaults to the test value)."""
+        return self.train_n_way or self.n_way
+
+    @property
     def eval_queries(self) -> int:
         """Queries per class of validation and test episodes (defaults to the training value)."""
         return self.eval_q_query or self.q_query
@@ -127,7 +134,7 @@ class Config:
 #: The shared sections of the run config, for dotted keys (``--set training.lr=...``).
 SECTIONS = {
     "data": ("dataset", "split", "data_root", "image_size", "channels"),
-    "episodes": ("n_way", "k_shot", "q_query", "eval_q_query"),
+    "episodes": ("n_way", "k_shot", "q_query", "eval_q_query", "train_n_way"),
     "learner": ("filters", "bn_momentum", "bn_eps"),
     "training": (
         "episodes",
@@ -154,6 +161,7 @@ SIZE_LIMITS = {
     "k_shot": 1000,
     "q_query": 1000,
     "eval_q_query": 1000,
+    "train_n_way": 1000,
     "meta_batch": 10_000,
     "val_episodes": 1_000_000,
     "test_episodes": 1_000_000,
@@ -168,7 +176,7 @@ def learner_size(config: Config) -> int:
         # conv weight and bias, BN scale and shift
         total += 9 * c_in * config.filters + 3 * config.filters
         side, c_in = side // 2, config.filters
-    return total + (config.filters * side * side + 1) * config.n_way
+    return total + (config.filters * side * side + 1) * max(config.n_way, config.train_ways)
 
 
 def shared_keys() -> set[str]:

@@ -148,6 +148,46 @@ def run_inner_loop(
     return InnerLoopResult(state.theta, bn, support_losses, infos, thetas)
 
 
+HEAD_INITS = ("learned", "zero", "prototypes")
+
+
+def episode_theta0(
+    learner: Learner, theta0: Tensor, support_x: Tensor, support_y: Tensor, head_init: str
+) -> Tensor:
+    """θ_0 of one episode: the learned initialisation θ_0 [n] with its linear head as learned
+    (``learned``: the paper's c_0), zero (``zero``), or set from the support set
+    (``prototypes``: the head that makes the learner a Prototypical Network at θ_0, W_k = 2 μ_k,
+    b_k = −||μ_k||² for the mean support embedding μ_k of class k; Triantafillou et al. 2020,
+    "Meta-Dataset", Sec. 3.2, Proto-MAML). The support pass for the prototypes uses its own
+    fresh batch statistics, and the meta-gradient flows through μ_k into θ_0's body.
+
+    With a head built per episode, θ_0 takes the episode's number of ways (the labels'), so
+    meta-training episodes may have more ways than test episodes.
+    """
+    if head_init == "learned":
+        return theta0
+    ways = episode_ways(support_y)
+    features = learner.features(theta0, support_x, batch_stats=True)  # [S, D]
+    if head_init == "zero":
+        return learner.with_head(
+            theta0, features.new_zeros(ways, features.shape[1]), features.new_zeros(ways)
+        )
+    means = class_means(features, support_y, ways)  # [N, D]
+    return learner.with_head(theta0, 2 * means, -means.pow(2).sum(1))
+
+
+def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
+    """[N, D]: the mean of the rows of ``embeddings`` [S, D] with each label ``0..n_way-1``."""
+    sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add(0, labels, embeddings)
+    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(embeddings.dtype)
+    return sums / counts.unsqueeze(1)
+
+
+def episode_ways(support_y: Tensor) -> int:
+    """N of an episode whose labels are ``0..N-1``."""
+    return int(support_y.max()) + 1
+
+
 @dataclass
 class AdaptedLearner:
     """The learner at θ_T with its episode's batch-norm statistics."""
@@ -174,6 +214,7 @@ class InnerLoopSettings(MethodSettings):
     # BN of the query pass while meta-training: batch (the authors') | support (the support
     # passes' running statistics, as at test)
     train_query_bn: str = "batch"
+    head_init: str = "learned"  # θ_0's linear head: learned | zero | prototypes (episode_theta0)
     limits: ClassVar[Mapping[str, int]] = {"inner_steps": 10_000, "eval_inner_steps": 10_000}
 
     def checks(self) -> dict[str, bool]:
@@ -181,6 +222,7 @@ class InnerLoopSettings(MethodSettings):
             "inner_steps": self.inner_steps >= 1,
             "eval_inner_steps": self.eval_inner_steps is None or self.eval_inner_steps >= 1,
             "train_query_bn": self.train_query_bn in ("batch", "support"),
+            "head_init": self.head_init in HEAD_INITS,
         }
 
     @property

@@ -130,8 +130,21 @@ class Learner:
 
     @property
     def n_params(self) -> int:
-        """n, the number of coordinates of θ."""
+        """n, the number of coordinates of θ (with a head of ``shape.n_way`` outputs)."""
         return sum(self.sizes)
+
+    @property
+    def n_body(self) -> int:
+        """Coordinates of θ before the linear head (the conv-4 body): θ[:n_body]."""
+        return sum(self.sizes[:-2])
+
+    def with_head(self, theta: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        """θ's body [n_body] followed by a linear head ``weight`` [N, D], ``bias`` [N].
+
+        N may differ from ``shape.n_way``: every pass reads the head's size from θ's length, so
+        one body serves episodes of any number of ways (a head built per episode).
+        """
+        return torch.cat([theta[: self.n_body], weight.reshape(-1), bias])
 
     def to(self, device: torch.device | str) -> Learner:
         self.net.to(device)
@@ -142,9 +155,23 @@ class Learner:
         return torch.cat([p.detach().reshape(-1) for p in self.net.parameters()])
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
-        """Views of the flat vector θ [n] with the shapes of the named parameters."""
-        chunks = theta.split(self.sizes)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, self.shapes)}
+        """Views of the flat vector θ [n] with the shapes of the named parameters (the head's
+        number of outputs read from θ's length, see :meth:`with_head`)."""
+        sizes, shapes = self._layout(theta.shape[0])
+        chunks = theta.split(sizes)
+        return {n: c.view(s) for n, c, s in zip(self.names, chunks, shapes)}
+
+    def _layout(self, n: int) -> tuple[list[int], list[torch.Size]]:
+        if n == self.n_params:
+            return self.sizes, self.shapes
+        if n == self.n_body:  # the body alone (an initialisation whose head is built per episode)
+            return self.sizes[:-2], self.shapes[:-2]
+        features = self.shapes[-2][1]
+        ways, rest = divmod(n - self.n_body, features + 1)
+        if ways < 1 or rest:
+            raise ValueError(f"θ of {n} coordinates does not fit this learner ({self.n_params})")
+        head = [torch.Size((ways, features)), torch.Size((ways,))]
+        return [*self.sizes[:-2], ways * features, ways], [*self.shapes[:-2], *head]
 
     def parameter_groups(self) -> list[tuple[str, slice]]:
         """(parameter name, slice of θ) for every parameter tensor, in θ's order."""
@@ -188,6 +215,8 @@ class Learner:
         On the CPU the images enter in NHWC memory order, where oneDNN's convolutions and
         PyTorch's max-pool are several times faster on these small batches than in NCHW.
         """
+        if kwargs["head"] and theta.shape[0] == self.n_body:
+            raise ValueError("θ holds no linear head (see Learner.with_head)")
         tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
         if x.device.type == "cpu" and x.dim() == 4:
             x = to_channels_last(x)

@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data import ClassImages, Episode
-from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings
+from ..errors import ConfigError
+from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, episode_theta0
 from ..learner import Learner, LearnerShape
 from ..registry import MethodSettings
 
@@ -72,6 +73,19 @@ class Method(nn.Module, ABC):
         self.config = config
         self.settings = config.settings
         self.learner = Learner(learner_shape(config), config.bn_momentum, config.bn_eps)
+        if config.train_ways != config.n_way and not self.any_ways():
+            raise ConfigError(
+                f"{self.name} has an output layer of n_way={config.n_way} classes, so it "
+                f"cannot meta-train on {config.train_ways}-way episodes; unset train_n_way"
+                + (" or set head_init" if isinstance(self.settings, InnerLoopSettings) else "")
+            )
+
+    def any_ways(self) -> bool:
+        """Whether the method handles episodes of any number of ways (no output layer of a fixed
+        size), so it may meta-train on more ways than it is tested on (``train_n_way``). Default:
+        an inner-loop method whose head is built per episode (``head_init``)."""
+        settings = self.settings
+        return isinstance(settings, InnerLoopSettings) and settings.head_init != "learned"
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
         """Query loss after adapting to the support set; differentiable in the meta-parameters.
@@ -148,6 +162,17 @@ class InnerLoopMethod(Method):
     passes' statistics (or, ``transductive``, their own)."""
 
     settings: InnerLoopSettings
+
+    def initial_theta(self) -> Tensor:
+        """θ_0 before meta-training: the learner's own initialisation, without its head when the
+        head is built per episode (``head_init``), so the meta-learned θ_0 fits any n_way."""
+        theta = self.learner.initial_theta()
+        return theta if self.settings.head_init == "learned" else theta[: self.learner.n_body]
+
+    def episode_theta0(self, theta0: Tensor, support_x: Tensor, support_y: Tensor) -> Tensor:
+        """θ_0 for this support set: ``theta0`` with the head of ``head_init``
+        (:func:`metalstm.inner_loop.episode_theta0`)."""
+        return episode_theta0(self.learner, theta0, support_x, support_y, self.settings.head_init)
 
     @abstractmethod
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int) -> InnerLoopResult:

@@ -91,7 +91,7 @@ class MAML(InnerLoopMethod):
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
-        self.theta = nn.Parameter(self.learner.initial_theta())  # θ_0, the meta-learned init
+        self.theta = nn.Parameter(self.initial_theta())  # θ_0, the meta-learned init
 
     def adaptation(self) -> str:
         s = self.settings
@@ -107,7 +107,7 @@ class MAML(InnerLoopMethod):
         return run_inner_loop(
             self.learner,
             rule,
-            self.theta,
+            self.episode_theta0(self.theta, support_x, support_y),
             support_x,
             support_y,
             steps,

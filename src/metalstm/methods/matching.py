@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
+from ..inner_loop import episode_ways
 from ..registry import MethodSettings, register
 from .metric import MetricMethod, metric_recipe
 
@@ -137,7 +138,7 @@ class MatchingNet(MetricMethod):
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
         probabilities = attention_probabilities(
-            query, support, support_y, self.config.n_way, self.settings.attention_scale
+            query, support, support_y, episode_ways(support_y), self.settings.attention_scale
         )
         return probabilities.clamp_min(1e-12).log()
 

@@ -41,13 +41,17 @@ class MetricMethod(Method):
         self.theta = nn.Parameter(self.learner.initial_theta())
         self.embedding_dim = config.filters * feature_side(config.image_size) ** 2
 
+    def any_ways(self) -> bool:
+        return True  # logits from distances to the episode's classes, no output layer
+
     def embed(self, x: Tensor, bn: BatchNormState, batch_stats: bool) -> Tensor:
         """Embedding [B, D] of images x [B, C, H, W] at the meta-learned θ."""
         return self.learner.features(self.theta, x, bn, batch_stats=batch_stats)
 
     @abstractmethod
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
-        """Logits [Q, N] of query embeddings [Q, D] given support embeddings [S, D], labels [S]."""
+        """Logits [Q, N] of query embeddings [Q, D] given support embeddings [S, D], labels [S]
+        in ``0..N-1`` (N: :func:`~metalstm.inner_loop.episode_ways`, any number of ways)."""
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
         bn = self.learner.fresh_batchnorm_state(episode.support_x.device, episode.support_x.dtype)
@@ -79,13 +83,6 @@ class MetricClassifier:
         with torch.no_grad():
             query = self.method.embed(x, bn, batch_stats=self.method.config.transductive)
             return self.method.logits(self.support, self.support_y, query)
-
-
-def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:
-    """[N, D]: the mean of the rows of ``embeddings`` [S, D] with each label ``0..n_way-1``."""
-    sums = embeddings.new_zeros(n_way, embeddings.shape[1]).index_add(0, labels, embeddings)
-    counts = torch.bincount(labels, minlength=n_way).clamp_min(1).to(embeddings.dtype)
-    return sums / counts.unsqueeze(1)
 
 
 def nearest_neighbour_logits(

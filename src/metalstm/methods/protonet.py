@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from ..inner_loop import class_means, episode_ways
 from ..registry import register
-from .metric import MetricMethod, class_means, metric_recipe
+from .metric import MetricMethod, metric_recipe
 
 
 def prototypes(support: Tensor, support_y: Tensor, n_way: int) -> Tensor:
@@ -48,4 +49,4 @@ class ProtoNet(MetricMethod):
     """
 
     def logits(self, support: Tensor, support_y: Tensor, query: Tensor) -> Tensor:
-        return -squared_distances(query, prototypes(support, support_y, self.config.n_way))
+        return -squared_distances(query, prototypes(support, support_y, episode_ways(support_y)))

@@ -19,7 +19,13 @@ from torch import Tensor
 from ...config import Config
 from ...errors import MetaLSTMError
 from ...evaluation import evaluate
-from ...inner_loop import SGD, AdaptedLearner, InnerLoopSettings, run_inner_loop
+from ...inner_loop import (
+    SGD,
+    AdaptedLearner,
+    InnerLoopSettings,
+    episode_theta0,
+    run_inner_loop,
+)
 from ...progress import surrounding
 from ..base import Classifier, Method
 from .method import MetaLSTM
@@ -62,7 +68,9 @@ class SGDFromInit(Method):
             result = run_inner_loop(
                 self.learner,
                 SGD(self.lr),
-                self.theta0,
+                episode_theta0(
+                    self.learner, self.theta0, support_x, support_y, self.settings.head_init
+                ),
                 support_x,
                 support_y,
                 self.settings.eval_steps,

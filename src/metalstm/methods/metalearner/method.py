@@ -68,7 +68,7 @@ class MetaLSTM(InnerLoopMethod):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.cell = MetaLearnerCell(
-            self.learner.initial_theta(), self.settings.hidden_size, self.settings.preprocess_p
+            self.initial_theta(), self.settings.hidden_size, self.settings.preprocess_p
         )
         self.cell.use_compile = config.compile
 
@@ -86,7 +86,7 @@ class MetaLSTM(InnerLoopMethod):
         return run_inner_loop(
             self.learner,
             self.cell,
-            self.cell.theta0,
+            self.episode_theta0(self.cell.theta0, support_x, support_y),
             support_x,
             support_y,
             steps,

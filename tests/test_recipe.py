@@ -1,0 +1,133 @@
+"""Recipe options of the inner-loop methods (issue #18): θ_0's head built per episode
+(``head_init``) and meta-training episodes with more ways than test episodes (``train_n_way``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import small_config
+from metalstm import ConfigError, build_method, evaluate, load_method, override
+from metalstm.data import Episode
+from metalstm.inner_loop import AdaptedLearner, class_means
+from metalstm.learner import Learner
+from metalstm.methods.base import learner_shape
+from metalstm.training import Trainer
+from test_metalearner import check_against_fd, double_model, random_episode
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_learner_reads_the_head_size_from_theta() -> None:
+    cfg = small_config()  # 3-way
+    learner = Learner(learner_shape(cfg))
+    theta = learner.initial_theta()
+    d = learner.shapes[-2][1]
+    weight, bias = torch.randn(7, d), torch.randn(7)
+    wide = learner.with_head(theta, weight, bias)
+    assert wide.shape[0] == learner.n_body + 7 * (d + 1)
+    x = torch.rand(4, 1, 16, 16)
+    features = learner.features(theta, x)
+    torch.testing.assert_close(learner(wide, x), features @ weight.T + bias)
+    with pytest.raises(ValueError, match="does not fit"):
+        learner(wide[:-1], x)
+
+
+def test_prototype_head_makes_theta0_a_prototypical_network() -> None:
+    """At θ_0 the logits are −||φ(x) − μ_k||² + ||φ(x)||²: ProtoNet's, up to a per-row constant."""
+    cfg = small_config(head_init="prototypes")
+    model = double_model(cfg)
+    episode = random_episode(cfg, seed=3)
+    theta0 = model.episode_theta0(model.cell.theta0, episode.support_x, episode.support_y)
+    bn = model.learner.fresh_batchnorm_state(dtype=torch.float64)
+    support = model.learner.features(model.cell.theta0, episode.support_x, bn)
+    means = class_means(support, episode.support_y, cfg.n_way)
+    query = model.learner.features(model.cell.theta0, episode.query_x, bn, batch_stats=False)
+    logits = model.learner(theta0, episode.query_x, bn, batch_stats=False)
+    proto = -(query.unsqueeze(1) - means.unsqueeze(0)).pow(2).sum(-1)
+    torch.testing.assert_close(logits, proto + query.pow(2).sum(1, keepdim=True))
+    # the body is c_0's; only the head is replaced
+    torch.testing.assert_close(
+        theta0[: model.learner.n_body], model.cell.theta0[: model.learner.n_body]
+    )
+
+
+def test_zero_head_starts_every_episode_at_uniform_predictions() -> None:
+    cfg = small_config(head_init="zero")
+    model = double_model(cfg)
+    episode = random_episode(cfg, seed=4)
+    theta0 = model.episode_theta0(model.cell.theta0, episode.support_x, episode.support_y)
+    assert model.cell.theta0.shape == (model.learner.n_body,)  # c_0 is the body alone
+    assert theta0.shape == (model.learner.n_params,)
+    assert not theta0[model.learner.n_body :].any()
+
+
+@pytest.mark.parametrize("method", ["lstm", "maml"])
+def test_meta_gradient_through_the_prototype_head_matches_finite_differences(method: str) -> None:
+    """Second order, float64: the meta-gradient reaches θ_0's body through the prototypes μ_k."""
+    values = {"head_init": "prototypes", "second_order": True}
+    if method == "maml":
+        values = {"method": "maml", "head_init": "prototypes", "inner_lr": 0.1}
+    cfg = override(small_config(), values)
+    model = build_method(cfg).double()
+    episode = random_episode(cfg, seed=5)
+
+    def objective() -> torch.Tensor:
+        return model.meta_loss(episode).loss
+
+    params = dict(model.named_parameters())
+    grads = dict(zip(params, torch.autograd.grad(objective(), list(params.values()))))
+    theta0 = "cell.theta0" if method == "lstm" else "theta"
+    n_body = model.learner.n_body
+    assert grads[theta0][:n_body].abs().max() > 1e-6
+    assert grads[theta0].shape == (n_body,)  # θ_0 has no head of its own: built per episode
+    check_against_fd(model, objective, grads, seed=6, coords=1, per_tensor_direction=False)
+
+
+def test_a_learned_head_cannot_meta_train_on_other_ways() -> None:
+    with pytest.raises(ConfigError, match="train_n_way"):
+        build_method(small_config(train_n_way=5))
+    with pytest.raises(ConfigError, match="train_n_way"):
+        build_method(override(small_config(), {"method": "maml", "train_n_way": 5}))
+    build_method(small_config(train_n_way=5, head_init="prototypes"))
+    build_method(override(small_config(), {"method": "protonet", "train_n_way": 5}))
+
+
+def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> None:
+    """Omniglot, meta-trained on 6-way episodes, validated and tested on 3-way ones."""
+    cfg = small_config(
+        image_size=28,
+        train_n_way=6,
+        head_init="prototypes",
+        episodes=4,
+        val_interval=2,
+        val_episodes=3,
+        log_interval=1,
+    )
+    trainer = Trainer(cfg, tmp_path / "run", log=None)
+    widths = []
+    meta_loss = trainer.method.meta_loss
+
+    def spy(episode: Episode):  # type: ignore[no-untyped-def]
+        widths.append(int(episode.support_y.max()) + 1)
+        return meta_loss(episode)
+
+    trainer.method.meta_loss = spy  # type: ignore[method-assign]
+    trainer.run()
+    assert widths == [6] * 4
+    model, _ = load_method(tmp_path / "run" / "best")
+    assert model.config.train_ways == 6 and model.config.n_way == 3
+    result = evaluate(model, episodes=5)
+    assert len(result.accuracies) == 5
+    classifier = model.adapt(torch.rand(6, 1, 28, 28), torch.arange(3).repeat_interleave(2))
+    assert isinstance(classifier, AdaptedLearner)
+    assert classifier(torch.rand(2, 1, 28, 28)).shape == (2, 3)
+    # θ_0 has no head of its own, so the same weights serve any number of ways at test
+    wide, _ = load_method(tmp_path / "run" / "best", n_way=5, k_shot=1)
+    torch.testing.assert_close(wide.state_dict(), model.state_dict())
+    assert wide.predict(
+        torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(4, 1, 28, 28)
+    ).shape == (4, 5)
+    assert len(evaluate(wide, episodes=2).accuracies) == 2
