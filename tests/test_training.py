@@ -475,3 +475,30 @@ def test_training_line_and_its_validations_on_a_terminal(
     assert all(" episodes/s | acc " in line and "| done in " in line for line in kept[:2])
     assert "| done in " in kept[2] and "| val " in kept[2]
     assert "episode 1/8 | " in text  # the first update is shown at once
+
+
+def test_learning_rate_warms_up_then_follows_the_schedule(
+    synthetic_data: None, tmp_path: Path
+) -> None:
+    cfg = tiny_config(episodes=10, lr=0.01, lr_schedule="cosine", lr_warmup=4)
+    trainer = Trainer(cfg, tmp_path / "run", log=None)
+    rates = [trainer.learning_rate(step) for step in range(10)]
+    cosine = [0.01 * 0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(10)]
+    assert rates[:4] == pytest.approx([c * (s + 1) / 5 for s, c in enumerate(cosine[:4])])
+    assert rates[4:] == pytest.approx(cosine[4:])
+    assert all(rates[s] < rates[s + 1] for s in range(4))
+
+
+def test_theta0_has_its_own_meta_learning_rate(synthetic_data: None, tmp_path: Path) -> None:
+    """Adam's first step moves every coordinate by about its group's learning rate: c_0 at
+    theta0_lr_scale x lr, the LSTM's weights at lr; the groups survive a resume."""
+    cfg = tiny_config(episodes=1, lr=0.01, theta0_lr_scale=0.05, val_interval=1)
+    before = metalstm.build_method(cfg).state_dict()
+    trainer = metalstm.train(cfg, tmp_path / "run", log=None)
+    after = trainer.method.state_dict()
+    moved = {k: (after[k] - before[k]).abs().max().item() for k in before}
+    assert moved["cell.theta0"] == pytest.approx(0.05 * 0.01, rel=0.05)
+    assert moved["cell.lstm_weight"] == pytest.approx(0.01, rel=0.05)
+    resumed = tr.resume(tmp_path / "run", episodes=2, log=None)
+    scales = [g.get("lr_scale", 1.0) for g in resumed.optimizer.param_groups]
+    assert scales == [0.05, 1.0] and resumed.state.step == 2

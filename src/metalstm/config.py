@@ -57,6 +57,7 @@ class Config:
     meta_batch: int = 1  # episodes per meta-update (the paper: 1)
     lr: float = 1e-3  # Adam
     lr_schedule: str = "constant"  # constant | cosine
+    lr_warmup: int = 0  # updates of linear warm-up from 0 to lr before the schedule
     clip_grad_norm: float = 0.25  # global norm of the meta-gradient
     val_interval: int = 1000  # episodes between validations
     val_episodes: int = 100
@@ -92,6 +93,7 @@ class Config:
             "test_episodes": self.test_episodes >= 1,
             "bn_momentum": 0.0 < self.bn_momentum <= 1.0,
             "lr_schedule": self.lr_schedule in ("constant", "cosine"),
+            "lr_warmup": self.lr_warmup >= 0,
             "max_nonfinite": self.max_nonfinite >= 1,
             "log_interval": self.log_interval >= 1,
         }
@@ -141,6 +143,7 @@ SECTIONS = {
         "meta_batch",
         "lr",
         "lr_schedule",
+        "lr_warmup",
         "clip_grad_norm",
         "val_interval",
         "val_episodes",

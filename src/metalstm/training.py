@@ -122,7 +122,7 @@ class Trainer:
                 "let `metalstm compare` write its checkpoint"
             )
         self.method = build_method(config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.method.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(self.method.param_groups(), lr=config.lr)
         self.state = TrainState()
         self.total_steps = math.ceil(config.episodes / config.meta_batch)
         self.val_every = max(1, config.val_interval // config.meta_batch)
@@ -265,9 +265,15 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
-        if self.config.lr_schedule == "cosine":
-            return self.config.lr * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
-        return self.config.lr
+        """The meta learning rate of update ``step`` (0-based): linear warm-up over
+        ``lr_warmup`` updates, then constant or cosine-annealed to 0 at the last update."""
+        cfg = self.config
+        lr = cfg.lr
+        if cfg.lr_schedule == "cosine":
+            lr *= 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+        if step < cfg.lr_warmup:
+            lr *= (step + 1) / (cfg.lr_warmup + 1)
+        return lr
 
     def update(self, step: int) -> tuple[float, float]:
         """One meta-update on this rank's share of the meta-batch; returns (loss, accuracy)."""
@@ -292,7 +298,7 @@ class Trainer:
             return float("nan"), acc
         self.state.nonfinite_streak = 0
         for group in self.optimizer.param_groups:
-            group["lr"] = self.learning_rate(step)
+            group["lr"] = self.learning_rate(step) * group.get("lr_scale", 1.0)
         self.optimizer.step()
         return loss, acc
 

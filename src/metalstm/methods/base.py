@@ -22,7 +22,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,11 @@ class Method(nn.Module, ABC):
     def adapt_one(self, support_x: Tensor, support_y: Tensor) -> list[Classifier]:
         """:meth:`adapt` as an :data:`Adapter`: the one classifier of the method as it stands."""
         return [self.adapt(support_x, support_y)]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The meta-parameters as optimiser groups; a group's ``lr_scale`` multiplies the meta
+        learning rate (default: one group at the run's ``lr``)."""
+        return [{"params": list(self.parameters())}]
 
     @property
     def device(self) -> torch.device:

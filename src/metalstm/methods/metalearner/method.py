@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor
 
@@ -39,10 +39,15 @@ class LSTMSettings(InnerLoopSettings):
     preprocess_p: float = 10.0  # Andrychowicz et al. (2016) gradient preprocessing
     second_order: bool = False  # differentiate through the learner's gradients
     grad_divide_batch: bool = False  # authors' quirk: divide the mean gradient by the batch size
+    theta0_lr_scale: float = 1.0  # c_0's meta learning rate, as a multiple of the LSTM's (lr)
     limits: ClassVar[Mapping[str, int]] = {**InnerLoopSettings.limits, "hidden_size": 1024}
 
     def checks(self) -> dict[str, bool]:
-        return {**super().checks(), "hidden_size": self.hidden_size >= 1}
+        return {
+            **super().checks(),
+            "hidden_size": self.hidden_size >= 1,
+            "theta0_lr_scale": self.theta0_lr_scale > 0,
+        }
 
 
 @register(
@@ -71,6 +76,18 @@ class MetaLSTM(InnerLoopMethod):
             self.initial_theta(), self.settings.hidden_size, self.settings.preprocess_p
         )
         self.cell.use_compile = config.compile
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """c_0 at ``theta0_lr_scale`` x the meta learning rate, the LSTM's weights at 1 x (one
+        group when the scale is 1, as in the paper)."""
+        if self.settings.theta0_lr_scale == 1.0:
+            return super().param_groups()
+        theta0 = self.cell.theta0
+        rest = [p for p in self.parameters() if p is not theta0]
+        return [
+            {"params": [theta0], "lr_scale": self.settings.theta0_lr_scale},
+            {"params": rest},
+        ]
 
     def inner_loop(
         self, support_x: Tensor, support_y: Tensor, steps: int, record_gates: bool = False
