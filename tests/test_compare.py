@@ -154,8 +154,8 @@ def test_a_given_checkpoint_must_match_the_comparison(tmp_path: Path) -> None:
 # -- a tiny end-to-end run -----------------------------------------------------------------------
 TINY_RUN = [
     "--preset", "omniglot-5w1s", "--episodes", "6", "--train-episodes", "20", "--quiet",
-    "--set", "filters=8", "--set", "q_query=5", "--set", "val_episodes=3",
-    "--set", "val_interval=1000", "--set", "pretrain_batch=32",
+    "--set", "filters=8", "--set", "q_query=5", "--set", "eval_q_query=5",
+    "--set", "val_episodes=3", "--set", "val_interval=1000", "--set", "pretrain_batch=32",
     "--set", "finetune_lr_grid=0.1", "--set", "finetune_steps_grid=5",
 ]  # fmt: skip
 TINY_METHODS = ("finetune", "nn-embedding", "nn-pixel", "protonet")  # registry order

@@ -102,7 +102,9 @@ def test_a_plugin_method_trains_evaluates_and_compares(
     assert listed["trains_on"] == "episodes" and listed["title"] == "Toy nearest centroid"
     run = tmp_path / "run"
     train = ["train", "--preset", "omniglot-5w1s", "--out", str(run), "--episodes", "20"]
-    code, _, err = run_cli([*train, "--set", "method=toy-centroid", "--set", "toy_scale=2", *SMALL])
+    # the preset meta-trains the meta-learner on 20-way episodes; the toy has a 5-way head
+    toy_set = ["--set", "method=toy-centroid", "--set", "toy_scale=2", "--set", "train_n_way=5"]
+    code, _, err = run_cli([*train, *toy_set, *SMALL])
     assert code == 0, err
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["method"] == NAME and saved["settings"] == {"initial_scale": 2.0}

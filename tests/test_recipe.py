@@ -8,14 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
+import metalstm
 from conftest import small_config
-from metalstm import ConfigError, build_method, evaluate, load_method, override
+from metalstm import ConfigError, MetaLSTM, build_method, evaluate, load_method, override
+from metalstm import training as tr
 from metalstm.data import Episode
 from metalstm.inner_loop import AdaptedLearner, class_means
 from metalstm.learner import Learner
-from metalstm.methods.base import learner_shape
+from metalstm.methods.base import Method, learner_shape
+from metalstm.methods.pretraining import PretrainedClassifier
+from metalstm.runfolder import CHECKPOINTS, METRICS
 from metalstm.training import Trainer
 from test_metalearner import check_against_fd, double_model, random_episode
+from test_training import synthetic_data, tiny_config  # noqa: F401 (synthetic_data: a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -86,13 +91,17 @@ def test_meta_gradient_through_the_prototype_head_matches_finite_differences(met
     check_against_fd(model, objective, grads, seed=6, coords=1, per_tensor_direction=False)
 
 
-def test_a_learned_head_cannot_meta_train_on_other_ways() -> None:
-    with pytest.raises(ConfigError, match="train_n_way"):
-        build_method(small_config(train_n_way=5))
-    with pytest.raises(ConfigError, match="train_n_way"):
-        build_method(override(small_config(), {"method": "maml", "train_n_way": 5}))
-    build_method(small_config(train_n_way=5, head_init="prototypes"))
-    build_method(override(small_config(), {"method": "protonet", "train_n_way": 5}))
+@pytest.mark.usefixtures("synthetic_data")
+def test_a_learned_head_cannot_meta_train_on_other_ways(tmp_path: Path) -> None:
+    cfg = tiny_config(train_n_way=5)
+    with pytest.raises(ConfigError, match="train_n_way=3 or head_init"):
+        Trainer(cfg, tmp_path / "lstm", log=None)
+    with pytest.raises(ConfigError, match="train_n_way=3"):
+        Trainer(override(cfg, {"method": "maml"}), tmp_path / "maml", log=None)
+    Trainer(override(cfg, {"head_init": "prototypes"}), tmp_path / "proto", log=None)
+    Trainer(override(cfg, {"method": "protonet"}), tmp_path / "protonet", log=None)
+    Trainer(override(cfg, {"method": "finetune"}), tmp_path / "finetune", log=None)  # batches
+    build_method(cfg)  # a model is built for evaluation whatever it was trained on
 
 
 def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> None:
@@ -131,3 +140,39 @@ def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> No
         torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(4, 1, 28, 28)
     ).shape == (4, 5)
     assert len(evaluate(wide, episodes=2).accuracies) == 2
+
+
+@pytest.mark.usefixtures("synthetic_data")
+def test_pretrained_body_is_trained_first_in_the_same_run_and_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """init_body=pretrained: RUN/pretrain is a finished classifier run whose body c_0 starts
+    from; a run killed before its first meta-update reuses it instead of pre-training again."""
+    cfg = tiny_config(episodes=2, val_interval=2, init_body="pretrained", pretrain_epochs=1.0)
+    starts: list[torch.Tensor] = []
+    start_from = MetaLSTM.start_from
+
+    def spy(self: MetaLSTM, trained: Method) -> None:
+        start_from(self, trained)
+        starts.append(self.theta0.detach().clone())
+
+    monkeypatch.setattr(MetaLSTM, "start_from", spy)
+    run = tmp_path / "run"
+    first = metalstm.train(cfg, run, log=None)
+    phase, _ = load_method(run / "pretrain" / "last")
+    assert isinstance(phase, PretrainedClassifier) and phase.config.settings.pretrain_epochs == 1.0
+    n_body = first.method.learner.n_body
+    torch.testing.assert_close(starts[0][:n_body], phase.body(), rtol=0, atol=0)
+    # meta-training then moved c_0 away from the pre-trained body
+    assert not torch.equal(first.method.theta0.detach()[:n_body], phase.body())
+
+    rows = (run / "pretrain" / "metrics.jsonl").read_text()
+    for name in (*CHECKPOINTS, METRICS):
+        (run / name).unlink(missing_ok=True)  # as if killed before meta-training's first save
+    again = tr.resume(run, log=None)
+    assert (run / "pretrain" / "metrics.jsonl").read_text() == rows  # reused, not re-run
+    torch.testing.assert_close(starts[1], starts[0], rtol=0, atol=0)
+    torch.testing.assert_close(again.method.state_dict(), first.method.state_dict())
+
+    metalstm.train(override(cfg, {"init_body": "random"}), run, force=True, log=None)
+    assert not (run / "pretrain").exists()  # a new run does not inherit an old pre-training

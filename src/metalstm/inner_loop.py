@@ -215,6 +215,10 @@ class InnerLoopSettings(MethodSettings):
     # passes' running statistics, as at test)
     train_query_bn: str = "batch"
     head_init: str = "learned"  # θ_0's linear head: learned | zero | prototypes (episode_theta0)
+    # θ_0's conv body before meta-training: random (the learner's initialisation) | pretrained
+    # (a classifier over every training class, trained first in the same run, RUN/pretrain)
+    init_body: str = "random"
+    pretrain_epochs: float = 5.0  # epochs of that pre-training (init_body=pretrained)
     limits: ClassVar[Mapping[str, int]] = {"inner_steps": 10_000, "eval_inner_steps": 10_000}
 
     def checks(self) -> dict[str, bool]:
@@ -223,6 +227,8 @@ class InnerLoopSettings(MethodSettings):
             "eval_inner_steps": self.eval_inner_steps is None or self.eval_inner_steps >= 1,
             "train_query_bn": self.train_query_bn in ("batch", "support"),
             "head_init": self.head_init in HEAD_INITS,
+            "init_body": self.init_body in ("random", "pretrained"),
+            "pretrain_epochs": self.pretrain_epochs > 0,
         }
 
     @property

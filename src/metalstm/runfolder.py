@@ -35,6 +35,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 CHECKPOINTS = ("last.safetensors", "last.prev.safetensors", "best.safetensors")
 TENSORBOARD = "tensorboard"
+PRETRAIN = "pretrain"  # a phase run before meta-training (Method.pretraining), a run folder itself
 LOCK = ".lock"
 
 
@@ -92,9 +93,9 @@ def clear_run_folder(run_dir: Path) -> None:
     for name in (CONFIG, METRICS, *CHECKPOINTS):
         (run_dir / name).unlink(missing_ok=True)
     remove_stale_temporaries(run_dir)
-    tensorboard = run_dir / TENSORBOARD
-    if tensorboard.is_dir() and not tensorboard.is_symlink():
-        shutil.rmtree(tensorboard, ignore_errors=True)
+    for folder in (run_dir / TENSORBOARD, run_dir / PRETRAIN):
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

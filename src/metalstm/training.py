@@ -38,6 +38,7 @@ from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
 from .evaluation import candidate_accuracies, load_part
 from .files import write_file
+from .inner_loop import InnerLoopSettings
 from .methods import build_method
 from .methods.base import Adapter, EpisodeLoss, Method
 from .progress import LiveLine
@@ -45,6 +46,7 @@ from .registry import BatchSettings, TrainsOn, method_entry
 from .runfolder import (
     CONFIG,
     METRICS,
+    PRETRAIN,
     TENSORBOARD,
     check_new_run_folder,
     clear_run_folder,
@@ -122,6 +124,17 @@ class Trainer:
                 "let `metalstm compare` write its checkpoint"
             )
         self.method = build_method(config).to(self.device)
+        if (
+            entry.trains_on is TrainsOn.EPISODES
+            and config.train_ways != config.n_way
+            and not self.method.any_ways()
+        ):
+            raise ConfigError(
+                f"{config.method} has an output layer of n_way={config.n_way} classes, so it "
+                f"cannot meta-train on {config.train_ways}-way episodes; set train_n_way="
+                f"{config.n_way}"
+                + (" or head_init" if isinstance(config.settings, InnerLoopSettings) else "")
+            )
         self.optimizer = torch.optim.Adam(self.method.param_groups(), lr=config.lr)
         self.state = TrainState()
         self.total_steps = math.ceil(config.episodes / config.meta_batch)
@@ -330,6 +343,8 @@ class Trainer:
 
     def run(self) -> TrainState:
         state, cfg = self.state, self.config
+        if state.step == 0:
+            self.pretrain()
         start = time.perf_counter() - state.elapsed
         progress = Progress(self.total_steps, cfg.meta_batch, state.step, self.log)
         if self.dist.is_main:
@@ -358,6 +373,22 @@ class Trainer:
             self.events.close()
             self.events = None
         return state
+
+    def pretrain(self) -> None:
+        """The phase the method asks for before meta-training (:meth:`Method.pretraining`), as a
+        run of its own in ``RUN/pretrain``: started, resumed where a killed run left it, or
+        reused once finished; the method then starts from what it learned."""
+        phase = self.method.pretraining()
+        if phase is None:
+            return
+        folder = self.run_dir / PRETRAIN
+        if (folder / CONFIG).exists():
+            self.say(f"pre-training: continuing (or reusing) {folder}")
+            trainer = resume(folder, dist=self.dist, log=self.log)
+        else:
+            self.say(f"pre-training ({phase.method}) in {folder}")
+            trainer = train(phase, folder, dist=self.dist, log=self.log)
+        self.method.start_from(trainer.method)
 
     def log_window(self) -> None:
         state, window = self.state, self.state.window

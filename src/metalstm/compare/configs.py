@@ -3,6 +3,7 @@ progress line and ETA."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,9 +33,24 @@ def base_config(request: Request) -> Config:
 
 
 def method_config(request: Request, method: str, train_images: Callable[[], int]) -> Config:
-    """The training config of ``method``: preset, recipe, --set, --set METHOD:, --train-episodes."""
+    """The training config of ``method``: preset, recipe, --set, --set METHOD:, --train-episodes.
+
+    The preset is the meta-learner's recipe; another method starts from the preset's data, test
+    episodes and training schedule with its own default settings, and meta-trains on episodes of
+    the test's shape (N ways, the test's queries) unless its recipe says otherwise.
+    """
     base = base_config(request)
-    config = override(base, {"method": method, **method_entry(method).recipe(base)})
+    entry = method_entry(method)
+    if method != base.method:
+        base = dataclasses.replace(
+            base,
+            method=method,
+            settings=entry.settings(),
+            train_n_way=None,
+            q_query=base.eval_queries,
+            eval_q_query=None,
+        )
+    config = override(base, entry.recipe(base))
     config = override(config, request.overrides, strict=False)
     config = override(config, request.method_overrides.get(method, {}))
     if request.train_episodes is not None:

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import Config
+from ..config import Config, override
 from ..data import ClassImages, Episode
-from ..errors import ConfigError
 from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, episode_theta0
 from ..learner import Learner, LearnerShape
 from ..registry import MethodSettings
@@ -73,12 +72,6 @@ class Method(nn.Module, ABC):
         self.config = config
         self.settings = config.settings
         self.learner = Learner(learner_shape(config), config.bn_momentum, config.bn_eps)
-        if config.train_ways != config.n_way and not self.any_ways():
-            raise ConfigError(
-                f"{self.name} has an output layer of n_way={config.n_way} classes, so it "
-                f"cannot meta-train on {config.train_ways}-way episodes; unset train_n_way"
-                + (" or set head_init" if isinstance(self.settings, InnerLoopSettings) else "")
-            )
 
     def any_ways(self) -> bool:
         """Whether the method handles episodes of any number of ways (no output layer of a fixed
@@ -147,6 +140,15 @@ class Method(nn.Module, ABC):
         """:meth:`adapt` as an :data:`Adapter`: the one classifier of the method as it stands."""
         return [self.adapt(support_x, support_y)]
 
+    def pretraining(self) -> Config | None:
+        """The config of a phase the Trainer runs first, in ``RUN/pretrain`` (resumed if it was
+        killed, reused once finished), whose trained method :meth:`start_from` then takes; None
+        (default) for none."""
+        return None
+
+    def start_from(self, trained: Method) -> None:
+        """Take the meta-parameters' starting point from the finished :meth:`pretraining`."""
+
     def param_groups(self) -> list[dict[str, Any]]:
         """The meta-parameters as optimiser groups; a group's ``lr_scale`` multiplies the meta
         learning rate (default: one group at the run's ``lr``)."""
@@ -167,6 +169,36 @@ class InnerLoopMethod(Method):
     passes' statistics (or, ``transductive``, their own)."""
 
     settings: InnerLoopSettings
+
+    @property
+    @abstractmethod
+    def theta0(self) -> nn.Parameter:
+        """The meta-learned initialisation θ_0 (the learner's coordinates, head included only
+        when ``head_init`` is ``learned``)."""
+
+    def pretraining(self) -> Config | None:
+        """With ``init_body=pretrained``: the pre-trained classifier of the Baseline-finetune
+        method (all training classes, its own recipe), for ``pretrain_epochs`` epochs."""
+        if self.settings.init_body != "pretrained":
+            return None
+        from .finetune import Finetune  # here: finetune imports this module
+        from .pretraining import pretrained_recipe
+
+        values = {
+            **pretrained_recipe(self.config),
+            "pretrain_epochs": self.settings.pretrain_epochs,
+        }
+        # validation of the pre-training only records a figure: a few episodes
+        return override(self.config, {"method": Finetune.name, **values, "val_episodes": 20})
+
+    def start_from(self, trained: Method) -> None:
+        """θ_0's body ← the pre-trained classifier's conv body (same layout; the head stays)."""
+        from .pretraining import PretrainedClassifier
+
+        assert isinstance(trained, PretrainedClassifier)
+        body = trained.body()
+        with torch.no_grad():
+            self.theta0[: body.shape[0]].copy_(body.to(self.theta0))
 
     def initial_theta(self) -> Tensor:
         """θ_0 before meta-training: the learner's own initialisation, without its head when the

@@ -93,6 +93,10 @@ class MAML(InnerLoopMethod):
         super().__init__(config)
         self.theta = nn.Parameter(self.initial_theta())  # θ_0, the meta-learned init
 
+    @property
+    def theta0(self) -> nn.Parameter:
+        return self.theta
+
     def adaptation(self) -> str:
         s = self.settings
         return f"α = {s.inner_lr:g}, {_steps(s.inner_steps)} ({s.eval_steps} at test)"

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...config import Config
 from ...inner_loop import InnerLoopResult, InnerLoopSettings, run_inner_loop
@@ -76,6 +76,10 @@ class MetaLSTM(InnerLoopMethod):
             self.initial_theta(), self.settings.hidden_size, self.settings.preprocess_p
         )
         self.cell.use_compile = config.compile
+
+    @property
+    def theta0(self) -> nn.Parameter:
+        return self.cell.theta0
 
     def param_groups(self) -> list[dict[str, Any]]:
         """c_0 at ``theta0_lr_scale`` x the meta learning rate, the LSTM's weights at 1 x (one

@@ -1,0 +1,41 @@
+"""Write a run's best checkpoint as a shipped meta-learner (``src/metalstm/pretrained/NAME``).
+
+The shipped file holds the model's tensors and metadata (no optimiser state). ``--set`` changes
+evaluation settings, so one meta-training can ship under several test presets when the presets
+share it: with a head built per episode (``head_init``) the meta-learned weights fit any N, so
+``omniglot-20w1s`` ships the ``omniglot-5w1s`` run with ``n_way=20``. The metadata records the
+run it came from and what was changed.
+
+    python benchmarks/ship_checkpoint.py runs/omniglot-5w1s omniglot-20w1s --set n_way=20
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from metalstm.checkpoint import save_checkpoint
+from metalstm.serialization import load_method, method_meta, method_tensors
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "src" / "metalstm" / "pretrained"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run folder (its best checkpoint is shipped)")
+    parser.add_argument("name", help="shipped name, e.g. omniglot-5w1s")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+    changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    model, meta = load_method(args.run / "best", **changes)
+    extra = {"trained_in": str(args.run), "train_state": meta.get("train_state"), "set": changes}
+    out = method_meta(model, "training", **extra)
+    out["config"]["device"] = meta["config"]["device"]  # as trained, not the loading device
+    path = save_checkpoint(PRETRAINED / args.name, method_tensors(model), out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
