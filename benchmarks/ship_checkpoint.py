@@ -12,7 +12,9 @@ run it came from and what was changed.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -24,17 +26,27 @@ PRETRAINED = Path(__file__).resolve().parents[1] / "src" / "metalstm" / "pretrai
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run", type=Path, help="run folder (its best checkpoint is shipped)")
+    parser.add_argument("run", type=Path, help="run folder (its best checkpoint) or checkpoint")
     parser.add_argument("name", help="shipped name, e.g. omniglot-5w1s")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--eval", type=Path, help="its `metalstm evaluate --out` JSON: the figure shipped with it"
+    )
     args = parser.parse_args()
     changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    model, meta = load_method(args.run / "best", **changes)
+    model, meta = load_method(args.run, **changes)
     extra = {"trained_in": str(args.run), "train_state": meta.get("train_state"), "set": changes}
+    if args.eval is not None:
+        extra["test"] = test_figure(json.loads(args.eval.read_text()))
     out = method_meta(model, "training", **extra)
     out["config"]["device"] = meta["config"]["device"]  # as trained, not the loading device
     path = save_checkpoint(PRETRAINED / args.name, method_tensors(model), out)
     print(f"wrote {path}")
+
+
+def test_figure(result: dict[str, Any]) -> dict[str, Any]:
+    """What ``metalstm presets`` prints: accuracy, 95% CI, episodes and protocol line."""
+    return {key: result[key] for key in ("accuracy", "ci95", "episodes", "protocol")}
 
 
 if __name__ == "__main__":
