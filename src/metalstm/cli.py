@@ -150,7 +150,8 @@ def cmd_data(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .config import load_preset, override, parse_overrides
     from .distributed import Distributed
-    from .training import resolve_device, resume, train
+    from .training import resume, train
+    from .util import resolve_device
 
     log = None if args.quiet else sys.stderr
     if args.resume:
@@ -189,7 +190,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation import evaluate
     from .serialization import load_method
-    from .training import resolve_device
+    from .util import resolve_device
 
     overrides: dict[str, Any] = {}
     if args.steps is not None:
@@ -285,9 +286,9 @@ def cmd_plot(args: argparse.Namespace) -> None:
         print(printable(str(plots.plot_curves(args.run, args.out))))
         return
     from .data import EpisodeSampler
-    from .evaluation import load_part
     from .methods.metalearner import MetaLSTM
     from .serialization import load_method
+    from .util import load_part
 
     overrides = {"data_root": args.data_root} if args.data_root else {}
     model, meta = load_method(args.checkpoint, **overrides)

@@ -20,11 +20,12 @@ from typing import Any, TextIO
 import torch
 
 from .config import Config
-from .data import ClassImages, EpisodeSampler, load_split
+from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import ConfigError
 from .methods.base import Adapter, Method, accuracy
 from .progress import LiveLine
+from .util import load_part
 
 
 @dataclass(frozen=True)
@@ -127,18 +128,6 @@ class EvaluationProgress:
 
     def close(self) -> None:
         self.line.close()
-
-
-def load_part(config: Config, part: str) -> ClassImages:
-    """The images of ``part`` (train, val or test) of the config's dataset and split."""
-    return load_split(
-        config.dataset,
-        config.split,
-        part,
-        data_root=config.data_root,
-        image_size=config.image_size,
-        channels=config.channels,
-    )
 
 
 def protocol_for(

@@ -638,7 +638,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 def predict_main(args: argparse.Namespace) -> None:
     """Run ``metalstm predict``; raises :class:`MetaLSTMError` (exit 2) on any bad input."""
-    from .training import resolve_device
+    from .util import resolve_device
 
     if args.out is not None and args.out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"--out {args.out} must end in .csv or .json (the output format)")

@@ -9,12 +9,12 @@ from typing import Any, TextIO
 from ..config import Config
 from ..data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from ..errors import MetaLSTMError
-from ..evaluation import EvalResult, Protocol, evaluate, load_part
+from ..evaluation import EvalResult, Protocol, evaluate
 from ..methods.base import NO_BATCHNORM, Method, episode_batchnorm
 from ..progress import format_seconds
 from ..registry import TrainsOn, method_entry
 from ..serialization import load_method
-from ..training import resolve_device
+from ..util import load_part, resolve_device
 from .configs import (
     ComparisonProgress,
     base_config,
