@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> None:
     """Run ``metalstm predict``; raises :class:`MetaLSTMError` (exit 2) on any bad input."""
     import torch
 
-    from ..predict import predict_folders, render_grid, render_table, summary
+    from ..predict import predict_folders
+    from ..predict.rendering import render_grid, render_table, summary
     from ..util import resolve_device
 
     if args.out is not None and args.out.suffix.lower() not in OUTPUT_SUFFIXES:
