@@ -83,14 +83,14 @@ class MethodResult:
         }
 
 
-def method_notes(algorithm: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
+def method_notes(model: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
     """A short description of the settings behind a method's number: its test-time adaptation,
     its batch-norm statistics where they are not the protocol line's, its training."""
     notes = [protocol.adaptation] if protocol.adaptation else []
     if protocol.bn_mode not in (episode_batchnorm(base.transductive), NO_BATCHNORM):
         notes.append(f"BN: {protocol.bn_mode}")
-    if method_entry(algorithm.name).trains_on is TrainsOn.EPISODES:
-        notes.append(f"{algorithm.config.episodes} training episodes")
+    if method_entry(model.name).trains_on is TrainsOn.EPISODES:
+        notes.append(f"{model.config.episodes} training episodes")
     if trained.note:
         notes.append(trained.note)
     return "; ".join(notes)
