@@ -123,7 +123,7 @@ from metalstm import build_method, load_preset, override
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
-from metalstm.training import resolve_device
+from metalstm.util import resolve_device
 
 config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from metalstm import build_method, load_method
 from metalstm.config import Config, load_preset, override
 from metalstm.data import EpisodeSampler
-from metalstm.evaluation import evaluate, load_part
+from metalstm.evaluation import evaluate
 from metalstm.registry import method_entry
 from metalstm.training import train
+from metalstm.util import load_part
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,8 @@ from metalstm.cli import main as cli_main
 from metalstm.config import Config
 from metalstm.errors import DataError
 from metalstm.methods import build_method
-from metalstm.predict import _short, adapt, grid_figure, load_model, predict, predict_folders
+from metalstm.predict import adapt, load_model, predict, predict_folders
+from metalstm.predict.rendering import _short, grid_figure
 from metalstm.serialization import method_tensors
 
 SMALL = {"filters": 4, "inner_steps": 2, "n_way": 5}

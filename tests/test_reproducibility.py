@@ -19,11 +19,11 @@ from torch import Tensor
 from metalstm import load_preset, override
 from metalstm.checkpoint import load_checkpoint
 from metalstm.data import EpisodeSampler
-from metalstm.evaluation import load_part
 from metalstm.inner_loop import learner_loss_and_grad
 from metalstm.layers import batch_norm_train, conv3x3
 from metalstm.methods import build_method
 from metalstm.training import train
+from metalstm.util import load_part
 
 F64 = torch.float64
 FLOAT32_SUMS = 1e-5  # ten times the float32 error of a cascade sum of 10^5 terms

@@ -20,7 +20,7 @@ import yaml
 
 import metalstm
 from conftest import mean_and_se, small_config, tensorboard_scalars
-from metalstm import Config, ConfigError, evaluation, load_method, override, plots
+from metalstm import Config, ConfigError, load_method, override, plots, util
 from metalstm import inner_loop as ml
 from metalstm import training as tr
 from metalstm.cli import main
@@ -61,7 +61,7 @@ def synthetic_data(monkeypatch: pytest.MonkeyPatch) -> None:
     def fake_load_split(dataset, split, part, **kwargs):  # type: ignore[no-untyped-def]
         return synthetic_split(part, kwargs.get("image_size") or 16)
 
-    monkeypatch.setattr(evaluation, "load_split", fake_load_split)
+    monkeypatch.setattr(util, "load_split", fake_load_split)
 
 
 def tiny_config(**changes: object) -> Config:

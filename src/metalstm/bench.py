@@ -41,7 +41,8 @@ from .learner import LearnerShape, conv_flops
 from .methods import build_method
 from .methods.base import Method, accuracy
 from .methods.metalearner import LSTMSettings
-from .training import meta_gradient, resolve_device
+from .training import meta_gradient
+from .util import resolve_device
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

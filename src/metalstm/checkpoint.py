@@ -29,7 +29,6 @@ intact.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -307,17 +306,6 @@ def list_pretrained(*, search_dirs: Sequence[Path] = ()) -> list[str]:
     for folder in (_pretrained_dir(), *map(Path, search_dirs)):
         names.update(_names_in(folder))
     return sorted(names)
-
-
-def add_checkpoint_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--checkpoint`` option of the commands that load one (resolved by
-    :func:`resolve_checkpoint`)."""
-    parser.add_argument(
-        "--checkpoint",
-        required=True,
-        metavar="PATH_OR_NAME",
-        help="a .safetensors checkpoint, a run folder, or the name of a shipped meta-learner",
-    )
 
 
 def resolve_checkpoint(name_or_path: str, *, search_dirs: Sequence[Path] = ()) -> Path:

@@ -20,11 +20,12 @@ from typing import Any, TextIO
 import torch
 
 from .config import Config
-from .data import ClassImages, EpisodeSampler, load_split
+from .data import EpisodeSampler
 from .distributed import Distributed
 from .errors import ConfigError
 from .methods.base import Adapter, Method, accuracy
 from .progress import LiveLine
+from .util import load_part
 
 
 @dataclass(frozen=True)
@@ -129,22 +130,8 @@ class EvaluationProgress:
         self.line.close()
 
 
-def load_part(config: Config, part: str) -> ClassImages:
-    """The images of ``part`` (train, val or test) of the config's dataset and split."""
-    return load_split(
-        config.dataset,
-        config.split,
-        part,
-        data_root=config.data_root,
-        image_size=config.image_size,
-        channels=config.channels,
-    )
-
-
-def protocol_for(
-    algorithm: Method, config: Config, part: str, episodes: int, seed: int
-) -> Protocol:
-    """The protocol of ``algorithm`` scored on the fixed episodes (config, part, count, seed)."""
+def protocol_for(method: Method, config: Config, part: str, episodes: int, seed: int) -> Protocol:
+    """The protocol of ``method`` scored on the fixed episodes (config, part, count, seed)."""
     return Protocol(
         dataset=config.dataset,
         split=config.split,
@@ -152,28 +139,28 @@ def protocol_for(
         n_way=config.n_way,
         k_shot=config.k_shot,
         q_query=config.eval_queries,
-        adaptation=algorithm.adaptation(),
-        bn_mode=algorithm.test_batchnorm(),
+        adaptation=method.adaptation(),
+        bn_mode=method.test_batchnorm(),
         episodes=episodes,
         seed=seed,
     )
 
 
 def episode_accuracies(
-    algorithm: Method,
+    method: Method,
     sampler: EpisodeSampler,
     indices: Sequence[int],
     progress: TextIO | None = None,
     label: str = "test episode",
 ) -> list[float]:
-    """Query accuracy of ``algorithm`` on the fixed episodes ``indices`` of ``sampler`` (a live
+    """Query accuracy of ``method`` on the fixed episodes ``indices`` of ``sampler`` (a live
     line on ``progress``, its episodes called ``label``)."""
-    scores = candidate_accuracies(algorithm, sampler, indices, algorithm.adapt_one, progress, label)
+    scores = candidate_accuracies(method, sampler, indices, method.adapt_one, progress, label)
     return [accuracies[0] for accuracies in scores]
 
 
 def candidate_accuracies(
-    algorithm: Method,
+    method: Method,
     sampler: EpisodeSampler,
     indices: Sequence[int],
     adapt: Adapter,
@@ -181,11 +168,11 @@ def candidate_accuracies(
     label: str = "test episode",
 ) -> list[list[float]]:
     """Per episode of ``indices``, the query accuracy of each classifier ``adapt`` returns for
-    its support set (``algorithm`` in eval mode meanwhile; a live line on ``progress``)."""
-    device = algorithm.device
+    its support set (``method`` in eval mode meanwhile; a live line on ``progress``)."""
+    device = method.device
     report = EvaluationProgress(progress, len(indices), label)
-    was_training = algorithm.training
-    algorithm.eval()
+    was_training = method.training
+    method.eval()
     try:
         for i in indices:
             episode = sampler.episode(step=i).to(device)
@@ -193,13 +180,13 @@ def candidate_accuracies(
             with torch.inference_mode():
                 report.add([accuracy(c(episode.query_x), episode.query_y) for c in classifiers])
     finally:
-        algorithm.train(was_training)
+        method.train(was_training)
         report.close()
     return report.scores
 
 
 def evaluate(
-    algorithm: Method,
+    method: Method,
     *,
     part: str = "test",
     episodes: int | None = None,
@@ -219,7 +206,7 @@ def evaluate(
     result is exactly the single-process one (only rank 0 shows progress, of its share).
     """
     dist = dist or Distributed.single()
-    config = config or algorithm.config
+    config = config or method.config
     count = episodes if episodes is not None else config.test_episodes
     if count < 1:
         raise ConfigError(f"episodes={count} is invalid; evaluate on at least 1 episode")
@@ -231,6 +218,6 @@ def evaluate(
     indices = range(dist.rank, count, dist.world_size)
     shown = progress if dist.is_main else None
     accuracies = dist.gather_episodes(
-        episode_accuracies(algorithm, sampler, indices, shown, f"{part} episode"), count
+        episode_accuracies(method, sampler, indices, shown, f"{part} episode"), count
     )
-    return EvalResult(accuracies, protocol_for(algorithm, config, part, count, seed))
+    return EvalResult(accuracies, protocol_for(method, config, part, count, seed))

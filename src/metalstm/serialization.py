@@ -19,18 +19,18 @@ from .methods import build_method
 from .methods.base import Method
 
 
-def method_tensors(algorithm: Method) -> dict[str, Tensor]:
-    return {f"model.{k}": v.detach() for k, v in algorithm.state_dict().items()}
+def method_tensors(method: Method) -> dict[str, Tensor]:
+    return {f"model.{k}": v.detach() for k, v in method.state_dict().items()}
 
 
-def method_from_tensors(algorithm: Method, tensors: dict[str, Tensor], path: Path) -> None:
-    """Load ``model.*`` tensors into ``algorithm``, refusing any difference of names or shapes
+def method_from_tensors(method: Method, tensors: dict[str, Tensor], path: Path) -> None:
+    """Load ``model.*`` tensors into ``method``, refusing any difference of names or shapes
     and non-finite values."""
     state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    expected = algorithm.state_dict()
+    expected = method.state_dict()
     if set(state) != set(expected):
         raise CheckpointError(
-            f"checkpoint {path} holds other tensors than a {algorithm.name!r} model "
+            f"checkpoint {path} holds other tensors than a {method.name!r} model "
             f"(missing {sorted(set(expected) - set(state))[:3]}, "
             f"unexpected {sorted(set(state) - set(expected))[:3]})"
         )
@@ -41,7 +41,7 @@ def method_from_tensors(algorithm: Method, tensors: dict[str, Tensor], path: Pat
                 f"needs {tuple(expected[key].shape)}; it was trained for another learner shape"
             )
     check_finite(state, path)
-    algorithm.load_state_dict(state)
+    method.load_state_dict(state)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
@@ -84,10 +84,10 @@ def load_method(
     path = resolve_checkpoint(str(name_or_path))
     config = checkpoint_config(read_checkpoint_meta(path), path, overrides, device)
     tensors, meta = load_checkpoint(path, device=device)
-    algorithm = build_method(config).to(device)
-    method_from_tensors(algorithm, tensors, path)
-    algorithm.eval()
-    return algorithm, {**meta, "path": str(path)}
+    method = build_method(config).to(device)
+    method_from_tensors(method, tensors, path)
+    method.eval()
+    return method, {**meta, "path": str(path)}
 
 
 def method_meta(method: Method, kind: str, **extra: Any) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from .data import EpisodeSampler
 from .data.batches import ClassBatches
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import candidate_accuracies, load_part
+from .evaluation import candidate_accuracies
 from .files import write_file
 from .inner_loop import InnerLoopSettings
 from .methods import build_method
@@ -63,6 +63,7 @@ from .serialization import (
     optimizer_from_tensors,
     optimizer_tensors,
 )
+from .util import load_part, resolve_device
 
 
 @dataclass
@@ -82,19 +83,6 @@ class TrainState:
 
 class TrainingStopped(MetaLSTMError):
     """Training could not go on (too many non-finite updates in a row)."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use device=cpu")
-    return device
 
 
 class Trainer:

@@ -33,8 +33,8 @@ import sys
 from typing import Any, TextIO
 
 from ..errors import ConfigError
-from ..evaluation import load_part
 from ..files import write_file
+from ..util import load_part
 from .configs import ComparisonProgress, base_config, method_config, planned_work, train_image_count
 from .evaluation import RecordingSampler, evaluate_methods
 from .reports import csv_text, markdown, plot, results_json

@@ -13,9 +13,9 @@ from typing import Any
 
 from ..config import Config, load_preset, override
 from ..errors import ConfigError
-from ..evaluation import load_part
 from ..progress import Surrounding, format_seconds, surrounding
 from ..registry import BatchSettings, TrainsOn, method_entry
+from ..util import load_part
 from .request import Request
 
 

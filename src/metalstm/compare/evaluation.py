@@ -9,12 +9,12 @@ from typing import Any, TextIO
 from ..config import Config
 from ..data import ClassImages, Episode, EpisodeSampler, episodes_fingerprint, fixed_episodes
 from ..errors import MetaLSTMError
-from ..evaluation import EvalResult, Protocol, evaluate, load_part
+from ..evaluation import EvalResult, Protocol, evaluate
 from ..methods.base import NO_BATCHNORM, Method, episode_batchnorm
 from ..progress import format_seconds
 from ..registry import TrainsOn, method_entry
 from ..serialization import load_method
-from ..training import resolve_device
+from ..util import load_part, resolve_device
 from .configs import (
     ComparisonProgress,
     base_config,
@@ -83,14 +83,14 @@ class MethodResult:
         }
 
 
-def method_notes(algorithm: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
+def method_notes(model: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
     """A short description of the settings behind a method's number: its test-time adaptation,
     its batch-norm statistics where they are not the protocol line's, its training."""
     notes = [protocol.adaptation] if protocol.adaptation else []
     if protocol.bn_mode not in (episode_batchnorm(base.transductive), NO_BATCHNORM):
         notes.append(f"BN: {protocol.bn_mode}")
-    if method_entry(algorithm.name).trains_on is TrainsOn.EPISODES:
-        notes.append(f"{algorithm.config.episodes} training episodes")
+    if method_entry(model.name).trains_on is TrainsOn.EPISODES:
+        notes.append(f"{model.config.episodes} training episodes")
     if trained.note:
         notes.append(trained.note)
     return "; ".join(notes)

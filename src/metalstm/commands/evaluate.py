@@ -1,0 +1,95 @@
+"""``metalstm evaluate``: accuracy of a checkpoint on the fixed test episodes, with its protocol."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from ..errors import printable
+from ..files import check_output, output_path, write_file
+from . import Subparsers, add_checkpoint_argument
+
+
+def register(subparsers: Subparsers) -> None:
+    evaluate = subparsers.add_parser("evaluate", help="accuracy on the fixed test episodes")
+    add_checkpoint_argument(evaluate)
+    evaluate.add_argument("--episodes", type=int, help="test episodes (default 600)")
+    evaluate.add_argument("--seed", type=int, help="seed of the fixed test episodes (default 0)")
+    evaluate.add_argument(
+        "--split-part",
+        default="test",
+        choices=["train", "val", "test"],
+        help="which part of the split to draw episodes from",
+    )
+    evaluate.add_argument("--steps", type=int, help="inner steps at test (default: as trained)")
+    evaluate.add_argument(
+        "--transductive",
+        action="store_true",
+        help="BN statistics from the query batch instead of the support set",
+    )
+    evaluate.add_argument(
+        "--sgd-from-init",
+        metavar="LR[,LR...]",
+        help="ablation: plain SGD from the LSTM's learned θ_0 instead of its update rule "
+        "(several steps: the best on validation episodes)",
+    )
+    evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress line (on stderr)")
+    evaluate.add_argument(
+        "--out", type=output_path, help="also write the JSON result (per episode) here"
+    )
+
+
+def run(args: argparse.Namespace) -> None:
+    from ..evaluation import evaluate
+    from ..serialization import load_method
+    from ..util import resolve_device
+
+    overrides: dict[str, Any] = {}
+    if args.steps is not None:
+        overrides["eval_inner_steps"] = args.steps
+    if args.transductive:
+        overrides["transductive"] = True
+    if args.data_root is not None:
+        overrides["data_root"] = args.data_root
+    if args.out is not None:
+        check_output(args.out)
+    device = resolve_device(args.device)
+    progress = None if args.quiet else sys.stderr
+    method, meta = load_method(args.checkpoint, device, **overrides)
+    name = method.name
+    if args.sgd_from_init is not None:
+        from ..config import parse_positive_numbers
+        from ..methods.metalearner.ablation import sgd_from_learned_init
+
+        ablation = sgd_from_learned_init(
+            method,
+            parse_positive_numbers(args.sgd_from_init, "--sgd-from-init"),
+            progress=progress,
+        )
+        method = ablation.model
+    result = evaluate(
+        method,
+        part=args.split_part,
+        episodes=args.episodes,
+        seed=args.seed,
+        progress=progress,
+    )
+    result.extra["checkpoint"] = meta["path"]
+    result.extra["algorithm"] = name
+    if args.sgd_from_init is not None:
+        result.extra["update"] = ablation.describe()
+    if args.out is not None:
+        write_file(args.out, json.dumps(result.to_json(), indent=2))
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(result.line())
+        print(f"protocol: {result.protocol.describe()}")
+        print(f"checkpoint: {printable(meta['path'])} ({name})")
+        if "update" in result.extra:
+            print(f"update: {result.extra['update']}")
