@@ -371,6 +371,19 @@ def test_tensor_api(gray_checkpoint: Path) -> None:
     assert classifier(query_x).shape == (7, 3)
 
 
+def test_a_head_built_per_episode_takes_any_number_of_classes(tmp_path: Path) -> None:
+    """A meta-learner with head_init=prototypes has no output layer of a fixed size: a 5-way
+    checkpoint labels 7 classes."""
+    path = save_untrained(
+        tmp_path / "proto", dataset="omniglot", settings={"head_init": "prototypes"}
+    )
+    model, _ = load_model(path)
+    assert model.config.n_way == 5
+    classifier = adapt(model, torch.rand(7, 1, 28, 28), torch.arange(7))
+    labels, probabilities = classifier.predict(torch.rand(3, 1, 28, 28))
+    assert probabilities.shape == (3, 7) and labels.shape == (3,)
+
+
 def test_tensor_api_bad_input(gray_checkpoint: Path) -> None:
     model, _ = load_model(gray_checkpoint)
     x = torch.rand(4, 1, 28, 28)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import metalstm
-from conftest import small_config
+from conftest import run_cli, small_config
 from metalstm import ConfigError, MetaLSTM, build_method, evaluate, load_method, override
 from metalstm import training as tr
 from metalstm.data import Episode
@@ -140,6 +140,9 @@ def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> No
         torch.rand(5, 1, 28, 28), torch.arange(5), torch.rand(4, 1, 28, 28)
     ).shape == (4, 5)
     assert len(evaluate(wide, episodes=2).accuracies) == 2
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "run"), "--episodes", "2", "--n-way", "5"]
+    code, out, err = run_cli([*argv, "--k-shot", "2"])
+    assert code == 0 and "5-way 2-shot" in out, err
 
 
 @pytest.mark.usefixtures("synthetic_data")

@@ -25,6 +25,15 @@ def register(subparsers: Subparsers) -> None:
     )
     evaluate.add_argument("--steps", type=int, help="inner steps at test (default: as trained)")
     evaluate.add_argument(
+        "--n-way",
+        type=int,
+        help="classes per test episode (default: as trained; a model whose head is built per "
+        "episode, head_init=prototypes, takes any)",
+    )
+    evaluate.add_argument(
+        "--k-shot", type=int, help="support images per class (default: as trained)"
+    )
+    evaluate.add_argument(
         "--transductive",
         action="store_true",
         help="BN statistics from the query batch instead of the support set",
@@ -52,6 +61,10 @@ def run(args: argparse.Namespace) -> None:
     overrides: dict[str, Any] = {}
     if args.steps is not None:
         overrides["eval_inner_steps"] = args.steps
+    if args.n_way is not None:
+        overrides["n_way"] = args.n_way
+    if args.k_shot is not None:
+        overrides["k_shot"] = args.k_shot
     if args.transductive:
         overrides["transductive"] = True
     if args.data_root is not None:

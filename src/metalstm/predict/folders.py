@@ -16,7 +16,7 @@ from torch import Tensor
 from ..data.images import IMAGE_SUFFIXES, load_image_folder, load_images
 from ..data.sources import dataset_entry
 from ..errors import ConfigError, DataError
-from .tensors import adapt, check_n_way, load_model
+from .tensors import adapt, check_n_way, load_model, max_ways
 
 
 @dataclass
@@ -88,7 +88,7 @@ def predict_folders(
     support_dir = Path(support).expanduser()
     _check_support_root(support_dir)
     classes = load_image_folder(support_dir, image_size=size, channels=channels, invert=False)
-    check_n_way(classes.n_classes, config.n_way, f"the class folders of {support_dir}")
+    check_n_way(classes.n_classes, max_ways(model), f"the class folders of {support_dir}")
     notes = []
     counts = classes.class_count.tolist()
     if min(counts) != max(counts):

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..config import SIZE_LIMITS
 from ..errors import ConfigError, DataError
 from ..methods.base import Classifier, Method
 
@@ -75,7 +76,8 @@ def adapt(model: Method, support_x: Tensor, support_y: Tensor) -> FewShotClassif
 
     ``support_x``: images ``[M, C, H, W]`` in the model's input format, float in [0, 1] or uint8
     (divided by 255); ``support_y``: integer labels ``[M]`` using every class 0..N-1 at least once,
-    with 2 <= N <= the model's ``n_way``. Any number of images per class works.
+    with 2 <= N <= :func:`max_ways` (the model's ``n_way``, or any N for a model whose head is
+    built per episode). Any number of images per class works.
 
     Example::
 
@@ -87,7 +89,7 @@ def adapt(model: Method, support_x: Tensor, support_y: Tensor) -> FewShotClassif
     shape = (config.channels, config.image_size, config.image_size)
     device = model.device
     x = _as_images(support_x, shape, device, "support images")
-    y = _check_labels(support_y, len(x), config.n_way).to(device)
+    y = _check_labels(support_y, len(x), max_ways(model)).to(device)
     n_way = int(y.max()) + 1
     # A transductive model normalises with the query batch's statistics: never split the batch.
     batch_size = None if config.transductive else BATCH_SIZE
@@ -143,6 +145,12 @@ def _check_labels(labels: Tensor, count: int, max_way: int) -> Tensor:
         )
     check_n_way(n_way, max_way, "the support labels")
     return labels
+
+
+def max_ways(model: Method) -> int:
+    """The most classes ``model`` tells apart: its ``n_way``, or for a model without an output
+    layer of a fixed size (a head built per episode, a metric method) the config's limit."""
+    return SIZE_LIMITS["n_way"] if model.any_ways() else model.config.n_way
 
 
 def check_n_way(n_way: int, max_way: int, source: str) -> None:
