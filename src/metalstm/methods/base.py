@@ -189,7 +189,8 @@ class InnerLoopMethod(Method):
             "pretrain_epochs": self.settings.pretrain_epochs,
         }
         # validation of the pre-training only records a figure: a few episodes
-        return override(self.config, {"method": Finetune.name, **values, "val_episodes": 20})
+        values["val_episodes"] = min(20, self.config.val_episodes)
+        return override(self.config, {"method": Finetune.name, **values})
 
     def start_from(self, trained: Method) -> None:
         """θ_0's body ← the pre-trained classifier's conv body (same layout; the head stays)."""
