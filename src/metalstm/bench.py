@@ -1,8 +1,7 @@
 """Throughput benchmark: meta-training (or evaluation) episodes per second on synthetic images.
 
-``metalstm bench`` (or ``python -m metalstm.bench``) builds a fresh meta-learner for the given
-episode shape, runs ``--warmup`` episodes, then times ``--episodes`` more, each one exactly as the
-training loop does it: draw the episode (random images, made on the compute device), adapt with
+``metalstm bench`` builds a fresh meta-learner for the given episode shape, runs ``--warmup``
+episodes, then times ``--episodes`` more, each one exactly as the training loop does it: draw the episode (random images, made on the compute device), adapt with
 the meta-learner, query loss, backward, clip the meta-gradient, Adam step. ``--mode eval`` times
 evaluation episodes instead: adapt without a meta-graph, then label the query set.
 
