@@ -129,8 +129,9 @@ def test_conv_bias_gradient_is_exactly_zero(omniglot_5w1s: tuple) -> None:
     _, model, episodes = omniglot_5w1s
     learner, episode = model.learner, episodes[0]
     bn = learner.fresh_batchnorm_state()
+    theta0 = model.episode_theta0(model.cell.theta0, episode.support_x, episode.support_y)
     _, grad = learner_loss_and_grad(
-        learner, model.cell.theta0, episode.support_x, episode.support_y, bn, False
+        learner, theta0, episode.support_x, episode.support_y, bn, False
     )
     for name, part in learner.parameter_groups():
         if name.endswith("conv.bias"):
