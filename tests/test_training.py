@@ -429,8 +429,8 @@ def test_short_run_clearly_beats_chance_and_untrained_sgd(short_run: ShortRun) -
     reason="at this budget (a few hundred episodes) the meta-learner does not beat plain SGD from "
     "its own learned c_0 at a validation-tuned lr: measured 71.1 vs 75.2 % with SHORT_RUN "
     "(-4.1 ± 2.6 points, paired), 75.4 vs 76.2 % at 400 episodes, 77.0 vs 77.0 % with "
-    "filters 16, T = 5. At full scale it does: the shipped omniglot-5w1s (5000 episodes) beats "
-    "SGD from its c_0 by 2.61 ± 0.29 points on 600 test episodes (benchmarks/results/)",
+    "filters 16, T = 5. At full scale it does: the shipped omniglot-5w1s-paper (5000 episodes) "
+    "beats SGD from its c_0 by 2.61 ± 0.29 points on 600 test episodes (benchmarks/results/)",
 )
 def test_short_run_clearly_beats_sgd_from_the_same_c0(short_run: ShortRun) -> None:
     diff_m, diff_se = mean_and_se([m - s for m, s in zip(short_run.meta, short_run.sgd)])
