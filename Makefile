@@ -4,7 +4,7 @@ SHELL := /bin/bash
 export METALSTM_DATA ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
 VENV := .venv/bin
 RUN_DIR ?= runs/quickstart
-EPISODES ?= 2000
+EPISODES ?= 1000
 
 .PHONY: run test lint setup
 setup: .venv/.installed
