@@ -1,9 +1,10 @@
 """Throughput benchmark: meta-training (or evaluation) episodes per second on synthetic images.
 
 ``metalstm bench`` builds a fresh meta-learner for the given episode shape, runs ``--warmup``
-episodes, then times ``--episodes`` more, each one exactly as the training loop does it: draw the episode (random images, made on the compute device), adapt with
-the meta-learner, query loss, backward, clip the meta-gradient, Adam step. ``--mode eval`` times
-evaluation episodes instead: adapt without a meta-graph, then label the query set.
+episodes, then times ``--episodes`` more, each one exactly as the training loop does it: draw the
+episode (random images, made on the compute device), adapt with the meta-learner, query loss,
+backward, clip the meta-gradient, Adam step. ``--mode eval`` times evaluation episodes instead:
+adapt without a meta-graph, then label the query set.
 
 The last lines printed are the median seconds per episode, episodes/s, the estimated GFLOP per
 episode (convolutions and linear head of every learner pass, forward and backward, plus the
