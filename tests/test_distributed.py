@@ -22,7 +22,7 @@ import torch
 from metalstm.checkpoint import load_checkpoint
 
 TINY = [
-    "--preset", "omniglot-5w1s", "--episodes", "16", "--quiet",
+    "--preset", "omniglot-5w1s-paper", "--episodes", "16", "--quiet",
     "--set", "filters=4", "--set", "inner_steps=2", "--set", "val_interval=8",
     "--set", "val_episodes=4", "--set", "log_interval=4", "--set", "q_query=5",
     "--set", "meta_batch=4", "--set", "lr=0.001", "--set", "lr_schedule=constant",

@@ -21,7 +21,7 @@ from conftest import tensorboard_scalars
 from metalstm.checkpoint import load_checkpoint
 
 TINY = [
-    "--preset", "omniglot-5w1s", "--episodes", "64", "--quiet",
+    "--preset", "omniglot-5w1s-paper", "--episodes", "64", "--quiet",
     "--set", "filters=4", "--set", "inner_steps=2", "--set", "val_interval=4",
     "--set", "val_episodes=3", "--set", "log_interval=2", "--set", "q_query=5",
 ]  # fmt: skip

@@ -20,7 +20,7 @@ from metalstm.runfolder import LOCK, hold
 from metalstm.training import Trainer
 
 TINY = [
-    "--preset", "omniglot-5w1s", "--episodes", "8", "--quiet",
+    "--preset", "omniglot-5w1s-paper", "--episodes", "8", "--quiet",
     "--set", "filters=4", "--set", "inner_steps=2", "--set", "val_interval=4",
     "--set", "val_episodes=2", "--set", "log_interval=2", "--set", "q_query=2",
 ]  # fmt: skip

@@ -363,7 +363,7 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     torch.set_num_threads(1)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("METALSTM_DATA", str(data_root))
-        cfg = override(metalstm.load_preset("omniglot-5w1s"), SHORT_RUN)
+        cfg = override(metalstm.load_preset("omniglot-5w1s-paper"), SHORT_RUN)
         assert (cfg.n_way, cfg.k_shot, cfg.dataset, cfg.split) == (5, 1, "omniglot", "vinyals")
         run = tmp_path_factory.mktemp("short") / "run"
         started = time.perf_counter()
