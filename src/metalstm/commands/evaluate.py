@@ -58,17 +58,14 @@ def run(args: argparse.Namespace) -> None:
     from ..serialization import load_method
     from ..util import resolve_device
 
-    overrides: dict[str, Any] = {}
-    if args.steps is not None:
-        overrides["eval_inner_steps"] = args.steps
-    if args.n_way is not None:
-        overrides["n_way"] = args.n_way
-    if args.k_shot is not None:
-        overrides["k_shot"] = args.k_shot
-    if args.transductive:
-        overrides["transductive"] = True
-    if args.data_root is not None:
-        overrides["data_root"] = args.data_root
+    given = {
+        "eval_inner_steps": args.steps,
+        "n_way": args.n_way,
+        "k_shot": args.k_shot,
+        "transductive": args.transductive or None,
+        "data_root": args.data_root,
+    }
+    overrides: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
     if args.out is not None:
         check_output(args.out)
     device = resolve_device(args.device)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from ..config import SIZE_LIMITS
 from ..errors import ConfigError, DataError
+from ..inner_loop import episode_ways
 from ..methods.base import Classifier, Method
 
 BATCH_SIZE = 256  # query images per forward pass (each is labelled independently)
@@ -90,7 +91,7 @@ def adapt(model: Method, support_x: Tensor, support_y: Tensor) -> FewShotClassif
     device = model.device
     x = _as_images(support_x, shape, device, "support images")
     y = _check_labels(support_y, len(x), max_ways(model)).to(device)
-    n_way = int(y.max()) + 1
+    n_way = episode_ways(y)
     # A transductive model normalises with the query batch's statistics: never split the batch.
     batch_size = None if config.transductive else BATCH_SIZE
     return FewShotClassifier(model.adapt(x, y), n_way, shape, device, batch_size)
@@ -137,7 +138,7 @@ def _check_labels(labels: Tensor, count: int, max_way: int) -> Tensor:
     labels = labels.long()
     if int(labels.min()) < 0:
         raise DataError("support labels must be 0..N-1; found a negative label")
-    n_way = int(labels.max()) + 1
+    n_way = episode_ways(labels)
     missing = sorted(set(range(n_way)) - set(labels.tolist()))
     if missing:
         raise DataError(
