@@ -16,6 +16,7 @@ from metalstm.data import Episode
 from metalstm.inner_loop import AdaptedLearner, class_means
 from metalstm.learner import Learner
 from metalstm.methods.base import Method, learner_shape
+from metalstm.methods.metalearner.ablation import sgd_from_learned_init
 from metalstm.methods.pretraining import PretrainedClassifier
 from metalstm.runfolder import CHECKPOINTS, METRICS
 from metalstm.training import Trainer
@@ -105,10 +106,12 @@ def test_a_learned_head_cannot_meta_train_on_other_ways(tmp_path: Path) -> None:
 
 
 def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> None:
-    """Omniglot, meta-trained on 6-way episodes, validated and tested on 3-way ones."""
+    """Omniglot, meta-trained on 6-way 1-shot episodes, validated and tested on 3-way 2-shot
+    ones."""
     cfg = small_config(
         image_size=28,
         train_n_way=6,
+        train_k_shot=1,
         head_init="prototypes",
         episodes=4,
         val_interval=2,
@@ -116,20 +119,22 @@ def test_more_training_ways_than_test_ways(data_env: Path, tmp_path: Path) -> No
         log_interval=1,
     )
     trainer = Trainer(cfg, tmp_path / "run", log=None)
-    widths = []
+    shapes = []
     meta_loss = trainer.method.meta_loss
 
     def spy(episode: Episode):  # type: ignore[no-untyped-def]
-        widths.append(int(episode.support_y.max()) + 1)
+        shapes.append(torch.bincount(episode.support_y).tolist())
         return meta_loss(episode)
 
     trainer.method.meta_loss = spy  # type: ignore[method-assign]
     trainer.run()
-    assert widths == [6] * 4
+    assert shapes == [[1] * 6] * 4
     model, _ = load_method(tmp_path / "run" / "best")
     assert model.config.train_ways == 6 and model.config.n_way == 3
+    assert model.config.train_shots == 1 and model.config.k_shot == 2
     result = evaluate(model, episodes=5)
     assert len(result.accuracies) == 5
+    assert result.protocol.k_shot == 2
     classifier = model.adapt(torch.rand(6, 1, 28, 28), torch.arange(3).repeat_interleave(2))
     assert isinstance(classifier, AdaptedLearner)
     assert classifier(torch.rand(2, 1, 28, 28)).shape == (2, 3)
@@ -179,3 +184,71 @@ def test_pretrained_body_is_trained_first_in_the_same_run_and_reused(
 
     metalstm.train(override(cfg, {"init_body": "random"}), run, force=True, log=None)
     assert not (run / "pretrain").exists()  # a new run does not inherit an old pre-training
+
+
+def episode_end_statistics(model: MetaLSTM, episode: Episode) -> dict[str, torch.Tensor]:
+    """The running statistics a meta-training episode ends with: support passes, then the query
+    pass with its batch statistics (what ``query_bn=meta`` accumulates)."""
+    with torch.no_grad():
+        result = model.inner_loop(episode.support_x, episode.support_y, model.settings.inner_steps)
+        model.learner(result.theta, episode.query_x, result.bn, batch_stats=True)
+    return result.bn
+
+
+def test_meta_batchnorm_averages_the_statistics_episodes_end_with() -> None:
+    """``query_bn=meta``: a plain mean over the first 1/rate episodes, then an EMA of that rate;
+    at test the queries are normalised with them, one query independent of the others."""
+    cfg = small_config(query_bn="meta", meta_bn_rate=0.4)
+    model = double_model(cfg)
+    episodes = [random_episode(cfg, seed) for seed in (11, 12, 13)]
+    ends = [episode_end_statistics(model, episode) for episode in episodes]
+    for episode in episodes:
+        model.meta_loss(episode)
+    assert int(model.meta_bn_episodes) == 3
+    stats = model.meta_batchnorm()
+    for name, value in stats.items():
+        mean_of_two = (ends[0][name] + ends[1][name]) / 2  # rates 1, 1/2
+        torch.testing.assert_close(value, 0.6 * mean_of_two + 0.4 * ends[2][name])  # rate 0.4
+        assert not torch.allclose(value, ends[2][name])
+    test = random_episode(cfg, seed=14)
+    classifier = model.adapt(test.support_x, test.support_y)
+    assert isinstance(classifier, AdaptedLearner)
+    logits = classifier(test.query_x)
+    alone = torch.cat([classifier(x[None]) for x in test.query_x])
+    torch.testing.assert_close(logits, alone)  # no statistics of the query batch
+    torch.testing.assert_close(
+        logits, model.learner(classifier.theta, test.query_x, stats, batch_stats=False)
+    )
+    support_mode = override(cfg, {"query_bn": "support"})
+    assert model.test_batchnorm() == "meta-training statistics"
+    assert build_method(support_mode).test_batchnorm() == "support statistics"
+    with pytest.raises(ConfigError, match="train_query_bn"):
+        override(cfg, {"query_bn": "support", "train_query_bn": "meta"})
+
+
+def test_meta_batchnorm_through_training_checkpoints_and_the_sgd_ablation(
+    data_env: Path, tmp_path: Path
+) -> None:
+    """Omniglot: a run with ``query_bn=meta`` and the test's normalisation while meta-training
+    (``train_query_bn=meta``) saves the accumulated statistics in its checkpoints; evaluation and
+    the SGD ablation normalise with them and say so."""
+    cfg = small_config(
+        image_size=28,
+        head_init="prototypes",
+        query_bn="meta",
+        train_query_bn="meta",
+        episodes=4,
+        val_interval=2,
+        val_episodes=3,
+        log_interval=1,
+    )
+    trainer = Trainer(cfg, tmp_path / "run", log=None)
+    trainer.run()
+    assert int(trainer.method.meta_bn_episodes) == 4
+    model, _ = load_method(tmp_path / "run" / "last")
+    assert isinstance(model, MetaLSTM)
+    for name, value in model.meta_batchnorm().items():
+        torch.testing.assert_close(value, trainer.method.meta_batchnorm()[name])
+    assert evaluate(model, episodes=3).protocol.bn_mode == "meta-training statistics"
+    ablation = sgd_from_learned_init(model, [1e-9])
+    assert evaluate(ablation.model, episodes=3).protocol.bn_mode == "meta-training statistics"

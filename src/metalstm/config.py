@@ -44,6 +44,7 @@ class Config:
     k_shot: int = 1
     q_query: int = 15  # queries per class of meta-training episodes
     train_n_way: int | None = None  # ways of meta-training episodes; None = n_way
+    train_k_shot: int | None = None  # shots of meta-training episodes; None = k_shot
     eval_q_query: int | None = None  # of validation and test episodes; None = q_query
     # -- learner: 4 x [conv3x3(filters), BN, ReLU, maxpool2] + linear ----------------------------
     filters: int = 32
@@ -83,6 +84,7 @@ class Config:
             "q_query": self.q_query >= 1,
             "eval_q_query": self.eval_q_query is None or self.eval_q_query >= 1,
             "train_n_way": self.train_n_way is None or self.train_n_way >= 2,
+            "train_k_shot": self.train_k_shot is None or self.train_k_shot >= 1,
             "filters": self.filters >= 1,
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
@@ -118,6 +120,11 @@ class Config:
         return self.train_n_way or self.n_way
 
     @property
+    def train_shots(self) -> int:
+        """Support images per class of meta-training episodes (defaults to the test value)."""
+        return self.train_k_shot or self.k_shot
+
+    @property
     def eval_queries(self) -> int:
         """Queries per class of validation and test episodes (defaults to the training value)."""
         return self.eval_q_query or self.q_query
@@ -136,7 +143,7 @@ class Config:
 #: The shared sections of the run config, for dotted keys (``--set training.lr=...``).
 SECTIONS = {
     "data": ("dataset", "split", "data_root", "image_size", "channels"),
-    "episodes": ("n_way", "k_shot", "q_query", "eval_q_query", "train_n_way"),
+    "episodes": ("n_way", "k_shot", "q_query", "eval_q_query", "train_n_way", "train_k_shot"),
     "learner": ("filters", "bn_momentum", "bn_eps"),
     "training": (
         "episodes",
@@ -165,6 +172,7 @@ SIZE_LIMITS = {
     "q_query": 1000,
     "eval_q_query": 1000,
     "train_n_way": 1000,
+    "train_k_shot": 1000,
     "meta_batch": 10_000,
     "val_episodes": 1_000_000,
     "test_episodes": 1_000_000,

@@ -211,8 +211,12 @@ class InnerLoopSettings(MethodSettings):
 
     inner_steps: int = 12  # T: updates of the learner on the support set
     eval_inner_steps: int | None = None  # T at evaluation; None = inner_steps
+    # BN of the query pass at test: support (the authors': the support passes' running
+    # statistics) | meta (running statistics accumulated over meta-training episodes)
+    query_bn: str = "support"
+    meta_bn_rate: float = 0.01  # query_bn=meta: weight of each episode in those statistics
     # BN of the query pass while meta-training: batch (the authors') | support (the support
-    # passes' running statistics, as at test)
+    # passes' running statistics, as at test) | meta (the accumulated ones, as at test)
     train_query_bn: str = "batch"
     head_init: str = "learned"  # θ_0's linear head: learned | zero | prototypes (episode_theta0)
     # θ_0's conv body before meta-training: random (the learner's initialisation) | pretrained
@@ -225,7 +229,11 @@ class InnerLoopSettings(MethodSettings):
         return {
             "inner_steps": self.inner_steps >= 1,
             "eval_inner_steps": self.eval_inner_steps is None or self.eval_inner_steps >= 1,
-            "train_query_bn": self.train_query_bn in ("batch", "support"),
+            "query_bn": self.query_bn in ("support", "meta"),
+            "meta_bn_rate": 0.0 < self.meta_bn_rate <= 1.0,
+            # the accumulated statistics exist only with query_bn=meta
+            "train_query_bn": self.train_query_bn in ("batch", "support")
+            or (self.train_query_bn == "meta" and self.query_bn == "meta"),
             "head_init": self.head_init in HEAD_INITS,
             "init_body": self.init_body in ("random", "pretrained"),
             "pretrain_epochs": self.pretrain_epochs > 0,
@@ -235,8 +243,3 @@ class InnerLoopSettings(MethodSettings):
     def eval_steps(self) -> int:
         """Inner steps at evaluation (defaults to the training value)."""
         return self.eval_inner_steps or self.inner_steps
-
-    @property
-    def train_query_batch_stats(self) -> bool:
-        """Whether the meta-training query pass normalises with its own batch statistics."""
-        return self.train_query_bn == "batch"

@@ -223,6 +223,22 @@ class Learner:
         return functional_call(self.net, tensors, (x,), kwargs, strict=False)
 
 
+def register_batchnorm_buffers(module: nn.Module, learner: Learner, prefix: str) -> list[str]:
+    """Give ``module`` buffers ``prefix + name`` holding fresh running statistics of every batch
+    norm of ``learner`` (saved in checkpoints with the module); returns the learner's names, for
+    :func:`batchnorm_buffers`."""
+    state = learner.fresh_batchnorm_state()
+    for name, value in state.items():
+        module.register_buffer(prefix + name.replace(".", "_"), value)
+    return list(state)
+
+
+def batchnorm_buffers(module: nn.Module, names: list[str], prefix: str) -> BatchNormState:
+    """The statistics :func:`register_batchnorm_buffers` registered, as a learner's batch-norm
+    state (the buffers themselves: a pass with batch statistics updates them in place)."""
+    return {name: getattr(module, prefix + name.replace(".", "_")) for name in names}
+
+
 def to_channels_last(x: Tensor) -> Tensor:
     """x [B, C, H, W] in NHWC memory order, with strides that say so even when C = 1.
 

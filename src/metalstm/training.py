@@ -140,7 +140,7 @@ class Trainer:
             self.val_every = max(1, config.val_interval)
             self.log_every = max(1, config.log_interval)
         self.train_sampler = EpisodeSampler(
-            train_data, config.train_ways, config.k_shot, config.q_query, config.seed
+            train_data, config.train_ways, config.train_shots, config.q_query, config.seed
         )
         self.val_sampler = EpisodeSampler(
             load_part(config, "val"),

@@ -40,10 +40,18 @@ def run(args: argparse.Namespace) -> None:
         print(
             f"{name:<20} {cfg['dataset']}/{cfg['split']} {cfg['n_way']}-way {cfg['k_shot']}-shot "
             f"{cfg['method']} T={cfg['settings'].get('inner_steps', '-')} "
-            + (f"trained {cfg['train_n_way']}-way " if cfg["train_n_way"] else "")
+            + training_shape(cfg)
             + f"filters={cfg['filters']} episodes={cfg['episodes']}"
             + (f"  [ships: {shipped_figure(figures[name])}]" if name in shipped else "")
         )
+
+
+def training_shape(cfg: dict[str, Any]) -> str:
+    """``trained 60-way 1-shot `` if meta-training episodes differ from the test's, else ``""``."""
+    ways, shots = cfg.get("train_n_way"), cfg.get("train_k_shot")
+    if not ways and not shots:
+        return ""
+    return f"trained {ways or cfg['n_way']}-way {shots or cfg['k_shot']}-shot "
 
 
 def shipped_figure(test: dict[str, Any] | None) -> str:

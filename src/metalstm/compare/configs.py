@@ -37,7 +37,7 @@ def method_config(request: Request, method: str, train_images: Callable[[], int]
 
     The preset is the meta-learner's recipe; another method starts from the preset's data, test
     episodes and training schedule with its own default settings, and meta-trains on episodes of
-    the test's shape (N ways, the test's queries) unless its recipe says otherwise.
+    the test's shape (N ways, K shots, the test's queries) unless its recipe says otherwise.
     """
     base = base_config(request)
     entry = method_entry(method)
@@ -47,6 +47,7 @@ def method_config(request: Request, method: str, train_images: Callable[[], int]
             method=method,
             settings=entry.settings(),
             train_n_way=None,
+            train_k_shot=None,
             q_query=base.eval_queries,
             eval_q_query=None,
         )

@@ -31,7 +31,13 @@ from torch import Tensor, nn
 from ..config import Config, override
 from ..data import ClassImages, Episode
 from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, episode_theta0
-from ..learner import Learner, LearnerShape
+from ..learner import (
+    BatchNormState,
+    Learner,
+    LearnerShape,
+    batchnorm_buffers,
+    register_batchnorm_buffers,
+)
 from ..registry import MethodSettings
 
 Classifier = Callable[[Tensor], Tensor]
@@ -53,6 +59,7 @@ class EpisodeLoss:
 
 
 NO_BATCHNORM = "none"  # Method.test_batchnorm of a method without batch norm
+META_BN_PREFIX = "meta_bn_"  # buffers of the statistics accumulated over meta-training
 
 
 def episode_batchnorm(transductive: bool) -> str:
@@ -169,6 +176,13 @@ class InnerLoopMethod(Method):
     passes' statistics (or, ``transductive``, their own)."""
 
     settings: InnerLoopSettings
+    meta_bn_episodes: Tensor  # buffer (query_bn=meta): episodes accumulated so far
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        if self.settings.query_bn == "meta":
+            self.meta_bn_names = register_batchnorm_buffers(self, self.learner, META_BN_PREFIX)
+            self.register_buffer("meta_bn_episodes", torch.zeros((), dtype=torch.long))
 
     @property
     @abstractmethod
@@ -217,24 +231,57 @@ class InnerLoopMethod(Method):
         """``steps`` updates of the learner on the support set (:func:`run_inner_loop`)."""
 
     def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss at θ_T (meta-training protocol: batch statistics, or the support passes'
-        running statistics with ``train_query_bn=support``)."""
+        """Query loss at θ_T (meta-training protocol: batch statistics, or with
+        ``train_query_bn`` the support passes' running statistics or the accumulated ones).
+
+        With ``query_bn=meta`` the running statistics the episode ends with join the accumulated
+        ones (:meth:`accumulate_batchnorm`)."""
         result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
+        mode = self.settings.train_query_bn
         logits = self.learner(
             result.theta,
             episode.query_x,
-            result.bn,
-            batch_stats=self.settings.train_query_batch_stats,
+            self.meta_batchnorm() if mode == "meta" else result.bn,
+            batch_stats=mode == "batch",
         )
+        if self.settings.query_bn == "meta":
+            self.accumulate_batchnorm(result.bn)
         return EpisodeLoss(
             F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
         )
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
-        """The learner at θ_T after ``eval_steps`` updates (no meta-graph)."""
+        """The learner at θ_T after ``eval_steps`` updates (no meta-graph), whose query pass
+        normalises with the support passes' statistics or (``query_bn=meta``) the accumulated
+        ones."""
         with torch.no_grad():
             result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
-        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
+        bn = self.meta_batchnorm() if self.settings.query_bn == "meta" else result.bn
+        return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
+
+    def test_batchnorm(self) -> str:
+        if self.settings.query_bn == "meta" and not self.config.transductive:
+            return "meta-training statistics"
+        return super().test_batchnorm()
+
+    def meta_batchnorm(self) -> BatchNormState:
+        """A copy of the running statistics accumulated over meta-training (``query_bn=meta``):
+        those each episode ends with, after its support passes (and its query pass, with batch
+        statistics), averaged over the first 1/``meta_bn_rate`` episodes, then an exponential
+        moving average of rate ``meta_bn_rate`` (as MAML++ accumulates its statistics;
+        Antoniou et al. 2019, Sec. 4). No information from a test episode's queries."""
+        stats = batchnorm_buffers(self, self.meta_bn_names, META_BN_PREFIX)
+        return {name: value.clone() for name, value in stats.items()}
+
+    def accumulate_batchnorm(self, bn: BatchNormState) -> None:
+        """Fold one meta-training episode's final running statistics ``bn`` into the
+        accumulated ones (see :meth:`meta_batchnorm`)."""
+        with torch.no_grad():
+            self.meta_bn_episodes += 1
+            rate = max(self.settings.meta_bn_rate, 1.0 / int(self.meta_bn_episodes))
+            stats = batchnorm_buffers(self, self.meta_bn_names, META_BN_PREFIX)
+            for name, value in stats.items():
+                value.lerp_(bn[name].to(value), rate)
 
 
 def learner_shape(config: Config) -> LearnerShape:

@@ -31,12 +31,19 @@ from torch import Tensor, nn
 from ..config import Config, override, parse_positive_numbers
 from ..data import ClassImages, Episode
 from ..errors import ConfigError
-from ..learner import BatchNormState, Learner, LearnerShape
+from ..learner import (
+    BatchNormState,
+    Learner,
+    LearnerShape,
+    batchnorm_buffers,
+    register_batchnorm_buffers,
+)
 from ..registry import BatchSettings
 from .base import EpisodeLoss, Method, accuracy
 
 PRETRAIN_BN_MOMENTUM = 0.1
 """Weight of each mini-batch in the pre-trained network's running statistics."""
+BN_PREFIX = "bn_"  # of the buffers holding them
 
 
 @dataclass(frozen=True)
@@ -74,10 +81,6 @@ def parse_grid(settings: PretrainSettings, key: str, kind: type[float] | type[in
     return parse_positive_numbers(str(getattr(settings, key)), key, kind)
 
 
-def _buffer_name(name: str) -> str:
-    return "bn_" + name.replace(".", "_")
-
-
 class PretrainedClassifier(Method):
     """The conv-4 network pre-trained as a C-way classifier over all meta-training classes.
 
@@ -105,9 +108,7 @@ class PretrainedClassifier(Method):
             for name, size in zip(self.network.names, self.network.sizes)
             if not name.startswith("head.")
         )  # the conv blocks come first in θ, the linear head last
-        self.bn_names = list(self.network.fresh_batchnorm_state())
-        for name, value in self.network.fresh_batchnorm_state().items():
-            self.register_buffer(_buffer_name(name), value)
+        self.bn_names = register_batchnorm_buffers(self, self.network, BN_PREFIX)
         # Fine-tuning settings: the middle of each grid until validation chooses (Finetune).
         lrs = parse_grid(self.settings, "finetune_lr_grid", float)
         steps = parse_grid(self.settings, "finetune_steps_grid", int)
@@ -132,7 +133,7 @@ class PretrainedClassifier(Method):
 
     def bn_state(self) -> BatchNormState:
         """The running statistics of the pre-training (the buffers themselves, not copies)."""
-        return {name: getattr(self, _buffer_name(name)) for name in self.bn_names}
+        return batchnorm_buffers(self, self.bn_names, BN_PREFIX)
 
     def batch_loss(self, images: Tensor, labels: Tensor) -> EpisodeLoss:
         """Cross-entropy of the C-way classifier; updates the running statistics."""

@@ -26,6 +26,7 @@ from ...inner_loop import (
     episode_theta0,
     run_inner_loop,
 )
+from ...learner import BatchNormState
 from ...progress import surrounding
 from ..base import Classifier, Method
 from .method import MetaLSTM
@@ -50,15 +51,27 @@ class SGDFromInit(Method):
     name = "sgd-from-init"
     settings: InnerLoopSettings
 
-    def __init__(self, config: Config, theta0: Tensor, lr: float) -> None:
+    def __init__(
+        self,
+        config: Config,
+        theta0: Tensor,
+        lr: float,
+        query_stats: BatchNormState | None = None,
+    ) -> None:
         super().__init__(config)
         if not isinstance(self.settings, InnerLoopSettings):
             raise MetaLSTMError(
                 f"SGD from an initialisation needs inner-loop settings, not {config.method}"
             )
+        if (self.settings.query_bn == "meta") != (query_stats is not None):
+            raise MetaLSTMError(
+                "query_bn=meta normalises the queries with the meta-learner's accumulated "
+                "statistics: pass them as query_stats (and only then)"
+            )
         self.theta0: Tensor
         self.register_buffer("theta0", theta0.detach().clone())
         self.lr = lr
+        self.query_stats = query_stats
 
     def adaptation(self) -> str:
         return f"SGD lr {self.lr:g}, T = {self.settings.eval_steps}"
@@ -75,12 +88,21 @@ class SGDFromInit(Method):
                 support_y,
                 self.settings.eval_steps,
             )
-        return AdaptedLearner(self.learner, result.theta, result.bn, self.config.transductive)
+        bn = result.bn if self.query_stats is None else dict(self.query_stats)
+        return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
+
+    def test_batchnorm(self) -> str:
+        if self.query_stats is not None and not self.config.transductive:
+            return "meta-training statistics"
+        return super().test_batchnorm()
 
 
-def sgd_from_init(config: Config, theta0: Tensor, lr: float) -> SGDFromInit:
-    """:class:`SGDFromInit` from ``theta0`` with step ``lr``, on ``theta0``'s device."""
-    return SGDFromInit(config, theta0, lr).to(theta0.device)
+def sgd_from_init(
+    config: Config, theta0: Tensor, lr: float, query_stats: BatchNormState | None = None
+) -> SGDFromInit:
+    """:class:`SGDFromInit` from ``theta0`` with step ``lr``, on ``theta0``'s device
+    (``query_stats``: the meta-learner's accumulated statistics, with ``query_bn=meta``)."""
+    return SGDFromInit(config, theta0, lr, query_stats).to(theta0.device)
 
 
 @dataclass
@@ -121,7 +143,8 @@ def sgd_from_learned_init(
     if not lrs or any(not 0 < lr < math.inf for lr in lrs):
         raise MetaLSTMError(f"SGD steps must be positive numbers, got {list(lrs)}")
     theta0 = model.cell.theta0.detach()
-    candidates = {lr: sgd_from_init(model.config, theta0, lr) for lr in lrs}
+    stats = model.meta_batchnorm() if model.settings.query_bn == "meta" else None
+    candidates = {lr: sgd_from_init(model.config, theta0, lr, stats) for lr in lrs}
     if len(candidates) == 1:
         ((lr, sgd),) = candidates.items()
         return SGDAblation(sgd, lr, {})
