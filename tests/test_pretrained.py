@@ -45,7 +45,8 @@ def test_shipped_meta_learner_matches_its_preset_and_classifies(name: str, data_
     model, meta = load_method(name)  # verifies the sha256 in the metadata
     preset = load_preset(name)
     trained = Config.from_dict(meta["config"])
-    for key in ("dataset", "split", "n_way", "k_shot", "filters", "image_size"):
+    keys = ("dataset", "split", "n_way", "k_shot", "train_ways", "train_shots", "filters")
+    for key in (*keys, "image_size", "bn_momentum"):
         assert getattr(trained, key) == getattr(preset, key), key
     assert trained.settings.inner_steps == preset.settings.inner_steps
     assert model.name == "lstm" and not model.config.transductive

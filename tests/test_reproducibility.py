@@ -165,10 +165,10 @@ def test_runs_with_one_and_two_threads_agree_after_24_episodes(
 ) -> None:
     """The paper's 5-way 1-shot recipe, 6 updates of 4 episodes: every meta-parameter within
     1e-4 (Adam moves each by up to 2e-3 an update, so a run that took another path differs by
-    ~1e-2, as both did before; measured: 3e-8 or less on the AVX-512 Xeon). The new recipe
-    (omniglot-5w1s: prototype head, 60-way episodes) computes one meta-gradient bit for bit
-    alike with 1 and 2 threads, yet its c_0 differed by 1.0e-4 after these 6 updates: not yet
-    explained."""
+    ~1e-2, as both did before; measured: 3e-8 or less on the AVX-512 Xeon). The library's
+    recipe (prototype head, 60-way episodes; measured on its 32-filter, T = 8 version) computes
+    one meta-gradient bit for bit alike with 1 and 2 threads, yet its c_0 differed by 1.0e-4
+    after these 6 updates: not yet explained."""
     config = override(
         load_preset("omniglot-5w1s-paper"),
         {"episodes": 24, "seed": 3, "meta_batch": 4, "val_episodes": 2, "device": "cpu"},
