@@ -62,10 +62,13 @@ NO_BATCHNORM = "none"  # Method.test_batchnorm of a method without batch norm
 META_BN_PREFIX = "meta_bn_"  # buffers of the statistics accumulated over meta-training
 
 
-def episode_batchnorm(transductive: bool) -> str:
+def episode_batchnorm(transductive: bool, accumulated: bool = False) -> str:
     """The statistics that normalise query images under the episode protocol (SPEC §1): the
-    support passes' running statistics, or with ``transductive`` the query batch's own."""
-    return "transductive" if transductive else "support statistics"
+    support passes' running statistics (or, ``accumulated``, those of meta-training:
+    ``query_bn=meta``), or with ``transductive`` the query batch's own."""
+    if transductive:
+        return "transductive"
+    return "meta-training statistics" if accumulated else "support statistics"
 
 
 class Method(nn.Module, ABC):
@@ -260,9 +263,7 @@ class InnerLoopMethod(Method):
         return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
 
     def test_batchnorm(self) -> str:
-        if self.settings.query_bn == "meta" and not self.config.transductive:
-            return "meta-training statistics"
-        return super().test_batchnorm()
+        return episode_batchnorm(self.config.transductive, self.settings.query_bn == "meta")
 
     def meta_batchnorm(self) -> BatchNormState:
         """A copy of the running statistics accumulated over meta-training (``query_bn=meta``):
@@ -278,10 +279,11 @@ class InnerLoopMethod(Method):
         accumulated ones (see :meth:`meta_batchnorm`)."""
         with torch.no_grad():
             self.meta_bn_episodes += 1
-            rate = max(self.settings.meta_bn_rate, 1.0 / int(self.meta_bn_episodes))
+            # a tensor, so the hot path never waits on the device for the count
+            rate = self.meta_bn_episodes.reciprocal().clamp_min(self.settings.meta_bn_rate)
             stats = batchnorm_buffers(self, self.meta_bn_names, META_BN_PREFIX)
             for name, value in stats.items():
-                value.lerp_(bn[name].to(value), rate)
+                value.lerp_(bn[name].to(value), rate.to(value))
 
 
 def learner_shape(config: Config) -> LearnerShape:

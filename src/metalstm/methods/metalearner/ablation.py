@@ -28,7 +28,7 @@ from ...inner_loop import (
 )
 from ...learner import BatchNormState
 from ...progress import surrounding
-from ..base import Classifier, Method
+from ..base import Classifier, Method, episode_batchnorm
 from .method import MetaLSTM
 
 
@@ -92,9 +92,7 @@ class SGDFromInit(Method):
         return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
 
     def test_batchnorm(self) -> str:
-        if self.query_stats is not None and not self.config.transductive:
-            return "meta-training statistics"
-        return super().test_batchnorm()
+        return episode_batchnorm(self.config.transductive, self.query_stats is not None)
 
 
 def sgd_from_init(
