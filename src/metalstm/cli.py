@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from .allocator import keep_freed_memory
 from .commands import bench, compare, data, evaluate, methods, plot, predict, presets, train
 from .errors import MetaLSTMError, printable
 
@@ -44,6 +45,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()  # no page faults for every episode's tensors (see metalstm.allocator)
     run = {command.__name__.rpartition(".")[2]: command.run for command in COMMANDS}
     try:
         run[args.command](args)
