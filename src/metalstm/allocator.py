@@ -12,6 +12,12 @@ page faults, over 4000 episodes on one thread of the AVX-512 Xeon).
 so freed blocks are reused: the process keeps its peak footprint (what the episodes need
 anyway) instead of returning and refetching it. The command line calls it at start; a program
 using the Python API may call it once. It changes no result, only where memory comes from.
+
+The price: every block now comes from one heap, so a small allocation that outlives an episode,
+made while the episode's large blocks are free, splits one of them, and the next episode's large
+block no longer fits there: the heap grows by a block per episode. Keep per-episode records as
+Python objects or running digests, not tensors (``compare``'s record of 600 20-way test episodes
+held their ids as tensors and grew to 10 GB; ``tests/test_allocator.py`` pins the fix).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@
 
 from .episodes import (
     Episode,
+    EpisodeDigest,
     EpisodeSampler,
     FixedEpisodes,
     episode_loader,
@@ -23,6 +24,7 @@ __all__ = [
     "LAKE_VAL_ALPHABETS",
     "ClassImages",
     "Episode",
+    "EpisodeDigest",
     "EpisodeSampler",
     "FixedEpisodes",
     "episode_loader",

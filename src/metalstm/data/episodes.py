@@ -208,9 +208,9 @@ class FixedEpisodes(Sequence[Episode]):
 
     def fingerprint(self) -> str:
         """Same as ``episodes_fingerprint(self)``, without gathering any image."""
-        digest = hashlib.sha256()
+        digest = EpisodeDigest()
         for i in range(self.n_episodes):
-            digest.update(_id_bytes(*self.sampler.episode_ids(i)))
+            digest.add_ids(*self.sampler.episode_ids(i))
         return digest.hexdigest()
 
 
@@ -223,11 +223,31 @@ def fixed_episodes(
 
 def episodes_fingerprint(episodes: Iterable[Episode]) -> str:
     """sha256 of the classes and image rows of ``episodes``: equal iff the same episodes."""
-    digest = hashlib.sha256()
-    for ep in episodes:
-        ids = (ep.classes, ep.support_ids, ep.query_ids)
-        digest.update(_id_bytes(*(t.cpu().numpy() for t in ids)))
+    digest = EpisodeDigest()
+    for episode in episodes:
+        digest.add(episode)
     return digest.hexdigest()
+
+
+class EpisodeDigest:
+    """:func:`episodes_fingerprint` built one episode at a time, keeping nothing of the episodes:
+    a record of a long evaluation costs constant memory."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+
+    def add(self, episode: Episode) -> None:
+        """Append one episode (its classes and image rows)."""
+        ids = (episode.classes, episode.support_ids, episode.query_ids)
+        self.add_ids(*(t.cpu().numpy() for t in ids))
+
+    def add_ids(self, classes: np.ndarray, support: np.ndarray, query: np.ndarray) -> None:
+        """Append one episode given by its class and image-row ids."""
+        self._sha.update(_id_bytes(classes, support, query))
+
+    def hexdigest(self) -> str:
+        """The fingerprint of the episodes added so far."""
+        return self._sha.hexdigest()
 
 
 def _id_bytes(*arrays: np.ndarray) -> bytes:
