@@ -116,6 +116,27 @@ def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> No
     assert load_preset("omniglot-5w1s") == override(method_config(request(), "lstm", int), {})
 
 
+@pytest.mark.parametrize(
+    ("preset", "ways", "queries"),
+    [("omniglot-5w1s", 60, 5), ("omniglot-20w5s", 60, 5), ("miniimagenet-5w1s", 30, 15)],
+)
+def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries: int) -> None:
+    config = method_config(
+        Request.from_args(parse("--preset", preset, "--out", "O")), "protonet", int
+    )
+    test = load_preset(preset)
+    assert (config.train_ways, config.train_shots, config.q_query) == (ways, test.k_shot, queries)
+    # validation and test keep the comparison's episodes
+    assert (config.n_way, config.k_shot, config.eval_queries) == (
+        test.n_way,
+        test.k_shot,
+        test.eval_queries,
+    )
+    assert (
+        method_config(request("--set", "protonet:train_n_way=10"), "protonet", int).train_ways == 10
+    )
+
+
 # -- identical episodes --------------------------------------------------------------------------
 def synthetic(classes: int = 12, per_class: int = 20) -> ClassImages:
     images = torch.randint(0, 256, (classes * per_class, 1, 4, 4), dtype=torch.uint8)
