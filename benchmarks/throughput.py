@@ -118,11 +118,13 @@ EVAL_SCRIPT = """
 import json, sys, time
 import torch
 from metalstm import build_method, load_preset, override
+from metalstm.allocator import keep_freed_memory
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
 from metalstm.util import resolve_device
 
+keep_freed_memory()  # as every metalstm command does
 config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)

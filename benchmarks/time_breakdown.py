@@ -34,6 +34,7 @@ from torch.autograd.profiler_util import FunctionEvent
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from metalstm import bench, inner_loop, learner
+from metalstm.allocator import keep_freed_memory
 from metalstm.methods.metalearner import MetaLearnerCell
 
 SUPPORT = "learner: support passes (L_t, g_t)"
@@ -96,6 +97,9 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=15, help="operators listed (default 15)")
     parser.set_defaults(episodes=5)
     args = parser.parse_args()
+    # As `metalstm bench` runs: without it, the page faults of fresh allocations are charged to
+    # whichever operator first writes a new block (e.g. a copy_ inside addmm).
+    keep_freed_memory()
     label_the_library()
     work = bench.build_workload(args)
     for _ in range(max(args.warmup, 0)):
