@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -22,22 +21,13 @@ from pathlib import Path
 
 import torch
 
+from metalstm.bench import cpu_name
 from metalstm.checkpoint import load_checkpoint
 
 # The paper's recipe, whose runs agree across thread counts to rounding (README
 # "Reproducibility"); the library's recipe with a head built per episode drifted by 1.0e-4 after
 # six updates (its 32-filter, T = 8 version: tests/test_reproducibility.py).
 PRESETS = tuple(f"omniglot-{s}-paper" for s in ("5w1s", "5w5s", "20w1s", "20w5s"))
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def free_port() -> int:

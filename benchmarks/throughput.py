@@ -38,13 +38,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from metalstm.bench import cpu_name
 
 TRAIN_WORKLOADS: dict[str, list[str]] = {
     "84rgb-5w5s": ["--image-size", "84", "--channels", "3", "--shots", "5", "--steps", "8"],
@@ -220,22 +221,6 @@ def median_or_dash(results: list[dict[str, Any]], key: str, form: str) -> str:
     """The median of ``key`` over ``results`` formatted with ``form``, or "-" where none has it."""
     values = [r[key] for r in results if key in r]
     return form.format(statistics.median(values)) if values else "-"
-
-
-def cpu_name() -> str:
-    """The CPU's model name, family and model (Linux), or the platform's processor string."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name", platform.processor() or platform.machine())
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    flags = fields.get("flags", "").split()
-    return name + (", AVX-512" if "avx512f" in flags else ", AVX2" if "avx2" in flags else "")
 
 
 def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str:
