@@ -50,10 +50,13 @@ class MAMLSettings(InnerLoopSettings):
 
 
 def recipe(config: Config) -> dict[str, float | int]:
-    """Finn et al.'s settings: Omniglot 5-way α = 0.4, 1 step (3 at test), 8 tasks per update;
-    20-way α = 0.1, 5 steps, 16 tasks; miniImageNet α = 0.01, 5 steps (10 at test), 4 tasks
-    (1-shot) or 2 (5-shot). BN momentum 1: the support statistics used at test are exactly the
-    last support batch's, whatever the number of inner steps."""
+    """Finn et al.'s settings (their README's commands; Adam with their meta learning rate 1e-3):
+    Omniglot 5-way α = 0.4, 1 step (3 at test), 32 tasks per update; 20-way α = 0.1, 5 steps, 16
+    tasks; miniImageNet α = 0.01, 5 steps (10 at test), 4 tasks (1-shot) or 2 (5-shot). Finn et
+    al. ran 60,000 updates on a GPU; on Omniglot 5-way this recipe runs 36,000 tasks (1,125
+    updates, 48 minutes of one Zen 5 core), the comparison's budget. BN momentum 1: the support
+    statistics used at test are exactly the last support batch's, whatever the number of inner
+    steps."""
     common = {"clip_grad_norm": 10.0, "bn_momentum": 1.0}
     if config.dataset == "miniimagenet":
         batch = 4 if config.k_shot == 1 else 2
@@ -70,9 +73,18 @@ def recipe(config: Config) -> dict[str, float | int]:
             "inner_steps": 5,
             "eval_inner_steps": 5,
             "meta_batch": 16,
+            "lr": 1e-3,
             **common,
         }
-    return {"inner_lr": 0.4, "inner_steps": 1, "eval_inner_steps": 3, "meta_batch": 8, **common}
+    return {
+        "inner_lr": 0.4,
+        "inner_steps": 1,
+        "eval_inner_steps": 3,
+        "meta_batch": 32,
+        "lr": 1e-3,
+        "episodes": 36000,
+        **common,
+    }
 
 
 @register("maml", title="MAML", settings=MAMLSettings, recipe=recipe, published=PUBLISHED)
