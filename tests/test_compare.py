@@ -205,7 +205,9 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
     assert "| Method | Accuracy (%) |" in printed
 
     # Every method saw the very same episodes: same classes and image rows, episode by episode.
-    assert len(samplers) == len(TINY_METHODS)
+    # One sampler per evaluation: every method, and protonet once more transductively (the
+    # others' test statistics come from pre-training or there is no network).
+    assert len(samplers) == len(TINY_METHODS) + 1
     first = samplers[0].episodes
     assert len(first) == samplers[0].served == 6
     for sampler in samplers[1:]:
@@ -223,12 +225,14 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
         assert len(row["per_episode"]) == 6 and 0.0 <= row["accuracy"] <= 1.0
     by_name = {row["method"]: row for row in results["methods"]}
     assert by_name["nn-pixel"]["train_seconds"] == 0.0  # nothing to train
+    transductive = {m: row["transductive_accuracy"] for m, row in by_name.items()}
+    assert [m for m, value in transductive.items() if value is not None] == ["protonet"]
     shared = by_name["nn-embedding"]
     assert shared["train_origin"] == "shared" and "finetune" in shared["notes"]
 
     table = (out / "results.md").read_text()
     assert "6 fixed episodes" in table and expected[:16] in table and "metalstm compare" in table
-    assert all(f"(`{m}`)" in table for m in TINY_METHODS)
+    assert all(f"(`{m}`)" in table for m in TINY_METHODS) and "| Transductive (%) |" in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in rows] == list(TINY_METHODS)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -241,6 +245,11 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
         assert code == 0
         evaluated = json.loads(capsys.readouterr().out)
         assert evaluated["accuracy"] == pytest.approx(row["accuracy"])
+    protonet = by_name["protonet"]["checkpoint"]
+    argv = ["evaluate", "--checkpoint", protonet, "--episodes", "6", "--transductive", "--json"]
+    assert cli.main(argv) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(transductive["protonet"])
 
     # A second run reuses the finished runs and a given checkpoint: nothing is trained again.
     given = out / "runs" / "protonet" / "best.safetensors"

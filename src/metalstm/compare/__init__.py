@@ -13,9 +13,11 @@ episodes) and :mod:`.reports` (the files).
    to train gets an untrained checkpoint;
 2. evaluates every method on the *same* fixed test episodes, drawing them through one recording
    sampler per method and checking that the episodes each method saw (classes and image ids)
-   hash to the same fingerprint (:func:`metalstm.data.episodes_fingerprint`);
-3. writes ``OUT/results.md`` (Markdown table: mean ± 95% CI, episodes, training wall time,
-   published figure; protocol line and command), ``results.csv``, ``results.json`` (with every
+   hash to the same fingerprint (:func:`metalstm.data.episodes_fingerprint`); under the
+   non-transductive protocol, a method whose query statistics come from the episode is evaluated
+   once more with transductive batch norm, the protocol of several published figures;
+3. writes ``OUT/results.md`` (Markdown table: mean ± 95% CI, the transductive figure beside it,
+   episodes, training wall time, published figure; protocol line and command), ``results.csv``, ``results.json`` (with every
    per-episode accuracy) and ``results.png`` (bar chart, error bars = 95% CI).
 
 Methods come from the registry (:mod:`metalstm.registry`), in its order. Settings: the preset,

@@ -78,6 +78,9 @@ def check_compatible(method: str, config: Config, base: Config, path: Path) -> N
             )
 
 
+TRANSDUCTIVE_STAGE = "transductive evaluation"
+
+
 class ComparisonProgress:
     """The comparison's own status in front of every progress line of its training and evaluation
     runs: ``method 3/9 (NAME) | comparison ETA ~41m | episode 200/5000 | ...``.
@@ -108,6 +111,10 @@ class ComparisonProgress:
                 self.units_done += self.stage_units_done()
                 self.block = None
 
+    def skip(self, method: str, kind: str) -> None:
+        """The planned stage will not run (its work leaves the estimate)."""
+        self.left.pop((method, kind), None)
+
     def stage_units_done(self) -> float:
         """Units of the running stage done so far, by its main progress line."""
         main = self.block.main if self.block is not None else None
@@ -135,8 +142,9 @@ class ComparisonProgress:
 
 def planned_work(request: Request, train_images: Callable[[], int]) -> dict[tuple[str, str], int]:
     """Units of work of each stage of the comparison, for its ETA: training episodes (pre-training:
-    mini-batches) of every method trained here, and its test episodes. A run found finished
-    turns out to need none."""
+    mini-batches) of every method trained here, and its test episodes (twice under the
+    non-transductive protocol: see :func:`~metalstm.compare.evaluation.evaluate_methods`). A run
+    found finished turns out to need none."""
     base = base_config(request)
     planned = {}
     for method in request.methods:
@@ -151,6 +159,8 @@ def planned_work(request: Request, train_images: Callable[[], int]) -> dict[tupl
                 units = math.ceil(batches)
         planned[(method, "training")] = units
         planned[(method, "evaluation")] = base.test_episodes
+        if not base.transductive:
+            planned[(method, TRANSDUCTIVE_STAGE)] = base.test_episodes
     return planned
 
 

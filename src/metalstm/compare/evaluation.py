@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import Config
@@ -15,10 +16,7 @@ from ..progress import format_seconds
 from ..registry import TrainsOn, method_entry
 from ..serialization import load_method
 from ..util import load_part, resolve_device
-from .configs import (
-    ComparisonProgress,
-    base_config,
-)
+from .configs import TRANSDUCTIVE_STAGE, ComparisonProgress, base_config
 from .request import Request, say
 from .training import (
     Trained,
@@ -60,6 +58,10 @@ class MethodResult:
     eval_seconds: float
     notes: str
     published: float | None
+    # The same checkpoint with the query batch's own statistics (transductive batch norm, the
+    # protocol of several published figures) beside a non-transductive comparison; None where
+    # the protocol is transductive already or the method's test statistics do not depend on it.
+    transductive: EvalResult | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -67,6 +69,8 @@ class MethodResult:
             "title": self.title,
             "accuracy": self.result.mean,
             "ci95": self.result.ci95,
+            "transductive_accuracy": self.transductive and self.transductive.mean,
+            "transductive_ci95": self.transductive and self.transductive.ci95,
             "episodes": len(self.result.accuracies),
             "train_seconds": self.trained.seconds,
             "train_origin": self.trained.origin,
@@ -99,42 +103,80 @@ def evaluate_methods(
     log: TextIO | None,
     progress: ComparisonProgress,
 ) -> tuple[list[MethodResult], str, Config]:
-    """Evaluate every method on the same fixed test episodes; returns results and fingerprint."""
+    """Evaluate every method on the same fixed test episodes; returns results and fingerprint.
+
+    Under the non-transductive protocol a method whose query statistics come from the episode
+    is evaluated a second time, transductively, on the same episodes (:attr:`MethodResult.
+    transductive`), so a figure published with that protocol has its like beside ours.
+    """
     base = base_config(request)
-    device = resolve_device(base.device)
-    test = load_part(base, "test")
-    count, seed = base.test_episodes, base.test_seed
-    expected = fixed_episodes(test, base.n_way, base.k_shot, base.eval_queries, seed, count)
-    fingerprint = expected.fingerprint()
+    fixed = FixedTest(base)
     setting = (base.dataset, base.n_way, base.k_shot)
     results = []
     for method, info in trained.items():
-        overrides: dict[str, Any] = {"transductive": base.transductive}
-        if base.data_root is not None:
-            overrides["data_root"] = base.data_root
-        model, _ = load_method(info.checkpoint, device=device, **overrides)
-        sampler = RecordingSampler(test, base.n_way, base.k_shot, base.eval_queries, seed)
+        model = fixed.load(info.checkpoint, base.transductive)
         start = time.perf_counter()
         with progress.stage(method, "evaluation"):
-            result = evaluate(model, episodes=count, seed=seed, progress=log, sampler=sampler)
+            result = fixed.evaluate(method, model, log)
         seconds = time.perf_counter() - start
-        served = sampler.fingerprint()
-        if served != fingerprint:
-            raise MetaLSTMError(
-                f"{method} was evaluated on other episodes than the comparison's fixed ones "
-                f"(fingerprint {served[:12]} != {fingerprint[:12]})"
-            )
+        transductive = None
+        if not base.transductive:
+            other = fixed.load(info.checkpoint, transductive=True)
+            if other.test_batchnorm() == episode_batchnorm(transductive=True):
+                with progress.stage(method, TRANSDUCTIVE_STAGE):
+                    transductive = fixed.evaluate(method, other, log)
+            else:
+                progress.skip(method, TRANSDUCTIVE_STAGE)
         entry = method_entry(method)
         row = MethodResult(
             method,
             entry.title,
             result,
             info,
-            served,
+            fixed.fingerprint,
             seconds,
             method_notes(model, info, result.protocol, base),
             entry.published.get(setting),
+            transductive,
         )
-        say(log, f"{method}: {result.line()} [{format_seconds(seconds)}]")
+        extra = "" if transductive is None else f"; transductive {transductive.line()}"
+        say(log, f"{method}: {result.line()}{extra} [{format_seconds(seconds)}]")
         results.append(row)
-    return results, fingerprint, base
+    return results, fixed.fingerprint, base
+
+
+class FixedTest:
+    """The comparison's fixed test episodes: loads a checkpoint for them and evaluates it,
+    checking that it saw exactly these episodes (by fingerprint)."""
+
+    def __init__(self, base: Config):
+        self.base = base
+        self.device = resolve_device(base.device)
+        self.data = load_part(base, "test")
+        shape = (base.n_way, base.k_shot, base.eval_queries)
+        self.fingerprint = fixed_episodes(
+            self.data, *shape, base.test_seed, base.test_episodes
+        ).fingerprint()
+
+    def load(self, checkpoint: Path, transductive: bool) -> Method:
+        overrides: dict[str, Any] = {"transductive": transductive}
+        if self.base.data_root is not None:
+            overrides["data_root"] = self.base.data_root
+        model, _ = load_method(checkpoint, device=self.device, **overrides)
+        return model
+
+    def evaluate(self, method: str, model: Method, log: TextIO | None) -> EvalResult:
+        base = self.base
+        sampler = RecordingSampler(
+            self.data, base.n_way, base.k_shot, base.eval_queries, base.test_seed
+        )
+        result = evaluate(
+            model, episodes=base.test_episodes, seed=base.test_seed, progress=log, sampler=sampler
+        )
+        served = sampler.fingerprint()
+        if served != self.fingerprint:
+            raise MetaLSTMError(
+                f"{method} was evaluated on other episodes than the comparison's fixed ones "
+                f"(fingerprint {served[:12]} != {self.fingerprint[:12]})"
+            )
+        return result

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
+from ..evaluation import EvalResult
 from ..files import write_file
 from ..progress import format_seconds
 from .evaluation import MethodResult
@@ -29,20 +30,28 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else format_seconds(value)
 
 
+def _accuracy(result: EvalResult | None) -> str:
+    return "—" if result is None else f"{100 * result.mean:.2f} ± {100 * result.ci95:.2f}"
+
+
 def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp: str) -> str:
+    beside = not base.transductive  # a transductive column beside the protocol's
     lines = [
         f"# Few-shot comparison: {request.preset}",
         "",
         f"Protocol: {protocol_line(base, fp)}.",
         "",
-        "| Method | Accuracy (%) | Episodes | Training time | Published (%) | Notes |",
-        "|---|---|---|---|---|---|",
+        "| Method | Accuracy (%) | "
+        + ("Transductive (%) | " if beside else "")
+        + "Episodes | Training time | Published (%) | Notes |",
+        "|---|---|" + ("---|" if beside else "") + "---|---|---|---|",
     ]
     for r in results:
         published = "—" if r.published is None else f"{r.published:.2f}"
         lines.append(
-            f"| {r.title} (`{r.method}`) | {100 * r.result.mean:.2f} ± {100 * r.result.ci95:.2f} "
-            f"| {len(r.result.accuracies)} | {_seconds(r.trained.seconds)} | {published} "
+            f"| {r.title} (`{r.method}`) | {_accuracy(r.result)} | "
+            + (f"{_accuracy(r.transductive)} | " if beside else "")
+            + f"{len(r.result.accuracies)} | {_seconds(r.trained.seconds)} | {published} "
             f"| {r.notes} |"
         )
     lines += [
@@ -52,8 +61,14 @@ def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp
         "Training time: wall time of each method's training run on this machine (validation "
         "included); `—` when unknown. Published: the figure quoted in the project's SPEC for "
         "this dataset and N-way K-shot setting, for reference only (other budgets and protocols).",
-        "",
     ]
+    if beside:
+        lines.append(
+            "Transductive: the same checkpoint on the same episodes with each query batch "
+            "normalised by its own statistics (the protocol several published figures use); "
+            "`—` where a method's test statistics do not come from the episode."
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -62,6 +77,8 @@ CSV_FIELDS = (
     "title",
     "accuracy",
     "ci95",
+    "transductive_accuracy",
+    "transductive_ci95",
     "episodes",
     "train_seconds",
     "eval_seconds",
