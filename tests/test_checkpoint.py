@@ -260,6 +260,11 @@ def test_resolve_shipped_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert resolve_checkpoint("my-omniglot.safetensors", search_dirs=[shipped]) == ref
     assert "my-omniglot" in list_pretrained(search_dirs=[shipped])
     assert "my-omniglot" not in list_pretrained()
+    # A folder of that name in the working directory (say, a compare's --out) hides the shipped
+    # name: the error says so and gives the shipped file.
+    (tmp_path / "my-omniglot").mkdir()
+    with pytest.raises(CheckpointError, match=f"hides the shipped checkpoint.*{ref}"):
+        resolve_checkpoint("my-omniglot", search_dirs=[shipped])
     with pytest.raises(CheckpointError, match=r"shipped checkpoints: .*my-omniglot") as exc:
         resolve_checkpoint("omniglot-99w1s", search_dirs=[shipped])
     assert "\n" not in str(exc.value)

@@ -328,9 +328,20 @@ def resolve_checkpoint(name_or_path: str, *, search_dirs: Sequence[Path] = ()) -
         for stem in ("best", "last"):
             if (path / (stem + SUFFIX)).is_file():
                 return path / (stem + SUFFIX)
+        shipped = [
+            folder / (path.name + SUFFIX)
+            for folder in (_pretrained_dir(), *map(Path, search_dirs))
+            if str(path) == path.name and _valid_name(path.name)
+        ]
+        hidden = [file for file in shipped if file.is_file()]
+        hint = (
+            f" (this folder hides the shipped checkpoint {path.name!r}: pass its file {hidden[0]})"
+            if hidden
+            else ""
+        )
         raise CheckpointError(
             f"run folder {path} holds neither best{SUFFIX} nor last{SUFFIX}; "
-            "pass a checkpoint file or a folder of a run that has validated"
+            f"pass a checkpoint file or a folder of a run that has validated{hint}"
         )
     if _with_suffix(path).is_file():
         return _with_suffix(path)

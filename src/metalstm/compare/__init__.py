@@ -17,8 +17,9 @@ episodes) and :mod:`.reports` (the files).
    non-transductive protocol, a method whose query statistics come from the episode is evaluated
    once more with transductive batch norm, the protocol of several published figures;
 3. writes ``OUT/results.md`` (Markdown table: mean ± 95% CI, the transductive figure beside it,
-   episodes, training wall time, published figure; protocol line and command), ``results.csv``, ``results.json`` (with every
-   per-episode accuracy) and ``results.png`` (bar chart, error bars = 95% CI).
+   episodes, training wall time, published figure; protocol line and command),
+   ``results.csv``, ``results.json`` (with every per-episode accuracy) and ``results.png``
+   (bar chart, error bars = 95% CI).
 
 Methods come from the registry (:mod:`metalstm.registry`), in its order. Settings: the preset,
 then the method's recipe (registered with the method), then ``--set key=value`` (every
