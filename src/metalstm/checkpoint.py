@@ -308,6 +308,15 @@ def list_pretrained(*, search_dirs: Sequence[Path] = ()) -> list[str]:
     return sorted(names)
 
 
+def _shipped_files(name: str, search_dirs: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """``(folder, file)`` of each shipped checkpoint file named ``name`` (a valid shipped name),
+    the package's folder first."""
+    if not _valid_name(name):
+        return []
+    folders = (_pretrained_dir(), *map(Path, search_dirs))
+    return [(f, f / (name + SUFFIX)) for f in folders if (f / (name + SUFFIX)).is_file()]
+
+
 def resolve_checkpoint(name_or_path: str, *, search_dirs: Sequence[Path] = ()) -> Path:
     """Turn a user's ``--checkpoint`` value into a checkpoint file path.
 
@@ -328,14 +337,10 @@ def resolve_checkpoint(name_or_path: str, *, search_dirs: Sequence[Path] = ()) -
         for stem in ("best", "last"):
             if (path / (stem + SUFFIX)).is_file():
                 return path / (stem + SUFFIX)
-        shipped = [
-            folder / (path.name + SUFFIX)
-            for folder in (_pretrained_dir(), *map(Path, search_dirs))
-            if str(path) == path.name and _valid_name(path.name)
-        ]
-        hidden = [file for file in shipped if file.is_file()]
+        hidden = _shipped_files(path.name, search_dirs) if str(path) == path.name else []
         hint = (
-            f" (this folder hides the shipped checkpoint {path.name!r}: pass its file {hidden[0]})"
+            f" (this folder hides the shipped checkpoint {path.name!r}: pass its file "
+            f"{hidden[0][1]})"
             if hidden
             else ""
         )
@@ -352,10 +357,7 @@ def resolve_checkpoint(name_or_path: str, *, search_dirs: Sequence[Path] = ()) -
             f"checkpoint {name_or_path!r} does not exist and is not a valid shipped name "
             "(letters, digits, '.', '_', '-', no '..' or separators); check the path"
         )
-    for folder in (_pretrained_dir(), *map(Path, search_dirs)):
-        candidate = folder / (name + SUFFIX)
-        if not candidate.is_file():
-            continue
+    for folder, candidate in _shipped_files(name, search_dirs):
         if not candidate.resolve().is_relative_to(folder.resolve()):
             raise CheckpointError(
                 f"shipped checkpoint {candidate} points outside {folder}; refusing to load it"
