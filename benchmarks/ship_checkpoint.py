@@ -7,6 +7,9 @@ share it: with a head built per episode (``head_init``) the meta-learned weights
 run it came from and what was changed.
 
     python benchmarks/ship_checkpoint.py runs/omniglot-5w1s omniglot-20w1s --set n_way=20
+
+The source may be a shipped name: its weights ship again with the changed settings, the metadata
+keeping the run they were trained in and every change made since.
 """
 
 from __future__ import annotations
@@ -35,7 +38,12 @@ def main() -> None:
     args = parser.parse_args()
     changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     model, meta = load_method(args.run, **changes)
-    extra = {"trained_in": str(args.run), "train_state": meta.get("train_state"), "set": changes}
+    # re-shipping a shipped checkpoint with other settings keeps the run it was trained in
+    extra = {
+        "trained_in": meta.get("trained_in", str(args.run)),
+        "train_state": meta.get("train_state"),
+        "set": {**meta.get("set", {}), **changes},
+    }
     if args.eval is not None:
         extra["test"] = test_figure(json.loads(args.eval.read_text()))
     out = method_meta(model, "training", **extra)

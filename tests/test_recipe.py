@@ -226,6 +226,65 @@ def test_meta_batchnorm_averages_the_statistics_episodes_end_with() -> None:
         override(cfg, {"query_bn": "support", "train_query_bn": "meta"})
 
 
+@pytest.mark.parametrize("momentum", [1.0, 0.5])
+def test_final_support_pass_normalises_the_queries_with_the_support_set_at_theta_t(
+    momentum: float,
+) -> None:
+    """``query_bn=final``: after the T updates one more support pass, at θ_T, folds the support
+    set's statistics there into the running ones (BN momentum as every pass; with 1 they are
+    exactly θ_T's); the queries are normalised with them, one query independent of the others,
+    and the protocol line says so. ``support`` keeps those of the passes at θ_0..θ_{T-1}."""
+    cfg = small_config(head_init="prototypes", query_bn="final", bn_momentum=momentum)
+    model = double_model(cfg)
+    episode = random_episode(cfg, seed=21)
+    with torch.no_grad():
+        result = model.inner_loop(episode.support_x, episode.support_y, model.settings.eval_steps)
+    before = {name: value.clone() for name, value in result.bn.items()}
+    at_theta_t = model.learner.fresh_batchnorm_state(dtype=torch.float64)
+    model.learner(result.theta, episode.support_x, at_theta_t, batch_stats=True)  # momentum m:
+    fresh = model.learner.fresh_batchnorm_state(dtype=torch.float64)  # m · s + (1 − m) · fresh
+    classifier = model.adapt(episode.support_x, episode.support_y)
+    assert isinstance(classifier, AdaptedLearner)
+    torch.testing.assert_close(classifier.theta, result.theta)
+    for name, value in classifier.bn.items():
+        batch = (at_theta_t[name] - (1 - momentum) * fresh[name]) / momentum  # θ_T's statistics
+        torch.testing.assert_close(value, (1 - momentum) * before[name] + momentum * batch)
+        assert not torch.allclose(value, before[name])
+    logits = classifier(episode.query_x)
+    alone = torch.cat([classifier(x[None]) for x in episode.query_x])
+    torch.testing.assert_close(logits, alone)  # no statistics of the query batch
+    assert model.test_batchnorm() == "support statistics at θ_T"
+    support = double_model(override(cfg, {"query_bn": "support"}))
+    support.load_state_dict(model.state_dict())
+    support_classifier = support.adapt(episode.support_x, episode.support_y)
+    assert isinstance(support_classifier, AdaptedLearner)
+    for name, value in support_classifier.bn.items():
+        torch.testing.assert_close(value, before[name].to(value))
+    assert support.test_batchnorm() == "support statistics"
+
+
+def test_final_support_pass_from_the_command_line(data_env: Path) -> None:
+    """``evaluate --query-bn final`` on a shipped meta-learner: the protocol line names the mode;
+    the SGD ablation of a ``final`` model normalises the same way."""
+    code, out, err = run_cli(
+        [
+            "evaluate",
+            "--checkpoint",
+            "omniglot-5w1s-paper",
+            "--episodes",
+            "2",
+            "--query-bn",
+            "final",
+            "--quiet",
+        ]
+    )
+    assert code == 0, err
+    assert "BN: support statistics at θ_T" in out
+    model, _ = load_method("omniglot-5w1s-paper", query_bn="final")
+    ablation = sgd_from_learned_init(model, [1e-9])
+    assert evaluate(ablation.model, episodes=2).protocol.bn_mode == "support statistics at θ_T"
+
+
 def test_meta_batchnorm_through_training_checkpoints_and_the_sgd_ablation(
     data_env: Path, tmp_path: Path
 ) -> None:

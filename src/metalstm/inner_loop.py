@@ -148,7 +148,23 @@ def run_inner_loop(
     return InnerLoopResult(state.theta, bn, support_losses, infos, thetas)
 
 
+def final_support_pass(
+    learner: Learner, result: InnerLoopResult, support_x: Tensor
+) -> BatchNormState:
+    """``result.bn`` after one more support pass, at θ_T (no gradient; ``query_bn=final``).
+
+    The support passes run at θ_0 .. θ_{T-1}, so their running statistics describe the learner
+    before its last update; the queries are classified at θ_T. This pass folds the support set's
+    statistics at θ_T into the running ones with the learner's BN momentum, as every support pass
+    does (with momentum 1 they become exactly θ_T's). Only support images: non-transductive.
+    """
+    with torch.no_grad():
+        learner(result.theta.detach(), support_x, result.bn, batch_stats=True)
+    return result.bn
+
+
 HEAD_INITS = ("learned", "zero", "prototypes")
+QUERY_BN = ("support", "final", "meta")
 
 
 def episode_theta0(
@@ -212,11 +228,12 @@ class InnerLoopSettings(MethodSettings):
     inner_steps: int = 12  # T: updates of the learner on the support set
     eval_inner_steps: int | None = None  # T at evaluation; None = inner_steps
     # BN of the query pass at test: support (the authors': the support passes' running
-    # statistics) | meta (running statistics accumulated over meta-training episodes)
+    # statistics) | final (those with one more support pass at θ_T: final_support_pass) |
+    # meta (running statistics accumulated over meta-training episodes)
     query_bn: str = "support"
     meta_bn_rate: float = 0.01  # query_bn=meta: weight of each episode in those statistics
     # BN of the query pass while meta-training: batch (the authors') | support (the support
-    # passes' running statistics, as at test) | meta (the accumulated ones, as at test)
+    # passes' running statistics as query_bn makes them at test) | meta (the accumulated ones)
     train_query_bn: str = "batch"
     head_init: str = "learned"  # θ_0's linear head: learned | zero | prototypes (episode_theta0)
     # θ_0's conv body before meta-training: random (the learner's initialisation) | pretrained
@@ -229,7 +246,7 @@ class InnerLoopSettings(MethodSettings):
         return {
             "inner_steps": self.inner_steps >= 1,
             "eval_inner_steps": self.eval_inner_steps is None or self.eval_inner_steps >= 1,
-            "query_bn": self.query_bn in ("support", "meta"),
+            "query_bn": self.query_bn in QUERY_BN,
             "meta_bn_rate": 0.0 < self.meta_bn_rate <= 1.0,
             # the accumulated statistics exist only with query_bn=meta
             "train_query_bn": self.train_query_bn in ("batch", "support")

@@ -39,6 +39,12 @@ def register(subparsers: Subparsers) -> None:
         help="BN statistics from the query batch instead of the support set",
     )
     evaluate.add_argument(
+        "--query-bn",
+        choices=["support", "final"],
+        help="BN statistics of the queries (inner-loop methods): the support passes' (the "
+        "authors') or those with one more support pass at θ_T (default: as trained)",
+    )
+    evaluate.add_argument(
         "--sgd-from-init",
         metavar="LR[,LR...]",
         help="ablation: plain SGD from the LSTM's learned θ_0 instead of its update rule "
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> None:
         "n_way": args.n_way,
         "k_shot": args.k_shot,
         "transductive": args.transductive or None,
+        "query_bn": args.query_bn,
         "data_root": args.data_root,
     }
     overrides: dict[str, Any] = {key: value for key, value in given.items() if value is not None}

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from ..config import Config, override
 from ..data import ClassImages, Episode
-from ..inner_loop import AdaptedLearner, InnerLoopResult, InnerLoopSettings, episode_theta0
+from ..inner_loop import (
+    AdaptedLearner,
+    InnerLoopResult,
+    InnerLoopSettings,
+    episode_theta0,
+    final_support_pass,
+)
 from ..learner import (
     BatchNormState,
     Learner,
@@ -62,13 +68,19 @@ NO_BATCHNORM = "none"  # Method.test_batchnorm of a method without batch norm
 META_BN_PREFIX = "meta_bn_"  # buffers of the statistics accumulated over meta-training
 
 
-def episode_batchnorm(transductive: bool, accumulated: bool = False) -> str:
-    """The statistics that normalise query images under the episode protocol (SPEC §1): the
-    support passes' running statistics (or, ``accumulated``, those of meta-training:
-    ``query_bn=meta``), or with ``transductive`` the query batch's own."""
-    if transductive:
-        return "transductive"
-    return "meta-training statistics" if accumulated else "support statistics"
+QUERY_BN_LABELS = {
+    "support": "support statistics",
+    "final": "support statistics at θ_T",
+    "meta": "meta-training statistics",
+}
+
+
+def episode_batchnorm(transductive: bool, query_bn: str = "support") -> str:
+    """The statistics that normalise query images under the episode protocol (SPEC §1), as the
+    protocol line states them: the support passes' running statistics (``query_bn=support``, the
+    authors'), those with one more support pass at θ_T (``final``), those accumulated over
+    meta-training (``meta``), or with ``transductive`` the query batch's own."""
+    return "transductive" if transductive else QUERY_BN_LABELS[query_bn]
 
 
 class Method(nn.Module, ABC):
@@ -241,12 +253,15 @@ class InnerLoopMethod(Method):
         ones (:meth:`accumulate_batchnorm`)."""
         result = self.inner_loop(episode.support_x, episode.support_y, self.settings.inner_steps)
         mode = self.settings.train_query_bn
-        logits = self.learner(
-            result.theta,
-            episode.query_x,
-            self.meta_batchnorm() if mode == "meta" else result.bn,
-            batch_stats=mode == "batch",
-        )
+        if mode == "meta":
+            bn = self.meta_batchnorm()
+        else:
+            bn = (
+                self.support_statistics(result, episode.support_x)
+                if mode == "support"
+                else result.bn
+            )
+        logits = self.learner(result.theta, episode.query_x, bn, batch_stats=mode == "batch")
         if self.settings.query_bn == "meta":
             self.accumulate_batchnorm(result.bn)
         return EpisodeLoss(
@@ -255,15 +270,26 @@ class InnerLoopMethod(Method):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         """The learner at θ_T after ``eval_steps`` updates (no meta-graph), whose query pass
-        normalises with the support passes' statistics or (``query_bn=meta``) the accumulated
-        ones."""
+        normalises with the support set's statistics (``query_bn`` support or final, see
+        :meth:`support_statistics`) or (``meta``) the accumulated ones."""
         with torch.no_grad():
             result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
-        bn = self.meta_batchnorm() if self.settings.query_bn == "meta" else result.bn
+        if self.settings.query_bn == "meta":
+            bn = self.meta_batchnorm()
+        else:
+            bn = self.support_statistics(result, support_x)
         return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
 
+    def support_statistics(self, result: InnerLoopResult, support_x: Tensor) -> BatchNormState:
+        """The support set's running statistics that normalise the query: the support passes'
+        (``query_bn=support``), or with one more support pass at θ_T (``final``:
+        :func:`~metalstm.inner_loop.final_support_pass`)."""
+        if self.settings.query_bn == "final":
+            return final_support_pass(self.learner, result, support_x)
+        return result.bn
+
     def test_batchnorm(self) -> str:
-        return episode_batchnorm(self.config.transductive, self.settings.query_bn == "meta")
+        return episode_batchnorm(self.config.transductive, self.settings.query_bn)
 
     def meta_batchnorm(self) -> BatchNormState:
         """A copy of the running statistics accumulated over meta-training (``query_bn=meta``):

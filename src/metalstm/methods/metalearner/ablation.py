@@ -24,6 +24,7 @@ from ...inner_loop import (
     AdaptedLearner,
     InnerLoopSettings,
     episode_theta0,
+    final_support_pass,
     run_inner_loop,
 )
 from ...learner import BatchNormState
@@ -88,11 +89,16 @@ class SGDFromInit(Method):
                 support_y,
                 self.settings.eval_steps,
             )
-        bn = result.bn if self.query_stats is None else dict(self.query_stats)
+        if self.query_stats is not None:
+            bn = dict(self.query_stats)
+        elif self.settings.query_bn == "final":
+            bn = final_support_pass(self.learner, result, support_x)
+        else:
+            bn = result.bn
         return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
 
     def test_batchnorm(self) -> str:
-        return episode_batchnorm(self.config.transductive, self.query_stats is not None)
+        return episode_batchnorm(self.config.transductive, self.settings.query_bn)
 
 
 def sgd_from_init(
