@@ -713,10 +713,12 @@ def test_query_protocol_non_transductive_and_transductive() -> None:
 
 @pytest.mark.parametrize("algorithm", ["lstm", "maml"])
 @pytest.mark.parametrize("train_query_bn", ["batch", "support"])
-def test_meta_training_query_batch_norm(algorithm: str, train_query_bn: str) -> None:
+@pytest.mark.parametrize("query_bn", ["support", "final"])
+def test_meta_training_query_batch_norm(algorithm: str, train_query_bn: str, query_bn: str) -> None:
     """The query pass of meta-training uses its batch statistics (the authors') or, with
-    train_query_bn=support, exactly what the non-transductive test classifier uses."""
-    cfg = small_config(algorithm=algorithm, train_query_bn=train_query_bn)
+    train_query_bn=support, exactly what the non-transductive test classifier uses (with
+    query_bn=final, the support pass at θ_T included)."""
+    cfg = small_config(algorithm=algorithm, train_query_bn=train_query_bn, query_bn=query_bn)
     model = build_method(cfg).double()
     episode = random_episode(cfg, seed=13)
     loss = float(model.meta_loss(episode).loss.detach())

@@ -255,12 +255,10 @@ class InnerLoopMethod(Method):
         mode = self.settings.train_query_bn
         if mode == "meta":
             bn = self.meta_batchnorm()
-        else:
-            bn = (
-                self.support_statistics(result, episode.support_x)
-                if mode == "support"
-                else result.bn
-            )
+        elif mode == "support":
+            bn = self.support_statistics(result, episode.support_x)
+        else:  # batch: the query batch's own statistics (the running ones are updated)
+            bn = result.bn
         logits = self.learner(result.theta, episode.query_x, bn, batch_stats=mode == "batch")
         if self.settings.query_bn == "meta":
             self.accumulate_batchnorm(result.bn)
