@@ -12,6 +12,7 @@ import metalstm
 from conftest import run_cli, small_config
 from metalstm import ConfigError, MetaLSTM, build_method, evaluate, load_method, override
 from metalstm import training as tr
+from metalstm.checkpoint import save_checkpoint
 from metalstm.data import Episode
 from metalstm.inner_loop import AdaptedLearner, class_means
 from metalstm.learner import Learner
@@ -19,6 +20,7 @@ from metalstm.methods.base import Method, learner_shape
 from metalstm.methods.metalearner.ablation import sgd_from_learned_init
 from metalstm.methods.pretraining import PretrainedClassifier
 from metalstm.runfolder import CHECKPOINTS, METRICS
+from metalstm.serialization import method_meta, method_tensors
 from metalstm.training import Trainer
 from test_metalearner import check_against_fd, double_model, random_episode
 from test_training import synthetic_data, tiny_config  # noqa: F401 (synthetic_data: a fixture)
@@ -263,7 +265,7 @@ def test_final_support_pass_normalises_the_queries_with_the_support_set_at_theta
     assert support.test_batchnorm() == "support statistics"
 
 
-def test_final_support_pass_from_the_command_line(data_env: Path) -> None:
+def test_final_support_pass_from_the_command_line(data_env: Path, tmp_path: Path) -> None:
     """``evaluate --query-bn final`` on a shipped meta-learner: the protocol line names the mode;
     the SGD ablation of a ``final`` model normalises the same way."""
     code, out, err = run_cli(
@@ -283,6 +285,13 @@ def test_final_support_pass_from_the_command_line(data_env: Path) -> None:
     model, _ = load_method("omniglot-5w1s-paper", query_bn="final")
     ablation = sgd_from_learned_init(model, [1e-9])
     assert evaluate(ablation.model, episodes=2).protocol.bn_mode == "support statistics at θ_T"
+    # a method without an inner loop has one θ, so nothing to choose: a one-line refusal
+    protonet = build_method(override(small_config(image_size=28), {"method": "protonet"}))
+    path = save_checkpoint(
+        tmp_path / "protonet", method_tensors(protonet), method_meta(protonet, "t")
+    )
+    code, out, err = run_cli(["evaluate", "--checkpoint", str(path), "--query-bn", "final"])
+    assert code == 2 and err.count("\n") == 1 and "--query-bn applies to" in err, err
 
 
 def test_meta_batchnorm_through_training_checkpoints_and_the_sgd_ablation(

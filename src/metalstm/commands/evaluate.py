@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from ..errors import printable
+from ..errors import ConfigError, printable
 from ..files import check_output, output_path, write_file
 from . import Subparsers, add_checkpoint_argument
 
@@ -61,6 +61,7 @@ def register(subparsers: Subparsers) -> None:
 
 def run(args: argparse.Namespace) -> None:
     from ..evaluation import evaluate
+    from ..inner_loop import InnerLoopSettings
     from ..serialization import load_method
     from ..util import resolve_device
 
@@ -79,6 +80,12 @@ def run(args: argparse.Namespace) -> None:
     progress = None if args.quiet else sys.stderr
     method, meta = load_method(args.checkpoint, device, **overrides)
     name = method.name
+    if args.query_bn is not None and not isinstance(method.settings, InnerLoopSettings):
+        raise ConfigError(
+            f"--query-bn applies to a method that adapts by an inner loop (lstm, maml), not "
+            f"{name!r}: its queries are normalised with the support set's statistics at the "
+            "one θ it has"
+        )
     if args.sgd_from_init is not None:
         from ..config import parse_positive_numbers
         from ..methods.metalearner.ablation import sgd_from_learned_init
