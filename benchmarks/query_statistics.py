@@ -66,7 +66,11 @@ def main() -> None:
     parser.add_argument("--k-shot", type=int)
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--population", type=int, default=300, help="training episodes")
+    parser.add_argument(
+        "--only", help="comma-separated candidates to score (default: all; support always)"
+    )
     args = parser.parse_args()
+    wanted = None if args.only is None else {"support", *args.only.split(",")}
     given = {"n_way": args.n_way, "k_shot": args.k_shot, "query_bn": "support"}
     model, _ = load_method(args.checkpoint, "cpu", **{k: v for k, v in given.items() if v})
     assert isinstance(model, InnerLoopMethod), "an inner-loop method's checkpoint"
@@ -77,7 +81,8 @@ def main() -> None:
     scores: dict[str, list[float]] = {}
     with torch.no_grad():
         train = EpisodeSampler(load_part(config, "train"), n_way, k_shot, 1, 12345)
-        population = population_statistics(model, train, args.population)
+        blends = wanted is None or any(name.startswith("blend") for name in wanted)
+        population = population_statistics(model, train, args.population if blends else 0)
         for i in range(args.episodes):
             episode = episodes.episode(step=i)
             result = model.inner_loop(
@@ -85,13 +90,17 @@ def main() -> None:
             )
             candidates: dict[str, tuple[BatchNormState, bool]] = {"support": (result.bn, False)}
             for name, augment in AUGMENTATIONS.items():
+                if wanted is not None and name not in wanted:
+                    continue
                 bn = learner.fresh_batchnorm_state()
                 learner(result.theta, augment(episode.support_x), bn, batch_stats=True)
                 candidates[name] = (bn, False)
-            for a in BLENDS:
+            for a in BLENDS if blends else ():
                 blend = {k: a * v + (1 - a) * population[k] for k, v in result.bn.items()}
                 candidates[f"blend {a:g}"] = (blend, False)
             candidates["transductive"] = (result.bn, True)
+            if wanted is not None:
+                candidates = {k: v for k, v in candidates.items() if k in wanted}
             for name, (bn, transductive) in candidates.items():
                 classify = AdaptedLearner(learner, result.theta, bn, transductive)
                 scores.setdefault(name, []).append(
