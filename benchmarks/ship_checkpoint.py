@@ -9,7 +9,9 @@ run it came from and what was changed.
     python benchmarks/ship_checkpoint.py runs/omniglot-5w1s omniglot-20w1s --set n_way=20
 
 The source may be a shipped name: its weights ship again with the changed settings, the metadata
-keeping the run they were trained in and every change made since.
+keeping the run they were trained in and every change made since. ``--into DIR`` writes the same
+model-only file elsewhere, e.g. beside a comparison's results, so that a later ``compare`` reuses
+that run (``--checkpoint METHOD=DIR/NAME.safetensors``) instead of training it again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,13 @@ def main() -> None:
     parser.add_argument(
         "--eval", type=Path, help="its `metalstm evaluate --out` JSON: the figure shipped with it"
     )
+    parser.add_argument(
+        "--into",
+        type=Path,
+        default=PRETRAINED,
+        help="folder to write NAME.safetensors in (default: the package's shipped checkpoints; "
+        "e.g. a compare's results folder, whose runs a later compare reuses with --checkpoint)",
+    )
     args = parser.parse_args()
     changes = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
     model, meta = load_method(args.run, **changes)
@@ -48,7 +57,7 @@ def main() -> None:
         extra["test"] = test_figure(json.loads(args.eval.read_text()))
     out = method_meta(model, "training", **extra)
     out["config"]["device"] = meta["config"]["device"]  # as trained, not the loading device
-    path = save_checkpoint(PRETRAINED / args.name, method_tensors(model), out)
+    path = save_checkpoint(args.into / args.name, method_tensors(model), out)
     print(f"wrote {path}")
 
 
