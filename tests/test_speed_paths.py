@@ -34,7 +34,7 @@ from metalstm import Config, MetaLSTM, build_method, override
 from metalstm.bench import add_bench_arguments, bench_main, episode_flops
 from metalstm.data import Episode
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
-from metalstm.methods.metalearner import CellState, MetaLearnerCell, preprocess
+from metalstm.methods.metalearner import CellState, MetaLearnerCell, native, preprocess
 from metalstm.methods.metalearner import kernels as ml
 
 F64 = torch.float64
@@ -278,7 +278,7 @@ def test_denormal_flushing_is_scoped_to_the_meta_learner() -> None:
         seen.append(ml._denormals_flushed())
         return original(*args)
 
-    kernels = ml.StepKernels(spy, ml.step_backward)
+    kernels = ml.StepKernels("spy", spy, ml.step_backward)
     model.cell._kernels = lambda: kernels  # type: ignore[method-assign]
     model.meta_loss(ep).loss.backward()
     model.predict(ep.support_x, ep.support_y, ep.query_x)
@@ -378,6 +378,139 @@ def test_compiled_step_matches_eager() -> None:
         assert_close(compiled_grads[name], eager_grads[name], rtol=1e-10, atol=1e-14)
 
 
+# -- the native step kernels: same mathematics, any thread count, a clean fallback -----------------
+
+needs_native = pytest.mark.skipif(
+    not native.available(), reason=f"native kernels unavailable here: {native.status()}"
+)
+
+
+def step_inputs(n: int, hidden: int, dtype: torch.dtype = torch.float32) -> list[Tensor]:
+    """Inputs of one inner step with every path busy (state and weights far from zero)."""
+    g = torch.Generator().manual_seed(n + hidden)
+
+    def rand(*shape: int, scale: float = 1.0) -> Tensor:
+        return scale * torch.randn(*shape, generator=g, dtype=dtype)
+
+    return [
+        rand(2, n),
+        rand(hidden, n, scale=0.5),
+        rand(hidden, n, scale=0.5),
+        rand(n, scale=0.1),
+        rand(2, n),
+        rand(n, scale=0.01),
+        rand(4 * hidden, 2 + hidden, scale=0.3),
+        rand(4 * hidden, scale=0.3),
+        rand(2, hidden + 2, scale=0.3),
+        torch.tensor([4.5, -4.5], dtype=dtype),
+    ]
+
+
+def saved_for_backward(inputs: list[Tensor], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """What CellStep saves: (x, c, θ, logits, g, W, W2, acts, tanh c, gates, h_t)."""
+    _, _, c, theta, prev, grad, weight, _, gate_weight, _ = inputs
+    _, _, h_new, _, gates, x, acts, tanh_c = outputs
+    return (x, c, theta, prev, grad, weight, gate_weight, acts, tanh_c, gates, h_new)
+
+
+@needs_native
+@pytest.mark.parametrize(("n", "hidden"), [(5, 20), (37, 20), (1300, 20), (700, 5)])
+def test_native_step_matches_eager(n: int, hidden: int) -> None:
+    """Forward and backward, with every combination of incoming gradients and wanted outputs,
+    for sizes below one vector, across vectors and across blocks (512 coordinates)."""
+    inputs = step_inputs(n, hidden)
+    eager, fused = ml.step_forward(hidden, *inputs), native.step_forward(hidden, *inputs)
+    for a, b in zip(fused, eager):
+        assert_close(a, b, rtol=2e-6)
+    inference = native.step_forward(hidden, *inputs, keep=False)
+    assert len(inference) == 5
+    for a, b in zip(inference, fused):
+        assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(7)
+    incoming = [
+        torch.randn(shape, generator=g)
+        for shape in ((n,), (2, n), (hidden, n), (hidden, n), (2, n))
+    ]
+    for need in [(True, True), (False, True), (True, False), (False, False)]:
+        for dropped in [(), (1, 2, 3, 4), (4,)]:
+            d = [None if i in dropped else t for i, t in enumerate(incoming)]
+            want = ml.step_backward(hidden, saved_for_backward(inputs, eager), *d, need)
+            got = native.step_backward(hidden, saved_for_backward(inputs, fused), *d, need)
+            for a, b in zip(got, want):
+                assert (a is None) == (b is None)
+                if a is not None and b is not None:
+                    assert_close(a, b, rtol=5e-5)
+
+
+@needs_native
+def test_native_step_is_the_same_for_any_thread_count() -> None:
+    """The sums over coordinates are taken in fixed blocks added in order: bit for bit."""
+    n, hidden = 3000, 20
+    inputs = step_inputs(n, hidden)
+    incoming = [torch.ones(n), torch.ones(2, n), torch.ones(hidden, n), torch.ones(hidden, n), None]
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out = native.step_forward(hidden, *inputs)
+        back = native.step_backward(
+            hidden, saved_for_backward(inputs, out), *incoming, (True, True)
+        )
+        results.append([*out, *back])
+    torch.set_num_threads(1)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_native
+def test_native_kernels_run_float32_cpu_and_leave_float64_to_eager() -> None:
+    inputs = step_inputs(40, 20, dtype=F64)
+    for a, b in zip(native.step_forward(20, *inputs), ml.step_forward(20, *inputs)):
+        assert torch.equal(a, b)
+    assert native.default_kernels() is native.NATIVE_KERNELS
+    assert build_method(config()).cell._kernels().name == "native"  # type: ignore[operator, union-attr]
+    assert native.step_kernels(False, torch.device("cpu"), torch.float32).startswith("native")
+    assert native.step_kernels(False, torch.device("cpu"), F64) == "eager"
+    assert native.step_kernels(True, torch.device("cpu"), torch.float32) == "torch.compile"
+
+
+@needs_native
+def test_native_meta_gradient_matches_eager_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole float32 episode (second order, several steps) through both kernels."""
+    cfg = config(inner_steps=3, second_order=True, filters=8)
+    model = perturbed_model(cfg).float()
+    ep = episode(cfg, dtype=torch.float32)
+    fused = grads(model, model.meta_loss(ep).loss)
+    monkeypatch.setattr(native, "default_kernels", lambda: ml.EAGER_KERNELS)
+    assert model.cell._kernels() is ml.EAGER_KERNELS
+    eager = grads(model, model.meta_loss(ep).loss)
+    for name in eager:
+        assert not torch.equal(fused[name], eager[name])  # two computations, not one twice
+        assert_close(fused[name], eager[name], rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [({"METALSTM_NATIVE": "0"}, "METALSTM_NATIVE=0"), ({"CXX": "false"}, "false failed")],
+)
+def test_native_kernels_fall_back_to_eager_with_the_reason(
+    env: dict[str, str], reason: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Turned off, or no working compiler (here a 'compiler' that fails): eager kernels, the
+    reason in ``status`` (what ``metalstm bench`` prints), once per process, no exception."""
+    monkeypatch.setenv("METALSTM_CACHE", str(tmp_path))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    native._load.cache_clear()
+    try:
+        assert not native.available()
+        assert native.status().startswith("eager") and reason in native.status()
+        assert native.default_kernels() is ml.EAGER_KERNELS
+        assert not list(tmp_path.iterdir())
+    finally:
+        native._load.cache_clear()
+
+
 # -- the benchmark ------------------------------------------------------------------------------
 
 
@@ -403,6 +536,9 @@ def test_bench_reports_its_figures(
     assert json.loads(out.read_text())["s_per_episode"] == result["s_per_episode"]
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-5].startswith("seconds per episode") and lines[-1].startswith("peak memory")
+    # which step kernels ran, in the header line and the JSON
+    assert f"meta-learner step: {result['settings']['step_kernels']}" in lines[-6]
+    assert result["settings"]["step_kernels"] == native.status()
 
 
 def test_bench_json_is_the_last_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -503,9 +639,13 @@ def lstm_kernel_work(prof: Any, hidden: int) -> tuple[int, int, int]:
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
-def test_throughput_lstm_floor_counts_the_episode_kernels(mode: str) -> None:
+def test_throughput_lstm_floor_counts_the_episode_kernels(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """throughput.py's "LSTM kernels" floor charges exactly the sigmoid and tanh elements and
-    the layer-1 product FLOPs of an episode (counted with the profiler), each at its own rate."""
+    the layer-1 product FLOPs of an episode (counted with the profiler on the eager kernels,
+    whose operators it sees), each at its own rate."""
+    monkeypatch.setattr(native, "default_kernels", lambda: ml.EAGER_KERNELS)
     throughput = load_benchmark("throughput")
     cfg = small_config(hidden_size=6, inner_steps=3)
     model = MetaLSTM(cfg)

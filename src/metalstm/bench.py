@@ -41,7 +41,7 @@ from .files import check_output, output_path, write_file
 from .learner import LearnerShape, conv_flops
 from .methods import build_method
 from .methods.base import Method, accuracy
-from .methods.metalearner import LSTMSettings
+from .methods.metalearner import LSTMSettings, step_kernels
 from .training import meta_gradient
 from .util import resolve_device
 
@@ -313,6 +313,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "meta_batch": config.meta_batch,
             "second_order": settings.second_order,
             "compile": config.compile,
+            "step_kernels": step_kernels(config.compile, device, torch.float32),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,
@@ -333,7 +334,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             f"{s['ways']}-way {s['shots']}-shot, {s['queries']} queries, T = {s['steps']} on "
             f"{batch}, {s['filters']} filters, meta-batch {s['meta_batch']}, "
             f"{'second' if s['second_order'] else 'first'}-order, {s['device']} "
-            f"({s['threads']} threads), compile {'on' if s['compile'] else 'off'}; "
+            f"({s['threads']} threads), meta-learner step: {s['step_kernels']}; "
             f"first episode {result['first_episode_s']:.3f} s"
         )
         print(

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import native
 from .kernels import (
-    EAGER_KERNELS,
     CellStep,
     StepKernels,
     compiled_kernels,
@@ -107,8 +107,8 @@ class MetaLearnerCell(nn.Module):
             theta, logits, h, cell, gates = CellStep.apply(self._kernels(), hidden, *args, *params)
         else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
             with flushing_denormals():
-                theta, logits, h, cell, gates = self._kernels().forward(hidden, *args, *params)[:5]
+                theta, logits, h, cell, gates = self._kernels().inference(hidden, *args, *params)
         return CellState(theta, logits, h, cell), gates
 
     def _kernels(self) -> StepKernels:
-        return compiled_kernels() if self.use_compile else EAGER_KERNELS
+        return compiled_kernels() if self.use_compile else native.default_kernels()

@@ -198,13 +198,23 @@ def flushing_denormals() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class StepKernels:
-    """The forward and backward of one inner step: eager functions or their compiled versions."""
+    """The forward and backward of one inner step: the eager functions here, their compiled
+    versions, or native code (:mod:`.native`); ``infer``, when given, is a forward returning only
+    (θ_t, logits_t, h_t, c_t, gates_t) that keeps nothing for a backward."""
 
+    name: str
     forward: Callable[..., tuple[Tensor, ...]]
     backward: Callable[..., tuple[Tensor | None, ...]]
+    infer: Callable[..., tuple[Tensor, ...]] | None = None
+
+    def inference(self, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
+        """The step's first five outputs without a meta-graph (evaluation)."""
+        if self.infer is not None:
+            return self.infer(hidden, *inputs)
+        return self.forward(hidden, *inputs)[:5]
 
 
-EAGER_KERNELS = StepKernels(step_forward, step_backward)
+EAGER_KERNELS = StepKernels("eager", step_forward, step_backward)
 
 
 class CellStep(torch.autograd.Function):
@@ -249,7 +259,7 @@ def compiled_kernels() -> StepKernels:
     C++ compiler on the CPU."""
     if "kernels" not in _compiled:
         _compiled["kernels"] = StepKernels(
-            _CompileOrEager(step_forward), _CompileOrEager(step_backward)
+            "torch.compile", _CompileOrEager(step_forward), _CompileOrEager(step_backward)
         )
     return _compiled["kernels"]
 

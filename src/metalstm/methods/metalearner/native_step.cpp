@@ -1,0 +1,474 @@
+// The meta-learner's inner step (kernels.step_forward / kernels.step_backward) fused per
+// coordinate: every quantity of a coordinate (its 2 + H inputs, 4H gate activations, cell, hidden
+// state, gate logits and update) stays in registers or L1 while it is computed, instead of one
+// pass over [H, n] tensors per operation. Same layout as the Python kernels: every tensor [r, n]
+// row-major, coordinates contiguous; 16 coordinates per vector (GCC vector extensions: AVX-512,
+// or two AVX2 halves). Built and loaded by native.py (optional: needs a C++ compiler).
+//
+// Determinism: the only sums over coordinates (the parameter gradients) are taken per block of
+// BLOCK coordinates and the block sums added in block order, so the result does not depend on
+// the number of threads.
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));  // 16 floats
+typedef int vi __attribute__((vector_size(64)));
+constexpr long L = 16;        // coordinates per vector
+constexpr long BLOCK = 512;   // coordinates per block (threads' unit; reduction unit)
+constexpr long MAX_H = 64;    // largest hidden size with a native kernel
+constexpr long PITCH = BLOCK + L;  // row stride of a block's scratch rows: not a multiple of
+                                   // 4 KB, so one column's rows do not share a few cache sets
+
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vf splat(float a) { return vf{} + a; }
+
+// exp(x) for float32, Cephes' expf: 2^k · p(r), k = round(x / ln 2), |r| ≤ ln2 / 2, about 1 ulp.
+inline vf exp_polynomial(vf r) {
+  vf z = r * r;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  return y * z + r + 1.0f;
+}
+
+inline vf vexp(vf x) {
+  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
+  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+#if defined(__AVX512F__)
+  // AVX-512: round and scale by 2^k in one instruction each.
+  vf k = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  return _mm512_scalef_ps(exp_polynomial(r), k);
+#else
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vf tf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // toward zero
+  vf k = tf > fx ? tf - 1.0f : tf;                                       // floor(x / ln2 + 1/2)
+  vf r = x - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return exp_polynomial(r) * scale;
+#endif
+}
+
+// 1 / d: on AVX-512 the 14-bit estimate and one Newton step (about 1 ulp, a few cycles where a
+// division costs tens), else a division.
+inline vf reciprocal(vf d) {
+#if defined(__AVX512F__)
+  vf r = _mm512_rcp14_ps(d);
+  return r * (2.0f - d * r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+inline vf vsigmoid(vf x) { return reciprocal(1.0f + vexp(-x)); }
+
+// tanh(x) for float32, Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 − 2 / (e^2|x| + 1)
+// above, so small arguments keep their relative precision.
+inline vf vtanh(vf x) {
+  vf a = x < 0.0f ? -x : x;
+  vf z = x * x;
+  vf p = splat(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  vf small = p * z * x + x;
+  vf big = 1.0f - 2.0f * reciprocal(vexp(a + a) + 1.0f);
+  big = x < 0.0f ? -big : big;
+  return a < 0.625f ? small : big;
+}
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+// The sum of a vector's 16 lanes, by halves (a fixed order: the same result on every run).
+inline float hsum(vf v) {
+  vf8 a, b;
+  std::memcpy(&a, &v, sizeof a);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+  a += b;
+  vf4 c, d;
+  std::memcpy(&c, &a, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+// Treat subnormal floats as zero on this thread while alive (the Python side does the same for
+// its own thread; OpenMP's worker threads need it too).
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
+
+// A tensor [rows, n] seen at one vector of coordinates: base pointer and row stride.
+struct Rows {
+  const float* p;
+  long rows;
+};
+struct OutRows {
+  float* p;
+  long rows;
+};
+
+// Runs body(in, out, pitch, column) on every vector of the block of `count` coordinates that
+// starts at column j of rows with stride `stride`, through a private copy: the block's rows are
+// copied into `buffer` (row pitch a multiple of L plus L, zero-padded), and the outputs copied
+// back. The vector code then reads rows that are aligned, a known pitch apart and in L1/L2 (row
+// strides of the whole tensors slowed it several-fold for some n), and needs no tail case.
+template <long NI, long NO, class Body, class Finish>
+void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long j, long count,
+               std::vector<float>& buffer, Body body, Finish finish) {
+  const long width = (count + L - 1) / L * L, pitch = width + L;
+  long total = 0;
+  for (const Rows& r : in) total += r.p ? r.rows : 0;
+  for (const OutRows& r : out) total += r.p ? r.rows : 0;
+  if (static_cast<long>(buffer.size()) < total * pitch + L) buffer.resize(total * pitch + L);
+  // 64-byte aligned start inside the buffer
+  float* next = buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
+  Rows in_local[NI];
+  OutRows out_local[NO];
+  for (long t = 0; t < NI; t++) {
+    in_local[t] = {in[t].p ? next : nullptr, in[t].rows};
+    if (!in[t].p) continue;
+    for (long r = 0; r < in[t].rows; r++) {
+      std::memcpy(next + r * pitch, in[t].p + r * stride + j, count * sizeof(float));
+      std::memset(next + r * pitch + count, 0, (width - count) * sizeof(float));
+    }
+    next += in[t].rows * pitch;
+  }
+  for (long t = 0; t < NO; t++) {
+    out_local[t] = {out[t].p ? next : nullptr, out[t].rows};
+    if (out[t].p) next += out[t].rows * pitch;
+  }
+  for (long c = 0; c < width; c += L) body(in_local, out_local, pitch, c);
+  finish(in_local, pitch);
+  for (long t = 0; t < NO; t++) {
+    if (!out[t].p) continue;
+    for (long r = 0; r < out[t].rows; r++)
+      std::memcpy(out[t].p + r * stride + j, out_local[t].p + r * pitch, count * sizeof(float));
+  }
+}
+
+// -- forward --------------------------------------------------------------------------------------
+
+enum FwdIn { F_FEATURES, F_H, F_C, F_THETA, F_PREV, F_GRAD, F_NIN };
+enum FwdOut { F_THETA_NEW, F_LOGITS, F_H_NEW, F_C_NEW, F_GATES, F_X, F_ACTS, F_TANH_C, F_NOUT };
+
+struct FwdParams {
+  long H;
+  const float *W, *b, *W2, *b2;  // [4H, 2 + H], [4H], [2, H + 2], [2]
+};
+
+// One vector of coordinates (columns j .. j + 15 of rows with stride s) through the whole step.
+void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (&out)[F_NOUT],
+                    long s, long j) {
+  // Local copies of the pointers: stores through float* cannot change them, so they
+  // stay in registers.
+  const float* ip[F_NIN];
+  float* op[F_NOUT];
+  for (long t = 0; t < F_NIN; t++) ip[t] = in[t].p;
+  for (long t = 0; t < F_NOUT; t++) op[t] = out[t].p;
+  const long H = P.H, X = 2 + H, R = 4 * H;
+  vf x[2 + MAX_H], act[4 * MAX_H];
+  for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
+  for (long k = 0; k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
+  // Layer 1 pre-activations z = W x + b, eight rows at a time (independent FMA chains), then
+  // four (R is a multiple of 4).
+  long r = 0;
+  for (; r + 8 <= R; r += 8) {
+    const float* w = P.W + r * X;
+    vf a[8];
+    for (long q = 0; q < 8; q++) a[q] = splat(P.b[r + q]);
+    for (long k = 0; k < X; k++)
+      for (long q = 0; q < 8; q++) a[q] += w[q * X + k] * x[k];
+    for (long q = 0; q < 8; q++) act[r + q] = a[q];
+  }
+  for (; r < R; r += 4) {
+    const float* w = P.W + r * X;
+    vf a0 = splat(P.b[r]), a1 = splat(P.b[r + 1]), a2 = splat(P.b[r + 2]), a3 = splat(P.b[r + 3]);
+    for (long k = 0; k < X; k++) {
+      a0 += w[k] * x[k];
+      a1 += w[X + k] * x[k];
+      a2 += w[2 * X + k] * x[k];
+      a3 += w[3 * X + k] * x[k];
+    }
+    act[r] = a0, act[r + 1] = a1, act[r + 2] = a2, act[r + 3] = a3;
+  }
+  for (long r = 0; r < 3 * H; r++) act[r] = vsigmoid(act[r]);  // i, f, o
+  for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);     // g
+  if (op[F_X])
+    for (long k = 0; k < X; k++) st(op[F_X] + k * s + j, x[k]);
+  if (op[F_ACTS])
+    for (long r = 0; r < R; r++) st(op[F_ACTS] + r * s + j, act[r]);
+  // c_t = f ⊙ c_{t-1} + i ⊙ g, h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
+  vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
+  for (long k = 0; k < H; k++) {
+    vf cn = act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k];
+    vf tc = vtanh(cn);
+    vf hn = act[2 * H + k] * tc;
+    st(op[F_C_NEW] + k * s + j, cn);
+    st(op[F_H_NEW] + k * s + j, hn);
+    if (op[F_TANH_C]) st(op[F_TANH_C] + k * s + j, tc);
+    l0 += P.W2[k] * hn;
+    l1 += P.W2[X + k] * hn;
+  }
+  vf theta = ld(ip[F_THETA] + j);
+  l0 += P.W2[H] * theta + P.W2[H + 1] * ld(ip[F_PREV] + j);
+  l1 += P.W2[X + H] * theta + P.W2[X + H + 1] * ld(ip[F_PREV] + s + j);
+  vf g0 = vsigmoid(l0), g1 = vsigmoid(l1);
+  st(op[F_LOGITS] + j, l0);
+  st(op[F_LOGITS] + s + j, l1);
+  st(op[F_GATES] + j, g0);
+  st(op[F_GATES] + s + j, g1);
+  st(op[F_THETA_NEW] + j, g0 * theta - g1 * ld(ip[F_GRAD] + j));  // θ_t
+}
+
+// -- backward -------------------------------------------------------------------------------------
+
+enum BwdIn {
+  B_X, B_C, B_THETA, B_PREV, B_GRAD, B_ACTS, B_TANH_C, B_GATES, B_H_NEW,
+  B_D_THETA, B_D_LOGITS, B_D_H, B_D_C, B_D_GATES, B_NIN
+};
+enum BwdOut { B_D_FEATURES, B_D_H_PREV, B_D_C_PREV, B_D_THETA_PREV, B_D_PREV_LOGITS, B_D_GRAD, B_NOUT };
+
+struct BwdParams {
+  long H;
+  const float *W, *W2;  // [4H, 2 + H], [2, H + 2]
+  bool need_params;
+};
+
+// One thread's sums over the vectors of one block (per lane), and the block's ∂z and x columns
+// for the weight gradient.
+struct BlockSums {
+  std::vector<vf> d_b, d_W2, d_b2;
+  std::vector<float> dz;  // [4H, BLOCK], row stride PITCH
+  explicit BlockSums(long H) : d_b(4 * H), d_W2(2 * (H + 2)), d_b2(2), dz(4 * H * PITCH) {}
+  void clear() {
+    for (auto* v : {&d_b, &d_W2, &d_b2})
+      for (vf& a : *v) a = vf{};
+  }
+};
+
+void backward_vector(const BwdParams& P, const Rows (&in)[B_NIN], const OutRows (&out)[B_NOUT],
+                     long s, long j, BlockSums& sums, long column) {
+  // Local copies of the pointers: stores through float* cannot change them, so they
+  // stay in registers.
+  const float* ip[B_NIN];
+  float* op[B_NOUT];
+  for (long t = 0; t < B_NIN; t++) ip[t] = in[t].p;
+  for (long t = 0; t < B_NOUT; t++) op[t] = out[t].p;
+  vf* const sum_W2 = sums.d_W2.data();
+  vf* const sum_b2 = sums.d_b2.data();
+  vf* const sum_b = sums.d_b.data();
+  float* const sum_dz = sums.dz.data();
+  const long H = P.H, X = 2 + H, R = 4 * H;
+  const float* W2 = P.W2;
+  auto row = [&](BwdIn t, long r) { return ld(ip[t] + r * s + j); };
+  // Layer 2: θ_t = σ(f) θ_{t-1} − σ(i) g_t; (f, i) = W2 [h_t, θ_{t-1}, logits_{t-1}] + b2.
+  vf d_theta = row(B_D_THETA, 0), theta = row(B_THETA, 0), grad = row(B_GRAD, 0);
+  vf g0 = row(B_GATES, 0), g1 = row(B_GATES, 1);
+  vf dl0 = d_theta * theta, dl1 = -(d_theta * grad);
+  if (ip[B_D_GATES]) dl0 += row(B_D_GATES, 0), dl1 += row(B_D_GATES, 1);
+  dl0 *= g0 - g0 * g0;  // σ' = σ − σ²
+  dl1 *= g1 - g1 * g1;
+  if (ip[B_D_LOGITS]) dl0 += row(B_D_LOGITS, 0), dl1 += row(B_D_LOGITS, 1);
+  st(op[B_D_THETA_PREV] + j, dl0 * W2[H] + dl1 * W2[X + H] + d_theta * g0);
+  st(op[B_D_PREV_LOGITS] + j, dl0 * W2[H + 1]);
+  st(op[B_D_PREV_LOGITS] + s + j, dl1 * W2[X + H + 1]);
+  if (op[B_D_GRAD]) st(op[B_D_GRAD] + j, -(d_theta * g1));
+  if (P.need_params) {
+    vf p0 = row(B_PREV, 0), p1 = row(B_PREV, 1);
+    for (long k = 0; k < H; k++) {
+      vf hn = row(B_H_NEW, k);
+      sum_W2[k] += dl0 * hn;
+      sum_W2[X + k] += dl1 * hn;
+    }
+    sum_W2[H] += dl0 * theta, sum_W2[X + H] += dl1 * theta;
+    sum_W2[H + 1] += dl0 * p0, sum_W2[X + H + 1] += dl1 * p1;
+    sum_b2[0] += dl0, sum_b2[1] += dl1;
+  }
+  // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b).
+  vf dz[4 * MAX_H];
+  for (long k = 0; k < H; k++) {
+    vf d_hn = W2[k] * dl0 + W2[X + k] * dl1;
+    if (ip[B_D_H]) d_hn += row(B_D_H, k);
+    vf i = row(B_ACTS, k), f = row(B_ACTS, H + k), o = row(B_ACTS, 2 * H + k);
+    vf g = row(B_ACTS, 3 * H + k), tc = row(B_TANH_C, k);
+    vf d_cn = d_hn * o * (1.0f - tc * tc);
+    if (ip[B_D_C]) d_cn += row(B_D_C, k);
+    dz[k] = d_cn * g * (i - i * i);
+    dz[H + k] = d_cn * row(B_C, k) * (f - f * f);
+    dz[2 * H + k] = d_hn * tc * (o - o * o);
+    dz[3 * H + k] = d_cn * i * (1.0f - g * g);
+    st(op[B_D_C_PREV] + k * s + j, d_cn * f);
+  }
+  if (P.need_params) {
+    for (long r = 0; r < R; r++) {
+      sum_b[r] += dz[r];
+      st(sum_dz + r * PITCH + column, dz[r]);
+    }
+  }
+  // ∂x = Wᵀ ∂z, four input rows at a time; rows 0, 1 (the gradient's features) when asked.
+  const long first = op[B_D_FEATURES] ? 0 : 2;
+  auto store_dx = [&](long k, vf v) {
+    if (k < 2)
+      st(op[B_D_FEATURES] + k * s + j, v);
+    else
+      st(op[B_D_H_PREV] + (k - 2) * s + j, v);
+  };
+  long k = first;
+  for (; k + 4 <= X; k += 4) {
+    vf a0{}, a1{}, a2{}, a3{};
+    for (long r = 0; r < R; r++) {
+      const float* w = P.W + r * X + k;
+      a0 += w[0] * dz[r], a1 += w[1] * dz[r], a2 += w[2] * dz[r], a3 += w[3] * dz[r];
+    }
+    store_dx(k, a0), store_dx(k + 1, a1), store_dx(k + 2, a2), store_dx(k + 3, a3);
+  }
+  for (; k < X; k++) {
+    vf a{};
+    for (long r = 0; r < R; r++) a += P.W[r * X + k] * dz[r];
+    store_dx(k, a);
+  }
+}
+
+// The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by two of x at a time (eight
+// independent FMA chains), then four by one for an odd 2 + H.
+void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, long pitch,
+                           long columns, float* d_W) {
+  const long X = 2 + H, R = 4 * H;
+  for (long r = 0; r < R; r += 4) {
+    const float* dz = sums.dz.data() + r * PITCH;
+    for (long k = 0; k < X; k += 2) {
+      const long kk = std::min(X - k, 2L);  // x rows in this step
+      const float* x = x_rows + k * pitch;
+      vf a[4][2] = {};
+      for (long c = 0; c < columns; c += L) {
+        vf x0 = ld(x + c), x1 = kk == 2 ? ld(x + pitch + c) : vf{};
+        for (long q = 0; q < 4; q++) {
+          vf d = ld(dz + q * PITCH + c);
+          a[q][0] += d * x0;
+          a[q][1] += d * x1;
+        }
+      }
+      for (long q = 0; q < 4; q++)
+        for (long e = 0; e < kk; e++) d_W[(r + q) * X + k + e] = hsum(a[q][e]);
+    }
+  }
+}
+
+long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
+
+}  // namespace
+
+extern "C" {
+
+int metalstm_native_abi() { return 1; }
+long metalstm_native_max_hidden() { return MAX_H; }
+
+// kernels.step_forward; outputs x, acts, tanh_c may be null (evaluation: nothing kept).
+void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
+                           const float* c, const float* theta, const float* prev_logits,
+                           const float* grad, const float* W, const float* b, const float* W2,
+                           const float* b2, float* theta_new, float* logits, float* h_new,
+                           float* c_new, float* gates, float* x, float* acts, float* tanh_c) {
+  const FwdParams P{H, W, b, W2, b2};
+  const Rows in[F_NIN] = {{features, 2}, {h, H}, {c, H}, {theta, 1}, {prev_logits, 2}, {grad, 1}};
+  const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H},
+                               {gates, 2},     {x, 2 + H},  {acts, 4 * H}, {tanh_c, H}};
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals flush;
+    std::vector<float> buffer;
+#pragma omp for schedule(static)
+    for (long blk = 0; blk < blocks_of(n); blk++) {
+      const long j = blk * BLOCK;
+      run_block(in, out, n, j, std::min(BLOCK, n - j), buffer,
+                [&](auto& i, auto& o, long pitch, long column) {
+                  forward_vector(P, i, o, pitch, column);
+                },
+                [](auto&, long) {});
+    }
+  }
+}
+
+// kernels.step_backward. Null inputs: gradients not flowing (d_logits, d_h, d_c, d_gates); null
+// outputs: not wanted (d_features and d_grad together; d_W, d_b, d_W2, d_b2 together).
+void metalstm_step_backward(long n, long H, int threads, const float* x, const float* c,
+                            const float* theta, const float* prev_logits, const float* grad,
+                            const float* W, const float* W2, const float* acts,
+                            const float* tanh_c, const float* gates, const float* h_new,
+                            const float* d_theta, const float* d_logits, const float* d_h,
+                            const float* d_c, const float* d_gates, float* d_features,
+                            float* d_h_prev, float* d_c_prev, float* d_theta_prev,
+                            float* d_prev_logits, float* d_grad, float* d_W, float* d_b,
+                            float* d_W2, float* d_b2) {
+  const long X = 2 + H, R = 4 * H, blocks = blocks_of(n);
+  const BwdParams P{H, W, W2, d_W != nullptr};
+  const Rows in[B_NIN] = {{x, X},       {c, H},        {theta, 1},   {prev_logits, 2},
+                          {grad, 1},    {acts, R},     {tanh_c, H},  {gates, 2},
+                          {h_new, H},   {d_theta, 1},  {d_logits, 2}, {d_h, H},
+                          {d_c, H},     {d_gates, 2}};
+  const OutRows out[B_NOUT] = {{d_features, 2},   {d_h_prev, H},     {d_c_prev, H},
+                               {d_theta_prev, 1}, {d_prev_logits, 2}, {d_grad, 1}};
+  // Per block: ∂W, ∂b, ∂W2, ∂b2, summed over the block's coordinates.
+  const long per_block = R * X + R + 2 * X + 2;
+  std::vector<float> partial(P.need_params ? blocks * per_block : 0);
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals flush;
+    BlockSums sums(H);
+    std::vector<float> buffer;
+#pragma omp for schedule(static)
+    for (long blk = 0; blk < blocks; blk++) {
+      sums.clear();
+      const long j = blk * BLOCK, count = std::min(BLOCK, n - j);
+      const long columns = (count + L - 1) / L * L;
+      run_block(
+          in, out, n, j, count, buffer,
+          [&](auto& i, auto& o, long pitch, long column) {
+            backward_vector(P, i, o, pitch, column, sums, column);
+          },
+          [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
+            if (!P.need_params) return;
+            float* part = partial.data() + blk * per_block;
+            block_weight_gradient(H, sums, i[B_X].p, pitch, columns, part);
+            for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
+            for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
+            for (long k = 0; k < 2; k++) part[R * X + R + 2 * X + k] = hsum(sums.d_b2[k]);
+          });
+    }
+  }
+  if (!P.need_params) return;
+  // Block sums added in block order: the same result for any number of threads.
+  std::vector<float> total(per_block, 0.0f);
+  for (long blk = 0; blk < blocks; blk++)
+    for (long k = 0; k < per_block; k++) total[k] += partial[blk * per_block + k];
+  std::memcpy(d_W, total.data(), R * X * sizeof(float));
+  std::memcpy(d_b, total.data() + R * X, R * sizeof(float));
+  std::memcpy(d_W2, total.data() + R * X + R, 2 * X * sizeof(float));
+  std::memcpy(d_b2, total.data() + R * X + R + 2 * X, 2 * sizeof(float));
+}
+
+}  // extern "C"
