@@ -123,13 +123,15 @@ from metalstm.allocator import keep_freed_memory
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
+from metalstm.methods.metalearner import step_kernels
 from metalstm.util import resolve_device
 
 keep_freed_memory()  # as every metalstm command does
 config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)
-model = build_method(config).to(resolve_device(config.device))
+device = resolve_device(config.device)
+model = build_method(config).to(device)
 start, cpu = time.perf_counter(), time.process_time()
 scores = episode_accuracies(model, sampler, range(600))
 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
@@ -139,7 +141,9 @@ gflop = episode_flops(config, n, config.n_way * config.k_shot, "eval") / 1e9
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy,
                   "gflop_per_episode": gflop, "gflops": 600 * gflop / seconds,
                   "settings": {"mode": "eval", "steps": config.settings.eval_steps,
-                               "learner_params": n, "hidden": config.settings.hidden_size}}))
+                               "learner_params": n, "hidden": config.settings.hidden_size,
+                               "step_kernels": step_kernels(config.compile, device,
+                                                            torch.float32)}}))
 """
 
 
@@ -256,9 +260,12 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
             f"{flop_floor} | {kernel_floor} | {ratio} | {gflop:.1f} | {gflops:.1f} | {memory} | "
             f"{len(values)} |"
         )
+    ran = {r.get("settings", {}).get("step_kernels") for rs in runs.values() for r in rs}
+    kernels = sorted(k for k in ran if k)
+    lines.append(f"\nMeta-learner step kernels: {'; '.join(kernels) or 'not reported'}.")
     if rates:
         lines.append(
-            f"\nThis machine: {cpu_name()}, {rates['threads']:.0f} threads: fp32 matmul "
+            f"This machine: {cpu_name()}, {rates['threads']:.0f} threads: fp32 matmul "
             f"{rates['matmul_gflops']:.1f} GFLOP/s (2048 x 2048), "
             f"{rates['lstm_product_gflops']:.1f} GFLOP/s on the LSTM's [80, 22] x [22, 30000]; "
             f"sigmoid {rates['sigmoid_ns']:.2f} ns and tanh {rates['tanh_ns']:.2f} ns per element."

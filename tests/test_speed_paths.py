@@ -675,9 +675,10 @@ def test_throughput_table_shows_a_dash_for_figures_a_workload_does_not_measure()
     throughput = load_benchmark("throughput")
     train = {"s_per_episode": 0.5, "gflop_per_episode": 4.0, "gflops": 8.0, "peak_memory_mb": 512}
     runs = {"28g-5w1s": [train, {**train, "peak_memory_mb": 520}]}
-    runs["omniglot-eval600"] = [{"seconds": 90.0}]  # the evaluation run reports its time only
+    runs["omniglot-eval600"] = [{"seconds": 90.0, "settings": {"step_kernels": "eager (why)"}}]
     rows = {
         line.split(" | ")[0]: line.split(" | ") for line in throughput.table(runs, {}).split("\n")
     }
     assert rows["| 28g-5w1s"][8] == "516"
     assert rows["| omniglot-eval600"][8] == "-"
+    assert "Meta-learner step kernels: eager (why)." in throughput.table(runs, {})
