@@ -263,7 +263,8 @@ struct BwdParams {
 struct BlockSums {
   std::vector<vf> d_b, d_W2, d_b2;
   std::vector<float> dz;  // [4H, BLOCK], row stride PITCH
-  explicit BlockSums(long H) : d_b(4 * H), d_W2(2 * (H + 2)), d_b2(2), dz(4 * H * PITCH) {}
+  long H;
+  explicit BlockSums(long H) : d_b(4 * H), d_W2(2 * (H + 2)), d_b2(2), dz(4 * H * PITCH), H(H) {}
   void clear() {
     for (auto* v : {&d_b, &d_W2, &d_b2})
       for (vf& a : *v) a = vf{};
@@ -380,6 +381,20 @@ void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, l
 
 long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
 
+// Each thread's scratch, kept from call to call (OpenMP's threads persist): no allocation or
+// zero-filling of a few hundred KB per thread and step.
+std::vector<float>& thread_buffer() {
+  static thread_local std::vector<float> buffer;
+  return buffer;
+}
+
+BlockSums& thread_sums(long H) {
+  static thread_local std::vector<BlockSums> sums;  // one per hidden size seen
+  for (BlockSums& s : sums)
+    if (s.H == H) return s;
+  return sums.emplace_back(H);
+}
+
 }  // namespace
 
 extern "C" {
@@ -400,7 +415,7 @@ void metalstm_step_forward(long n, long H, int threads, const float* features, c
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
-    std::vector<float> buffer;
+    std::vector<float>& buffer = thread_buffer();
 #pragma omp for schedule(static)
     for (long blk = 0; blk < blocks_of(n); blk++) {
       const long j = blk * BLOCK;
@@ -434,12 +449,15 @@ void metalstm_step_backward(long n, long H, int threads, const float* x, const f
                                {d_theta_prev, 1}, {d_prev_logits, 2}, {d_grad, 1}};
   // Per block: ∂W, ∂b, ∂W2, ∂b2, summed over the block's coordinates.
   const long per_block = R * X + R + 2 * X + 2;
-  std::vector<float> partial(P.need_params ? blocks * per_block : 0);
+  // (the calling thread's; worker threads reach it through `partial_sums` only)
+  static thread_local std::vector<float> partial;
+  if (P.need_params) partial.resize(std::max<std::size_t>(partial.size(), blocks * per_block));
+  float* const partial_sums = partial.data();
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
-    BlockSums sums(H);
-    std::vector<float> buffer;
+    BlockSums& sums = thread_sums(H);
+    std::vector<float>& buffer = thread_buffer();
 #pragma omp for schedule(static)
     for (long blk = 0; blk < blocks; blk++) {
       sums.clear();
@@ -452,7 +470,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* x, const f
           },
           [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
             if (!P.need_params) return;
-            float* part = partial.data() + blk * per_block;
+            float* part = partial_sums + blk * per_block;
             block_weight_gradient(H, sums, i[B_X].p, pitch, columns, part);
             for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
             for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
@@ -464,7 +482,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* x, const f
   // Block sums added in block order: the same result for any number of threads.
   std::vector<float> total(per_block, 0.0f);
   for (long blk = 0; blk < blocks; blk++)
-    for (long k = 0; k < per_block; k++) total[k] += partial[blk * per_block + k];
+    for (long k = 0; k < per_block; k++) total[k] += partial_sums[blk * per_block + k];
   std::memcpy(d_W, total.data(), R * X * sizeof(float));
   std::memcpy(d_b, total.data() + R * X, R * sizeof(float));
   std::memcpy(d_W2, total.data() + R * X + R, 2 * X * sizeof(float));
