@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/throughput.py [--repeats 3] [--episodes 10] [--warmup 2] [--device auto]
-                                    [--only NAME ...] [--compile] [--json FILE]
+                                    [--only NAME ...] [--compile] [--kernels native eager]
+                                    [--json FILE]
 
 Meta-training workloads (synthetic images, first-order, 32 filters, 15 queries per class), each in
 a fresh process through ``python -m metalstm bench``:
@@ -29,7 +30,10 @@ measured on this machine in a fresh process at the same thread count (median ove
   ``sigmoid``, ``tanh`` and ``mm`` reach here on tensors of those shapes: the floor of any
   implementation built on those kernels, however well the other operations are fused;
 
-and the median's ratio to the larger floor, whose target is 2.5 (issue 21). The last line names
+and the median's ratio to the larger floor, whose target is 2.5 (issue 21). ``--kernels native
+eager`` runs every workload with both meta-learner step kernels (the native ones, the library's
+default where a C++ compiler exists, and the eager PyTorch ones), interleaved, and prints one
+table for each: a before/after comparison within one run. The last line names
 the CPU and its measured rates: timings compare only within one run on one machine.
 """
 
@@ -56,7 +60,12 @@ TRAIN_WORKLOADS: dict[str, list[str]] = {
 TARGET_RATIO = 2.5  # issue 21: every workload within 2.5x of the larger floor on its machine
 
 
-def run_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
+def kernel_env(kernels: str) -> dict[str, str]:
+    """The environment of a workload's process: ``eager`` turns the native step kernels off."""
+    return {**os.environ, "METALSTM_NATIVE": "0" if kernels == "eager" else "1"}
+
+
+def run_train(name: str, args: argparse.Namespace, kernels: str) -> dict[str, Any]:
     """One ``metalstm.bench`` run of a meta-training workload in a fresh process."""
     command = [
         sys.executable,
@@ -73,7 +82,8 @@ def run_train(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "--compile" if args.compile else "--no-compile",
         "--json",
     ]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = kernel_env(kernels)
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -147,10 +157,11 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": ac
 """
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+def run_eval(args: argparse.Namespace, kernels: str) -> dict[str, Any]:
     """Evaluation of the 600 Omniglot test episodes in a fresh process (data loading untimed)."""
     command = [sys.executable, "-c", EVAL_SCRIPT, args.device]
-    out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    env = kernel_env(kernels)
+    out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     return result
 
@@ -174,28 +185,42 @@ def main() -> int:
     parser.add_argument(
         "--only", nargs="+", choices=[*TRAIN_WORKLOADS, "omniglot-eval600"], help="workloads"
     )
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["native", "eager"],
+        default=["native"],
+        help="meta-learner step kernels; both: each workload with each, interleaved, one table "
+        "per kernel (default: native, the library's default; eager where it is unavailable)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run's figures")
     args = parser.parse_args()
     names = args.only or [*TRAIN_WORKLOADS, "omniglot-eval600"]
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    runs = {kernels: {name: [] for name in names} for kernels in args.kernels}
     machine: list[dict[str, Any]] = []
     for repeat in range(args.repeats):  # workloads interleaved: slow drifts hit all alike
         if args.device in ("auto", "cpu"):
             machine.append(run_machine())
             print(f"[{repeat + 1}/{args.repeats}] machine: {machine[-1]}", file=sys.stderr)
         for name in names:
-            if name == "omniglot-eval600":
-                if not have_omniglot():
-                    print("omniglot-eval600: no Omniglot data; set METALSTM_DATA", file=sys.stderr)
-                    continue
-                runs[name].append(run_eval(args))
-            else:
-                runs[name].append(run_train(name, args))
-            last = runs[name][-1]
-            figure = last.get("s_per_episode", last.get("seconds"))
-            print(f"[{repeat + 1}/{args.repeats}] {name}: {figure:.4f}", file=sys.stderr)
+            for kernels in args.kernels:
+                if name == "omniglot-eval600":
+                    if not have_omniglot():
+                        print(
+                            "omniglot-eval600: no Omniglot data; set METALSTM_DATA", file=sys.stderr
+                        )
+                        continue
+                    runs[kernels][name].append(run_eval(args, kernels))
+                else:
+                    runs[kernels][name].append(run_train(name, args, kernels))
+                last = runs[kernels][name][-1]
+                figure = last.get("s_per_episode", last.get("seconds"))
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {name} ({kernels}): {figure:.4f}",
+                    file=sys.stderr,
+                )
     rates = {key: statistics.median(m[key] for m in machine) for key in (machine or [{}])[0]}
-    print(table(runs, rates))
+    print("\n\n".join(table(workloads, rates) for workloads in runs.values()))
     if args.json is not None:
         args.json.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
     return 0
