@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from metalstm import build_method, cli, compare
 from metalstm.checkpoint import save_checkpoint
@@ -34,6 +35,9 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="metalstm compare")
     add_compare_arguments(parser)
     return parser.parse_args(list(argv))
+
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 
 
 def request(*argv: str) -> Request:
@@ -135,6 +139,19 @@ def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries
     assert (
         method_config(request("--set", "protonet:train_n_way=10"), "protonet", int).train_ways == 10
     )
+
+
+@pytest.mark.parametrize(("preset", "queries"), [("omniglot-5w1s", 15), ("omniglot-20w1s", 5)])
+def test_matching_networks_recipe_reproduces_the_committed_runs(preset: str, queries: int) -> None:
+    """20-way training episodes take 5 queries per class, 5-way ones the test's 15; the 20-way
+    config is the committed run's (benchmarks/results/compare-recipes/omniglot-20w1s-matching)."""
+    req = Request.from_args(parse("--preset", preset, "--out", "O"))
+    config = method_config(req, "matching", int)
+    assert (config.q_query, config.episodes) == (queries, 20_000)
+    if preset == "omniglot-20w1s":
+        folder = RESULTS / "compare-recipes" / "omniglot-20w1s-matching" / "methods" / "matching"
+        committed = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config.to_dict() == committed
 
 
 # -- identical episodes --------------------------------------------------------------------------
