@@ -10,7 +10,15 @@ import torch
 
 import metalstm
 from conftest import run_cli, small_config
-from metalstm import ConfigError, MetaLSTM, build_method, evaluate, load_method, override
+from metalstm import (
+    ConfigError,
+    MetaLSTM,
+    build_method,
+    evaluate,
+    inner_loop,
+    load_method,
+    override,
+)
 from metalstm import training as tr
 from metalstm.checkpoint import save_checkpoint
 from metalstm.data import Episode
@@ -263,6 +271,32 @@ def test_final_support_pass_normalises_the_queries_with_the_support_set_at_theta
     for name, value in support_classifier.bn.items():
         torch.testing.assert_close(value, before[name].to(value))
     assert support.test_batchnorm() == "support statistics"
+
+
+@pytest.mark.parametrize("query_bn", ["support", "final"])
+def test_transductive_evaluation_runs_no_extra_support_pass(
+    query_bn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With transductive batch norm the queries normalise with their own statistics: ``final``
+    costs no pass at θ_T, and gives the same logits as ``support``."""
+    cfg = small_config(head_init="prototypes", query_bn=query_bn, transductive=True)
+    model = double_model(cfg)
+    episode = random_episode(cfg, seed=22)
+    reference = model.adapt(episode.support_x, episode.support_y)(episode.query_x)
+
+    def no_pass(*args: object) -> None:
+        raise AssertionError("a support pass at θ_T under transductive batch norm")
+
+    monkeypatch.setattr(inner_loop, "final_support_pass", no_pass)
+    classifier = model.adapt(episode.support_x, episode.support_y)
+    torch.testing.assert_close(classifier(episode.query_x), reference)
+    other = double_model(
+        override(cfg, {"query_bn": "final" if query_bn == "support" else "support"})
+    )
+    other.load_state_dict(model.state_dict())
+    torch.testing.assert_close(
+        other.adapt(episode.support_x, episode.support_y)(episode.query_x), reference
+    )
 
 
 def test_final_support_pass_from_the_command_line(data_env: Path, tmp_path: Path) -> None:

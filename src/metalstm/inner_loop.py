@@ -163,6 +163,30 @@ def final_support_pass(
     return result.bn
 
 
+def query_statistics(
+    learner: Learner,
+    result: InnerLoopResult,
+    support_x: Tensor,
+    query_bn: str,
+    transductive: bool,
+    accumulated: BatchNormState | None = None,
+) -> BatchNormState:
+    """The running statistics an episode's queries are normalised with at evaluation, after the
+    inner loop ``result``: the support passes' (``query_bn=support``, the authors' protocol),
+    those after one more support pass at θ_T (``final``: :func:`final_support_pass`), or the
+    ``accumulated`` ones of meta-training (``meta``). With ``transductive`` the queries are
+    normalised with their own batch statistics, so nothing more is computed."""
+    if transductive:
+        return result.bn
+    if query_bn == "meta":
+        if accumulated is None:
+            raise ValueError("query_bn=meta needs the accumulated statistics")
+        return dict(accumulated)
+    if query_bn == "final":
+        return final_support_pass(learner, result, support_x)
+    return result.bn
+
+
 HEAD_INITS = ("learned", "zero", "prototypes")
 QUERY_BN = ("support", "final", "meta")
 

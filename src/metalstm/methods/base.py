@@ -35,7 +35,7 @@ from ..inner_loop import (
     InnerLoopResult,
     InnerLoopSettings,
     episode_theta0,
-    final_support_pass,
+    query_statistics,
 )
 from ..learner import (
     BatchNormState,
@@ -255,8 +255,9 @@ class InnerLoopMethod(Method):
         mode = self.settings.train_query_bn
         if mode == "meta":
             bn = self.meta_batchnorm()
-        elif mode == "support":
-            bn = self.support_statistics(result, episode.support_x)
+        elif mode == "support":  # the support set's, as at test (query_bn support or final)
+            query_bn = "final" if self.settings.query_bn == "final" else "support"
+            bn = query_statistics(self.learner, result, episode.support_x, query_bn, False)
         else:  # batch: the query batch's own statistics (the running ones are updated)
             bn = result.bn
         logits = self.learner(result.theta, episode.query_x, bn, batch_stats=mode == "batch")
@@ -268,23 +269,14 @@ class InnerLoopMethod(Method):
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         """The learner at θ_T after ``eval_steps`` updates (no meta-graph), whose query pass
-        normalises with the support set's statistics (``query_bn`` support or final, see
-        :meth:`support_statistics`) or (``meta``) the accumulated ones."""
+        normalises with the statistics of ``query_bn``
+        (:func:`~metalstm.inner_loop.query_statistics`)."""
         with torch.no_grad():
             result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
-        if self.settings.query_bn == "meta":
-            bn = self.meta_batchnorm()
-        else:
-            bn = self.support_statistics(result, support_x)
-        return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
-
-    def support_statistics(self, result: InnerLoopResult, support_x: Tensor) -> BatchNormState:
-        """The support set's running statistics that normalise the query: the support passes'
-        (``query_bn=support``), or with one more support pass at θ_T (``final``:
-        :func:`~metalstm.inner_loop.final_support_pass`)."""
-        if self.settings.query_bn == "final":
-            return final_support_pass(self.learner, result, support_x)
-        return result.bn
+        query_bn, transductive = self.settings.query_bn, self.config.transductive
+        accumulated = self.meta_batchnorm() if query_bn == "meta" else None
+        bn = query_statistics(self.learner, result, support_x, query_bn, transductive, accumulated)
+        return AdaptedLearner(self.learner, result.theta, bn, transductive)
 
     def test_batchnorm(self) -> str:
         return episode_batchnorm(self.config.transductive, self.settings.query_bn)

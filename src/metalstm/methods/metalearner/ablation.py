@@ -24,7 +24,7 @@ from ...inner_loop import (
     AdaptedLearner,
     InnerLoopSettings,
     episode_theta0,
-    final_support_pass,
+    query_statistics,
     run_inner_loop,
 )
 from ...learner import BatchNormState
@@ -89,13 +89,11 @@ class SGDFromInit(Method):
                 support_y,
                 self.settings.eval_steps,
             )
-        if self.query_stats is not None:
-            bn = dict(self.query_stats)
-        elif self.settings.query_bn == "final":
-            bn = final_support_pass(self.learner, result, support_x)
-        else:
-            bn = result.bn
-        return AdaptedLearner(self.learner, result.theta, bn, self.config.transductive)
+        query_bn, transductive = self.settings.query_bn, self.config.transductive
+        bn = query_statistics(
+            self.learner, result, support_x, query_bn, transductive, self.query_stats
+        )
+        return AdaptedLearner(self.learner, result.theta, bn, transductive)
 
     def test_batchnorm(self) -> str:
         return episode_batchnorm(self.config.transductive, self.settings.query_bn)
