@@ -8,9 +8,10 @@ pass over memory per operation on [H, n] tensors. The sums over coordinates (par
 gradients) are taken in fixed blocks added in order, so results do not depend on the number of
 threads. Tests compare both with the eager kernels (tests/test_speed_paths.py).
 
-The library is compiled once per source, compiler and CPU (``-O3 -march=native -fopenmp``) into
-``$METALSTM_CACHE`` (default ``~/.cache/metalstm``) and loaded with :mod:`ctypes`: no build step
-at install, nothing to compile for users without a compiler, who get the eager kernels. The path
+The library is compiled once per source, compiler and CPU (``-O3 -march=native -fopenmp``)
+into ``$METALSTM_CACHE/native`` (default ``~/.cache/metalstm/native``) and loaded with
+:mod:`ctypes`: no build step at install, nothing to compile for users without a compiler, who
+get the eager kernels. The path
 is used for float32 CPU tensors; ``METALSTM_NATIVE=0`` turns it off. :func:`status` says which
 path runs and why (``metalstm bench`` prints it).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ...data.storage import CACHE_ENV, user_cache_dir
 from ...errors import OutputError
 from ...files import write_file
 from . import kernels
@@ -45,9 +47,9 @@ class NativeUnavailable(RuntimeError):
 
 
 def _cache_dir() -> Path:
-    if os.environ.get("METALSTM_CACHE"):
-        return Path(os.environ["METALSTM_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metalstm"
+    """``$METALSTM_CACHE/native``, else ``native`` in the per-user cache folder."""
+    env = os.environ.get(CACHE_ENV)
+    return (Path(env).expanduser() if env else user_cache_dir()) / "native"
 
 
 def _cpu_signature() -> str:
