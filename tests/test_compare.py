@@ -109,6 +109,7 @@ def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> No
     )
     maml = method_config(req, "maml", lambda: 1000)
     assert maml.method == "maml" and maml.filters == 8 and maml.settings.inner_lr == 0.2
+    assert maml.settings.query_bn == "final"  # the recipe's: queries normalised at θ_T
     recipe = method_entry("maml").recipe(load_preset("omniglot-5w1s"))
     assert maml.settings.inner_steps == recipe["inner_steps"]
     assert maml.episodes == 40 and maml.test_episodes == 7 and maml.test_seed == 5
