@@ -133,10 +133,9 @@ def _build_and_load() -> ctypes.CDLL:
 
 def status() -> str:
     """Which step kernels run on float32 CPU tensors here, in words (and why not native)."""
-    try:
-        library()
-    except NativeUnavailable as why:
-        return f"eager (native unavailable: {why})"
+    loaded = _load()
+    if isinstance(loaded, str):
+        return f"eager (native unavailable: {loaded})"
     return "native (C++, fused per coordinate)"
 
 
@@ -150,11 +149,8 @@ def step_kernels(compile: bool, device: torch.device, dtype: torch.dtype) -> str
 
 
 def available() -> bool:
-    try:
-        library()
-    except NativeUnavailable:
-        return False
-    return True
+    """Whether the native library is loaded (built first if needed) in this process."""
+    return not isinstance(_load(), str)
 
 
 def applies(*tensors: Tensor | None) -> bool:
