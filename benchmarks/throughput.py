@@ -31,10 +31,11 @@ measured on this machine in a fresh process at the same thread count (median ove
   implementation built on those kernels, however well the other operations are fused;
 
 and the median's ratio to the larger floor, whose target is 2.5 (issue 21). ``--kernels native
-eager`` runs every workload with both meta-learner step kernels (the native ones, the library's
-default where a C++ compiler exists, and the eager PyTorch ones), interleaved, and prints one
-table for each: a before/after comparison within one run. The last line names
-the CPU and its measured rates: timings compare only within one run on one machine.
+eager`` runs every workload with both kinds of kernels (the native ones for the meta-learner's
+step and the learner blocks' batch norm, max-pool and ReLU, the library's default where a C++
+compiler exists, and the eager PyTorch ones; ``native-step``: the step's native kernels only),
+interleaved, and prints one table for each: a before/after comparison within one run. The last
+line names the CPU and its measured rates: timings compare only within one run on one machine.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ TRAIN_WORKLOADS: dict[str, list[str]] = {
 TARGET_RATIO = 2.5  # issue 21: every workload within 2.5x of the larger floor on its machine
 
 
+# --kernels: which native kernels a workload's process may use (METALSTM_NATIVE).
+KERNELS = {"native": "1", "eager": "0", "native-step": "native_step"}
+
+
 def kernel_env(kernels: str) -> dict[str, str]:
-    """The environment of a workload's process: ``eager`` turns the native step kernels off."""
-    return {**os.environ, "METALSTM_NATIVE": "0" if kernels == "eager" else "1"}
+    """The environment of a workload's process: ``eager`` turns every native kernel off,
+    ``native-step`` keeps the meta-learner step's only."""
+    return {**os.environ, "METALSTM_NATIVE": KERNELS[kernels]}
 
 
 def run_train(name: str, args: argparse.Namespace, kernels: str) -> dict[str, Any]:
@@ -133,6 +139,7 @@ from metalstm.allocator import keep_freed_memory
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
+from metalstm.layers import block_kernels
 from metalstm.methods.metalearner import step_kernels
 from metalstm.util import resolve_device
 
@@ -153,7 +160,8 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": ac
                   "settings": {"mode": "eval", "steps": config.settings.eval_steps,
                                "learner_params": n, "hidden": config.settings.hidden_size,
                                "step_kernels": step_kernels(config.compile, device,
-                                                            torch.float32)}}))
+                                                            torch.float32),
+                               "block_kernels": block_kernels(device, config.filters)}}))
 """
 
 
@@ -188,9 +196,11 @@ def main() -> int:
     parser.add_argument(
         "--kernels",
         nargs="+",
-        choices=["native", "eager"],
+        choices=list(KERNELS),
         default=["native"],
-        help="meta-learner step kernels; both: each workload with each, interleaved, one table "
+        help="native or eager (PyTorch) kernels for the meta-learner step and the learner "
+        "blocks, or native for the step only (native-step); several: each workload with each, "
+        "interleaved, one table "
         "per kernel (default: native, the library's default; eager where it is unavailable)",
     )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run's figures")
@@ -285,9 +295,10 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
             f"{flop_floor} | {kernel_floor} | {ratio} | {gflop:.1f} | {gflops:.1f} | {memory} | "
             f"{len(values)} |"
         )
-    ran = {r.get("settings", {}).get("step_kernels") for rs in runs.values() for r in rs}
-    kernels = sorted(k for k in ran if k)
-    lines.append(f"\nMeta-learner step kernels: {'; '.join(kernels) or 'not reported'}.")
+    for part, key in (("\nMeta-learner step", "step_kernels"), ("Learner block", "block_kernels")):
+        ran = {r.get("settings", {}).get(key) for rs in runs.values() for r in rs}
+        kernels = sorted(k for k in ran if k)
+        lines.append(f"{part} kernels: {'; '.join(kernels) or 'not reported'}.")
     if rates:
         lines.append(
             f"This machine: {cpu_name()}, {rates['threads']:.0f} threads: fp32 matmul "

@@ -30,7 +30,8 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from conftest import small_config
-from metalstm import Config, MetaLSTM, build_method, override
+from metalstm import Config, MetaLSTM, build_method, layers, override
+from metalstm import native as metalstm_native
 from metalstm.bench import add_bench_arguments, bench_main, episode_flops
 from metalstm.data import Episode
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
@@ -496,19 +497,145 @@ def test_native_meta_gradient_matches_eager_in_float32(monkeypatch: pytest.Monke
 def test_native_kernels_fall_back_to_eager_with_the_reason(
     env: dict[str, str], reason: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Turned off, or no working compiler (here a 'compiler' that fails): eager kernels, the
-    reason in ``status`` (what ``metalstm bench`` prints), once per process, no exception."""
+    """Turned off, or no working compiler (here a 'compiler' that fails): eager kernels for the
+    step and the block, the reason in ``status`` and ``block_kernels`` (what ``metalstm bench``
+    prints), once per process, no exception."""
     monkeypatch.setenv("METALSTM_CACHE", str(tmp_path))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    native._load.cache_clear()
+    metalstm_native.load.cache_clear()
     try:
         assert not native.available()
         assert native.status().startswith("eager") and reason in native.status()
         assert native.default_kernels() is ml.EAGER_KERNELS
+        assert layers.block_kernels().startswith("eager") and reason in layers.block_kernels()
         assert not list(tmp_path.iterdir())
     finally:
-        native._load.cache_clear()
+        metalstm_native.load.cache_clear()
+
+
+# -- the native block tail: batch norm, max-pool and ReLU -----------------------------------------
+
+needs_native_block = pytest.mark.skipif(
+    not metalstm_native.available(layers.BLOCK_SOURCE),
+    reason=f"native block kernels unavailable here: {layers.block_kernels()}",
+)
+
+
+def tail_inputs(shape: tuple[int, ...], seed: int = 0) -> list[Tensor]:
+    """x [B, C, H, W] (channels-last) and the shift, γ, β of a block, all requiring gradients;
+    β spread so that some channels are mostly cut by the ReLU and others mostly pass."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (2 * torch.randn(shape, generator=g) + 0.5).contiguous(memory_format=torch.channels_last)
+    params = [torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5]
+    params.append(torch.linspace(-1.5, 1.5, c))
+    return [t.requires_grad_() for t in (x, *params)]
+
+
+@needs_native_block
+@pytest.mark.parametrize(
+    "shape", [(5, 32, 28, 28), (3, 8, 21, 21), (2, 16, 5, 4), (4, 24, 7, 6), (2, 64, 3, 3)]
+)
+def test_native_block_tail_matches_pytorch(shape: tuple[int, ...]) -> None:
+    """Output, statistics and every gradient, for even and odd sides (rows and columns that
+    belong to no pooling window), against the PyTorch composition."""
+    inputs = tail_inputs(shape)
+    native_out = layers._NativeTail.apply(*inputs, 1e-5)
+    torch_out = layers._reference_tail(*inputs, 1e-5)
+    for a, b in zip(native_out, torch_out):
+        assert_close(a, b, rtol=1e-6)
+    assert native_out[0].is_contiguous(memory_format=torch.channels_last)
+    d_out = torch.randn(native_out[0].shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(native_out[0], inputs, d_out)
+    want = torch.autograd.grad(torch_out[0], inputs, d_out)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=2e-6)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))  # the conv bias cancels exactly
+
+
+@needs_native_block
+def test_native_block_tail_takes_nchw_input() -> None:
+    """An NCHW x is read through a channels-last copy; its gradient reaches the original."""
+    x, *params = tail_inputs((3, 16, 10, 10))
+    x_nchw = x.detach().contiguous().requires_grad_()
+    out = layers._NativeTail.apply(x_nchw, *params, 1e-5)[0]
+    want = layers._reference_tail(x, *params, 1e-5)[0]
+    assert_close(out, want, rtol=1e-6)
+    (got_dx,) = torch.autograd.grad(out.sum(), x_nchw)
+    (want_dx,) = torch.autograd.grad(want.sum(), x)
+    assert_close(got_dx, want_dx, rtol=2e-6)
+
+
+@needs_native_block
+def test_native_block_tail_is_the_same_for_any_thread_count() -> None:
+    inputs = tail_inputs((6, 16, 30, 30))
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out = layers._NativeTail.apply(*inputs, 1e-5)
+        results.append([*out, *torch.autograd.grad(out[0], inputs, torch.ones_like(out[0]))])
+    torch.set_num_threads(1)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_native_block
+def test_native_block_tail_has_second_derivatives() -> None:
+    """Under ``create_graph`` (second-order MAML) the backward differentiates the PyTorch
+    composition: the gradient's own gradient agrees with the PyTorch path's."""
+    inputs = tail_inputs((4, 8, 12, 12))
+    v = torch.randn(4, 8, 12, 12, generator=torch.Generator().manual_seed(2))
+    second = []
+    for tail in (layers._NativeTail.apply, layers._reference_tail):
+        out = tail(*inputs, 1e-5)[0]
+        (d_x,) = torch.autograd.grad(out.square().sum(), inputs[0], create_graph=True)
+        second.append(torch.autograd.grad((d_x * v).sum(), inputs[2:]))
+    for a, b in zip(*second):
+        assert_close(a, b, rtol=1e-5)
+
+
+@needs_native_block
+def test_block_tail_takes_the_native_kernels_where_they_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """float32 CPU tensors with C a multiple of 8 go native; float64 (the finite-difference
+    and reference tests) and other channel counts take the PyTorch operators."""
+    taken: list[str] = []
+    native_apply, reference = layers._NativeTail.apply, layers._reference_tail
+    monkeypatch.setattr(
+        layers._NativeTail, "apply", lambda *a: taken.append("n") or native_apply(*a)
+    )
+    monkeypatch.setattr(layers, "_reference_tail", lambda *a: taken.append("r") or reference(*a))
+    for shape, dtype in [
+        ((2, 8, 6, 6), torch.float32),
+        ((2, 8, 6, 6), F64),
+        ((2, 6, 6, 6), torch.float32),
+    ]:
+        x, *params = (t.detach().to(dtype) for t in tail_inputs(shape))
+        layers.batch_norm_pool_relu(x, *params, 1e-5)
+    assert taken == ["n", "r", "r"]
+    assert layers.block_kernels().startswith("native")
+    assert layers.block_kernels(torch.device("cpu"), 64).startswith("native")
+    assert layers.block_kernels(torch.device("cpu"), 12) == "eager"
+    assert layers.block_kernels(torch.device("cuda"), 64) == "eager"
+
+
+@needs_native_block
+def test_native_kernels_can_be_chosen_by_source(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``METALSTM_NATIVE=native_step``: the step's native kernels, the block's PyTorch ones."""
+    monkeypatch.setenv("METALSTM_CACHE", str(tmp_path))
+    monkeypatch.setenv("METALSTM_NATIVE", "native_step")
+    metalstm_native.load.cache_clear()
+    try:
+        assert native.status().startswith("native")
+        why = "eager (native unavailable: turned off by METALSTM_NATIVE=native_step)"
+        assert layers.block_kernels() == why
+    finally:
+        metalstm_native.load.cache_clear()
 
 
 # -- the benchmark ------------------------------------------------------------------------------
@@ -539,6 +666,8 @@ def test_bench_reports_its_figures(
     # which step kernels ran, in the header line and the JSON
     assert f"meta-learner step: {result['settings']['step_kernels']}" in lines[-6]
     assert result["settings"]["step_kernels"] == native.status()
+    assert f"learner block: {result['settings']['block_kernels']}" in lines[-6]
+    assert result["settings"]["block_kernels"] == "eager"  # 4 filters: not a multiple of 8
 
 
 def test_bench_json_is_the_last_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -675,10 +804,12 @@ def test_throughput_table_shows_a_dash_for_figures_a_workload_does_not_measure()
     throughput = load_benchmark("throughput")
     train = {"s_per_episode": 0.5, "gflop_per_episode": 4.0, "gflops": 8.0, "peak_memory_mb": 512}
     runs = {"28g-5w1s": [train, {**train, "peak_memory_mb": 520}]}
-    runs["omniglot-eval600"] = [{"seconds": 90.0, "settings": {"step_kernels": "eager (why)"}}]
+    kernels = {"step_kernels": "eager (why)", "block_kernels": "native (C++)"}
+    runs["omniglot-eval600"] = [{"seconds": 90.0, "settings": kernels}]
     rows = {
         line.split(" | ")[0]: line.split(" | ") for line in throughput.table(runs, {}).split("\n")
     }
     assert rows["| 28g-5w1s"][8] == "516"
     assert rows["| omniglot-eval600"][8] == "-"
     assert "Meta-learner step kernels: eager (why)." in throughput.table(runs, {})
+    assert "Learner block kernels: native (C++)." in throughput.table(runs, {})

@@ -426,11 +426,13 @@ def test_short_run_clearly_beats_chance_and_untrained_sgd(short_run: ShortRun) -
 @pytest.mark.slow
 @pytest.mark.xfail(
     strict=False,
-    reason="at this budget (a few hundred episodes) the meta-learner does not beat plain SGD from "
-    "its own learned c_0 at a validation-tuned lr: measured 71.1 vs 75.2 % with SHORT_RUN "
-    "(-4.1 ± 2.6 points, paired), 75.4 vs 76.2 % at 400 episodes, 77.0 vs 77.0 % with "
-    "filters 16, T = 5. At full scale it does: the shipped omniglot-5w1s-paper (5000 episodes) "
-    "beats SGD from its c_0 by 2.61 ± 0.29 points on 600 test episodes (benchmarks/results/)",
+    reason="at this budget (a few hundred episodes) the meta-learner does not reliably beat plain "
+    "SGD from its own learned c_0 at a validation-tuned lr; which side wins follows the run's "
+    "rounding: with SHORT_RUN on the AVX-512 Xeon, 74.67 vs 74.57 % (+0.09 ± 1.84 points, "
+    "paired) with PyTorch's batch norm and max-pool, 74.45 vs 71.11 % (+3.35 ± 1.91) with the "
+    "native block kernels; earlier code measured 71.1 vs 75.2 %, 75.4 vs 76.2 % at 400 episodes. "
+    "At full scale it does: the shipped omniglot-5w1s-paper (5000 episodes) beats SGD from its "
+    "c_0 by 2.61 ± 0.29 points on 600 test episodes (benchmarks/results/)",
 )
 def test_short_run_clearly_beats_sgd_from_the_same_c0(short_run: ShortRun) -> None:
     diff_m, diff_se = mean_and_se([m - s for m, s in zip(short_run.meta, short_run.sgd)])

@@ -38,6 +38,7 @@ from .data import Episode
 from .distributed import Distributed
 from .errors import ConfigError
 from .files import check_output, output_path, write_file
+from .layers import block_kernels
 from .learner import LearnerShape, conv_flops
 from .methods import build_method
 from .methods.base import Method, accuracy
@@ -314,6 +315,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "second_order": settings.second_order,
             "compile": config.compile,
             "step_kernels": step_kernels(config.compile, device, torch.float32),
+            "block_kernels": block_kernels(device, config.filters),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,
@@ -334,7 +336,8 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             f"{s['ways']}-way {s['shots']}-shot, {s['queries']} queries, T = {s['steps']} on "
             f"{batch}, {s['filters']} filters, meta-batch {s['meta_batch']}, "
             f"{'second' if s['second_order'] else 'first'}-order, {s['device']} "
-            f"({s['threads']} threads), meta-learner step: {s['step_kernels']}; "
+            f"({s['threads']} threads), meta-learner step: {s['step_kernels']}, learner "
+            f"block: {s['block_kernels']}; "
             f"first episode {result['first_episode_s']:.3f} s"
         )
         print(

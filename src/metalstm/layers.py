@@ -19,12 +19,17 @@ reductions over the n coordinates, run in. See README "Reproducibility" for what
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from . import native
 
 
 @contextmanager
@@ -59,6 +64,12 @@ def _channel_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return mean, centred.square().sum((0, 2, 3)) / count, centred
 
 
+def _graph_constants(ctx: Any, *statistics: Tensor) -> tuple[Tensor, ...]:
+    """A batch's statistics returned by an autograd function as constants of the graph."""
+    ctx.mark_non_differentiable(*statistics)
+    return statistics
+
+
 class _BatchNormTrain(torch.autograd.Function):
     """y = (x + s − μ) · γ / sqrt(σ² + ε) + β with the batch's own μ, σ² of x + s, for a
     per-channel shift s (a conv bias), which cancels: y does not depend on it, and its gradient
@@ -77,9 +88,7 @@ class _BatchNormTrain(torch.autograd.Function):
         y = torch.addcmul(bias.view(1, -1, 1, 1), centred, (weight * invstd).view(1, -1, 1, 1))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
-        shifted_mean = mean + shift
-        ctx.mark_non_differentiable(shifted_mean, var)
-        return y, shifted_mean, var
+        return y, *_graph_constants(ctx, mean + shift, var)
 
     @staticmethod
     def backward(ctx: Any, d_y: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
@@ -111,6 +120,117 @@ def batch_norm_train(
     if x.numel() // x.shape[1] < 2:
         raise ValueError(f"batch norm needs more than 1 value per channel, got shape {x.shape}")
     return _BatchNormTrain.apply(x, shift, weight, bias, eps)
+
+
+# -- batch norm, max-pool and ReLU: a block's tail, natively where possible ----------------------
+
+_DIMS = (ctypes.c_long,) * 4 + (ctypes.c_int,)  # B, H, W, C, threads
+_P, _EPS = ctypes.c_void_p, ctypes.c_float
+BLOCK_SOURCE = native.NativeSource(
+    Path(__file__).with_name("learner_block.cpp"),
+    constants=(("metalstm_block_abi", 2),),
+    functions=(
+        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P)),
+        ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P)),
+    ),
+)
+
+
+def block_kernels(device: torch.device | None = None, channels: int | None = None) -> str:
+    """Which kernels run the learner blocks' batch norm, max-pool and ReLU on float32 tensors
+    (on ``device`` with ``channels`` filters, when given) here, in words (and why not native)."""
+    if (device is not None and device.type != "cpu") or not _native_channels(channels or 8):
+        return "eager"
+    why = native.reason(BLOCK_SOURCE)
+    return f"eager (native unavailable: {why})" if why else "native (C++, fused per pixel)"
+
+
+def _native_channels(channels: int) -> bool:
+    """Whether the native kernels take this many channels: a multiple of 8, up to 512."""
+    return channels % 8 == 0 and channels <= 512
+
+
+def _reference_tail(
+    x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ReLU(max-pool(batch norm of x + shift)) by PyTorch operators, with the batch's statistics.
+
+    The ReLU comes after the max-pool, on a quarter of the values: exact, since max-pool commutes
+    with the monotone ReLU (gradients agree too).
+    """
+    y, mean, var = batch_norm_train(x, shift, weight, bias, eps)
+    return F.relu(F.max_pool2d(y, 2)), mean, var
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """x [B, C, H, W] with its bytes in NHWC order (what the native kernels read and write)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+class _NativeTail(torch.autograd.Function):
+    """:func:`_reference_tail` in ``learner_block.cpp``: three passes over x forward, two back.
+
+    Its backward is native; under ``create_graph`` (second-order MAML) it differentiates the
+    PyTorch composition instead, recomputed from the saved inputs, so higher derivatives exist.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+    ) -> Any:
+        x_nhwc = _nhwc(x)  # x itself when it is channels-last already (the learner's blocks)
+        b, c, h, w = x.shape
+        out = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
+        mean, var = x.new_empty(c), x.new_empty(c)
+        weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+        native.library(BLOCK_SOURCE).metalstm_block_forward(
+            b, h, w, c, torch.get_num_threads(),
+            x_nhwc.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
+            out.data_ptr(), mean.data_ptr(), var.data_ptr(),
+        )  # fmt: skip
+        ctx.save_for_backward(x, shift, weight, bias, mean, var)
+        ctx.eps = eps
+        return out, *_graph_constants(ctx, mean + shift, var)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
+        x, shift, weight, bias, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: through the PyTorch composition
+            inputs = (x, shift, weight, bias)
+            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
+            recomputed = _reference_tail(x, shift, weight, bias, ctx.eps)[0]
+            grads = iter(torch.autograd.grad(recomputed, wanted, d_out, create_graph=True))
+            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), None)
+        b, c, h, w = x.shape
+        x, d_out = _nhwc(x), _nhwc(d_out)
+        d_x = torch.empty_like(x, memory_format=torch.channels_last)
+        d_weight, d_bias = x.new_empty(c), x.new_empty(c)
+        weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+        native.library(BLOCK_SOURCE).metalstm_block_backward(
+            b, h, w, c, torch.get_num_threads(),
+            x.data_ptr(), d_out.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
+            mean.data_ptr(), var.data_ptr(), ctx.eps,
+            d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(),
+        )  # fmt: skip
+        return d_x, torch.zeros_like(d_bias), d_weight, d_bias, None
+
+
+def batch_norm_pool_relu(
+    x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ReLU(max-pool 2x2(:func:`batch_norm_train` of x + shift)): a learner block's tail with the
+    batch's statistics, x [B, C, H, W] → [B, C, H/2, W/2], and the batch's mean and biased
+    variance [C] for :func:`update_running_stats`.
+
+    Float32 CPU tensors take the native kernels (``learner_block.cpp``) when they are available,
+    others the PyTorch operators; tests compare both (tests/test_speed_paths.py).
+    """
+    if x.numel() // x.shape[1] < 2:
+        raise ValueError(f"batch norm needs more than 1 value per channel, got shape {x.shape}")
+    fits = _native_channels(x.shape[1]) and min(x.shape[2:]) >= 2
+    if fits and native.applies(x, shift, weight, bias) and native.available(BLOCK_SOURCE):
+        return _NativeTail.apply(x, shift, weight, bias, eps)
+    return _reference_tail(x, shift, weight, bias, eps)
 
 
 def update_running_stats(

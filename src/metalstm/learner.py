@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .layers import batch_norm_train, conv3x3, update_running_stats
+from .layers import batch_norm_pool_relu, conv3x3, update_running_stats
 
 BatchNormState = dict[str, Tensor]
 
@@ -60,16 +60,15 @@ class Block(nn.Module):
         norm, b = self.norm, self.conv.bias
         assert norm.running_mean is not None and norm.running_var is not None and b is not None
         if batch_stats:  # this batch's statistics; the episode's running ones are updated
-            x, mean, var = batch_norm_train(x, b, norm.weight, norm.bias, norm.eps)
-            momentum = norm.momentum if norm.momentum is not None else 0.1
             count = x.numel() // x.shape[1]
+            x, mean, var = batch_norm_pool_relu(x, b, norm.weight, norm.bias, norm.eps)
+            momentum = norm.momentum if norm.momentum is not None else 0.1
             update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
-        else:  # the running statistics collected on this episode's support set
-            # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
-            shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
-            x = F.batch_norm(
-                x, norm.running_mean, norm.running_var, norm.weight, shift, eps=norm.eps
-            )
+            return x
+        # the running statistics collected on this episode's support set:
+        # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
+        shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
+        x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, shift, eps=norm.eps)
         # ReLU after the max-pool, on a quarter of the values: exact, since max-pool commutes
         # with the monotone ReLU (gradients agree too).
         return F.relu(F.max_pool2d(x, 2))

@@ -1,0 +1,222 @@
+// The learner block's batch norm (with the batch's own statistics), 2x2 max-pool and ReLU as one
+// forward and one backward over channels-last tensors (layers.batch_norm_pool_relu). The PyTorch
+// composition makes about ten passes over the [B, C, H, W] activations each way (statistics,
+// centring, squares, normalisation, pooling with int64 indices, ReLU, then the zero-filled
+// max-pool gradient and batch norm's backward); here the forward reads x three times (mean,
+// variance, normalise-and-pool) and writes only the pooled output, and the backward reads x
+// twice (the sums, then ∂x), finding each window's maximum again rather than storing it.
+// Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
+//
+// Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
+// [B, H/2, W/2, C]; a window's first maximum in PyTorch's scan order (row by row) wins, as in
+// PyTorch's max-pool, and rows or columns left over by an odd side belong to no window
+// (PyTorch's floor mode).
+//
+// Determinism: every sum over pixels is taken in double, per block of ROWS pixels, and the block
+// sums added in block order, so the results do not depend on the number of threads.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(32)));   // 8 channels
+typedef int vi __attribute__((vector_size(32)));
+typedef double vd __attribute__((vector_size(64)));  // the same 8 channels in double
+
+constexpr long LANES = 8;
+constexpr long MAX_VECTORS = 64;  // channels up to 512 (the Python side checks C % 8 == 0)
+constexpr long ROWS = 256;        // pixels per block of a sum (threads' unit; reduction unit)
+
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline vd wide(vf v) { return __builtin_convertvector(v, vd); }
+
+// Per-channel constants of the normalisation y = (x − μ) k + β, as vectors.
+struct Affine {
+  vf mu[MAX_VECTORS], k[MAX_VECTORS], beta[MAX_VECTORS];
+};
+
+// One 2x2 window at channel vector v: the normalised values' first maximum (PyTorch's max-pool:
+// a later value wins if greater, or NaN), its position 0..3 and the four inputs.
+struct Window {
+  vf best;
+  vi at;
+  vf x[4];
+};
+
+inline Window window(const float* const (&p)[4], long v, const Affine& A) {
+  Window w;
+  const long c = v * LANES;
+  for (int q = 0; q < 4; q++) w.x[q] = ld(p[q] + c);
+  w.best = (w.x[0] - A.mu[v]) * A.k[v] + A.beta[v];
+  w.at = vi{} + 0;
+  for (int q = 1; q < 4; q++) {
+    const vf y = (w.x[q] - A.mu[v]) * A.k[v] + A.beta[v];
+    const vi wins = (y > w.best) | (y != y);
+    w.best = wins ? y : w.best;
+    w.at = wins ? vi{} + q : w.at;
+  }
+  return w;
+}
+
+// The four pixels of window (b, i, j) of x [B, H, W, C].
+struct Pixels {
+  long H, W, C;
+  void of(const float* x, long b, long i, long j, const float* (&p)[4]) const {
+    const float* top = x + ((b * H + 2 * i) * W + 2 * j) * C;
+    p[0] = top, p[1] = top + C, p[2] = top + W * C, p[3] = top + (W + 1) * C;
+  }
+};
+
+long blocks_of(long rows) { return (rows + ROWS - 1) / ROWS; }
+
+// total[0 .. width) = Σ over rows r of the vectors f(r, acc) adds into acc[0 .. width / 8), in
+// double: blocks of ROWS rows summed in parallel, then added in block order.
+template <class F>
+void channel_sums(long rows, long width, int threads, F f, double* total) {
+  const long blocks = blocks_of(rows), vectors = width / LANES;
+  std::vector<double> partial(blocks * width);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long blk = 0; blk < blocks; blk++) {
+    vd acc[2 * MAX_VECTORS] = {};
+    const long end = std::min(rows, (blk + 1) * ROWS);
+    for (long r = blk * ROWS; r < end; r++) f(r, acc);
+    std::memcpy(partial.data() + blk * width, acc, vectors * sizeof(vd));
+  }
+  std::fill(total, total + width, 0.0);
+  for (long blk = 0; blk < blocks; blk++)
+    for (long c = 0; c < width; c++) total[c] += partial[blk * width + c];
+}
+
+}  // namespace
+
+extern "C" {
+
+int metalstm_block_abi() { return 2; }
+
+// Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) with the batch's mean μ and biased
+// variance σ² per channel; writes out [B, H/2, W/2, C], mean and var [C].
+void metalstm_block_forward(long B, long H, long W, long C, int threads, const float* x,
+                            const float* gamma, const float* beta, float eps, float* out,
+                            float* mean, float* var) {
+  const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
+  std::vector<double> sum(C), squares(C);
+  channel_sums(pixels, C, threads, [&](long r, vd* acc) {
+    for (long v = 0; v < V; v++) acc[v] += wide(ld(x + r * C + v * LANES));
+  }, sum.data());
+  vd centre[MAX_VECTORS];
+  for (long c = 0; c < C; c++) centre[c / LANES][c % LANES] = sum[c] / pixels;
+  channel_sums(pixels, C, threads, [&](long r, vd* acc) {
+    for (long v = 0; v < V; v++) {
+      const vd d = wide(ld(x + r * C + v * LANES)) - centre[v];
+      acc[v] += d * d;
+    }
+  }, squares.data());
+  Affine A;
+  for (long c = 0; c < C; c++) {
+    const double v = squares[c] / pixels;
+    mean[c] = static_cast<float>(sum[c] / pixels);
+    var[c] = static_cast<float>(v);
+    A.mu[c / LANES][c % LANES] = mean[c];
+    A.k[c / LANES][c % LANES] = gamma[c] * static_cast<float>(1.0 / std::sqrt(v + eps));
+    A.beta[c / LANES][c % LANES] = beta[c];
+  }
+  const Pixels px{H, W, C};
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (long b = 0; b < B; b++)
+    for (long i = 0; i < Ho; i++)
+      for (long j = 0; j < Wo; j++) {
+        const float* p[4];
+        px.of(x, b, i, j, p);
+        float* o = out + ((b * Ho + i) * Wo + j) * C;
+        for (long v = 0; v < V; v++) {
+          const vf best = window(p, v, A).best;
+          st(o + v * LANES, best <= 0.0f ? vf{} : best);  // ReLU (NaN stays NaN)
+        }
+      }
+}
+
+// Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean and var:
+// ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015). The pooling and ReLU gradient is
+// ∂y = ∂out at each window's maximum, found again from x exactly as the forward found it, where
+// the maximum is positive, and 0 elsewhere.
+void metalstm_block_backward(long B, long H, long W, long C, int threads, const float* x,
+                             const float* d_out, const float* gamma, const float* beta,
+                             const float* mean, const float* var, float eps, float* d_x,
+                             float* d_gamma, float* d_beta) {
+  const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
+  Affine A;
+  std::vector<float> invstd(C);
+  for (long c = 0; c < C; c++) {
+    invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+    A.mu[c / LANES][c % LANES] = mean[c];
+    A.k[c / LANES][c % LANES] = gamma[c] * invstd[c];
+    A.beta[c / LANES][c % LANES] = beta[c];
+  }
+  const Pixels px{H, W, C};
+  // ∂y at the window's maximum (0 where the ReLU is off), and the maximum's input.
+  auto pooled_gradient = [&](const Window& w, const float* d, vf& dy, vf& x_at) {
+    dy = w.best > 0.0f ? ld(d) : vf{};
+    x_at = w.x[0];
+    for (int q = 1; q < 4; q++) x_at = w.at == q ? w.x[q] : x_at;
+  };
+  // Σ ∂y and Σ ∂y (x − μ) per channel: sums[0 .. C) and sums[C .. 2C).
+  std::vector<double> sums(2 * C);
+  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long r, vd* acc) {
+    const float* p[4];
+    px.of(x, r / (Ho * Wo), (r / Wo) % Ho, r % Wo, p);
+    for (long v = 0; v < V; v++) {
+      vf dy, x_at;
+      pooled_gradient(window(p, v, A), d_out + r * C + v * LANES, dy, x_at);
+      acc[v] += wide(dy);
+      acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
+    }
+  }, sums.data());
+  // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂)
+  vf a[MAX_VECTORS], s[MAX_VECTORS];
+  for (long c = 0; c < C; c++) {
+    d_beta[c] = static_cast<float>(sums[c]);
+    d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
+    const float k = A.k[c / LANES][c % LANES];
+    a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
+    s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
+  }
+  // Row by row of x: each pair of rows 2i, 2i + 1 with its windows, and a last odd row alone.
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (long b = 0; b < B; b++)
+    for (long h = 0; h < H; h += 2) {
+      const long i = h / 2;
+      for (long w = 0; w < W; w++) {  // pixels outside every window: the affine part only
+        if (i < Ho && w < 2 * Wo) continue;
+        for (long hh = h; hh < std::min(H, h + 2); hh++) {
+          const long at = ((b * H + hh) * W + w) * C;
+          for (long v = 0; v < V; v++)
+            st(d_x + at + v * LANES, a[v] + s[v] * (ld(x + at + v * LANES) - A.mu[v]));
+        }
+      }
+      if (i >= Ho) continue;
+      for (long j = 0; j < Wo; j++) {
+        const float* p[4];
+        px.of(x, b, i, j, p);
+        const long base = ((b * H + 2 * i) * W + 2 * j) * C;
+        float* dx[4] = {d_x + base, d_x + base + C, d_x + base + W * C, d_x + base + (W + 1) * C};
+        const float* d = d_out + ((b * Ho + i) * Wo + j) * C;
+        for (long v = 0; v < V; v++) {
+          const Window win = window(p, v, A);
+          vf dy, x_at;
+          pooled_gradient(win, d + v * LANES, dy, x_at);
+          const vf kdy = A.k[v] * dy;
+          for (int q = 0; q < 4; q++) {
+            const vf affine = a[v] + s[v] * (win.x[q] - A.mu[v]);
+            st(dx[q] + v * LANES, win.at == q ? affine + kdy : affine);
+          }
+        }
+      }
+    }
+}
+
+}  // extern "C"
