@@ -555,6 +555,18 @@ def test_native_block_tail_matches_pytorch(shape: tuple[int, ...]) -> None:
 
 
 @needs_native_block
+def test_native_block_statistics_hold_far_from_zero() -> None:
+    """Mean and variance from one pass of shifted sums: a mean 100 standard deviations from 0
+    still gives float64's statistics to float32 rounding."""
+    x, *params = (t.detach() for t in tail_inputs((4, 16, 12, 12)))
+    x = (x + 200.0).contiguous(memory_format=torch.channels_last)
+    _, mean, var = layers._NativeTail.apply(x, *params, 1e-5)
+    exact = layers._reference_tail(x.double(), *(t.double() for t in params), 1e-5)
+    assert_close(mean.double(), exact[1], rtol=1e-7)
+    assert_close(var.double(), exact[2], rtol=1e-6)
+
+
+@needs_native_block
 def test_native_block_tail_takes_nchw_input() -> None:
     """An NCHW x is read through a channels-last copy; its gradient reaches the original."""
     x, *params = tail_inputs((3, 16, 10, 10))

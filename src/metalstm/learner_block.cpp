@@ -2,9 +2,10 @@
 // forward and one backward over channels-last tensors (layers.batch_norm_pool_relu). The PyTorch
 // composition makes about ten passes over the [B, C, H, W] activations each way (statistics,
 // centring, squares, normalisation, pooling with int64 indices, ReLU, then the zero-filled
-// max-pool gradient and batch norm's backward); here the forward reads x three times (mean,
-// variance, normalise-and-pool) and writes only the pooled output, and the backward reads x
-// twice (the sums, then ∂x), finding each window's maximum again rather than storing it.
+// max-pool gradient and batch norm's backward); here the forward reads x twice (the sums for
+// mean and variance, then normalise-and-pool) and writes only the pooled output, and the
+// backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
+// storing it.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
@@ -96,7 +97,7 @@ void channel_sums(long rows, long width, int threads, F f, double* total) {
 
 extern "C" {
 
-int metalstm_block_abi() { return 2; }
+int metalstm_block_abi() { return 3; }
 
 // Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) with the batch's mean μ and biased
 // variance σ² per channel; writes out [B, H/2, W/2, C], mean and var [C].
@@ -104,22 +105,22 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
                             const float* gamma, const float* beta, float eps, float* out,
                             float* mean, float* var) {
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
-  std::vector<double> sum(C), squares(C);
-  channel_sums(pixels, C, threads, [&](long r, vd* acc) {
-    for (long v = 0; v < V; v++) acc[v] += wide(ld(x + r * C + v * LANES));
-  }, sum.data());
-  vd centre[MAX_VECTORS];
-  for (long c = 0; c < C; c++) centre[c / LANES][c % LANES] = sum[c] / pixels;
-  channel_sums(pixels, C, threads, [&](long r, vd* acc) {
+  // Σ (x − K) and Σ (x − K)² in one pass, about K = the first pixel's values (shifted sums: no
+  // cancellation to speak of in double when the mean is far from 0): sums[0 .. C), [C .. 2C).
+  vd shift[MAX_VECTORS];
+  for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
+  std::vector<double> sums(2 * C);
+  channel_sums(pixels, 2 * C, threads, [&](long r, vd* acc) {
     for (long v = 0; v < V; v++) {
-      const vd d = wide(ld(x + r * C + v * LANES)) - centre[v];
-      acc[v] += d * d;
+      const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
+      acc[v] += d;
+      acc[V + v] += d * d;
     }
-  }, squares.data());
+  }, sums.data());
   Affine A;
   for (long c = 0; c < C; c++) {
-    const double v = squares[c] / pixels;
-    mean[c] = static_cast<float>(sum[c] / pixels);
+    const double d = sums[c] / pixels, v = std::max(sums[C + c] / pixels - d * d, 0.0);
+    mean[c] = static_cast<float>(shift[c / LANES][c % LANES] + d);
     var[c] = static_cast<float>(v);
     A.mu[c / LANES][c % LANES] = mean[c];
     A.k[c / LANES][c % LANES] = gamma[c] * static_cast<float>(1.0 / std::sqrt(v + eps));
