@@ -142,17 +142,26 @@ def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries
     )
 
 
-@pytest.mark.parametrize(("preset", "queries"), [("omniglot-5w1s", 15), ("omniglot-20w1s", 5)])
-def test_matching_networks_recipe_reproduces_the_committed_runs(preset: str, queries: int) -> None:
-    """20-way training episodes take 5 queries per class, 5-way ones the test's 15; the 20-way
-    config is the committed run's (benchmarks/results/compare-recipes/omniglot-20w1s-matching)."""
+@pytest.mark.parametrize(
+    ("preset", "method", "queries", "committed"),
+    [
+        ("omniglot-5w1s", "matching", 15, None),
+        ("omniglot-20w1s", "matching", 5, "omniglot-20w1s-matching"),
+        ("omniglot-20w5s", "matching", 5, "omniglot-20w5s-matching"),
+        ("omniglot-5w5s", "matching-fce", 15, "omniglot-5w5s-matching-fce"),
+    ],
+)
+def test_matching_networks_recipe_reproduces_the_committed_runs(
+    preset: str, method: str, queries: int, committed: str | None
+) -> None:
+    """20-way training episodes take 5 queries per class, 5-way ones the test's 15; the configs
+    are the committed runs' (benchmarks/results/compare-recipes/)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    config = method_config(req, "matching", int)
+    config = method_config(req, method, int)
     assert (config.q_query, config.episodes) == (queries, 20_000)
-    if preset == "omniglot-20w1s":
-        folder = RESULTS / "compare-recipes" / "omniglot-20w1s-matching" / "methods" / "matching"
-        committed = yaml.safe_load((folder / "config.yaml").read_text())
-        assert config.to_dict() == committed
+    if committed is not None:
+        folder = RESULTS / "compare-recipes" / committed / "methods" / method
+        assert config.to_dict() == yaml.safe_load((folder / "config.yaml").read_text())
 
 
 # -- identical episodes --------------------------------------------------------------------------
