@@ -13,12 +13,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from conftest import tensorboard_scalars
 from metalstm.checkpoint import load_checkpoint
+from metalstm.training import catch_sigint
 
 TINY = [
     "--preset", "omniglot-5w1s-paper", "--episodes", "64", "--quiet",
@@ -143,3 +145,20 @@ def test_resume_falls_back_to_previous_checkpoint(
     print(err)
     assert_same_run(reference, run)
     assert "checksum" in err or "corrupted" in err
+
+
+def test_a_second_interrupt_stops_at_once() -> None:
+    """The first Ctrl-C asks the run to stop after its update; a second one, while e.g. a long
+    validation round holds that update back, stops it at once (Python's own KeyboardInterrupt)."""
+    said: list[str] = []
+    trainer = SimpleNamespace(_interrupted=False, say=said.append)
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with catch_sigint(trainer):  # type: ignore[arg-type]
+            signal.raise_signal(signal.SIGINT)
+            assert trainer._interrupted and "again: stop now" in said[0]
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)

@@ -489,22 +489,35 @@ def gradient_row(
 
 @contextmanager
 def catch_sigint(trainer: Trainer) -> Iterator[None]:
-    """Ctrl-C (SIGINT) or SIGTERM finishes the current update, writes a checkpoint and stops."""
+    """Ctrl-C (SIGINT) or SIGTERM finishes the current update, writes a checkpoint and stops.
+
+    A second one stops at once, as without this handler (the last checkpoint stays): the first
+    waits for the end of an update, and a long validation round (a method choosing its
+    evaluation settings) may hold that back for many minutes.
+    """
+    previous: dict[int, Any] = {}
 
     def handler(signum: int, frame: object) -> None:
+        if trainer._interrupted:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
+            return
         trainer._interrupted = True
-        trainer.say("\ninterrupt: stopping after this update and writing a checkpoint")
+        trainer.say(
+            "\ninterrupt: stopping after this update and writing a checkpoint (again: stop now)"
+        )
 
     try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
     try:
         yield
     finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def open_tensorboard(run_dir: Path, *, first_step: int) -> Any:
