@@ -144,10 +144,11 @@ BLOCK_SOURCE = native.NativeSource(
 def block_kernels(device: torch.device | None = None, channels: int | None = None) -> str:
     """Which kernels run the learner blocks' batch norm, max-pool and ReLU on float32 tensors
     (on ``device`` with ``channels`` filters, when given) here, in words (and why not native)."""
-    if (device is not None and device.type != "cpu") or not _native_channels(channels or 8):
+    if device is not None and device.type != "cpu":
         return "eager"
-    why = native.reason(BLOCK_SOURCE)
-    return f"eager (native unavailable: {why})" if why else "native (C++, fused per pixel)"
+    if channels is not None and not _native_channels(channels):
+        return "eager"
+    return native.status(BLOCK_SOURCE, "native (C++, fused per pixel)")
 
 
 def _native_channels(channels: int) -> bool:
@@ -155,16 +156,19 @@ def _native_channels(channels: int) -> bool:
     return channels % 8 == 0 and channels <= 512
 
 
+def pool_relu(y: Tensor) -> Tensor:
+    """ReLU(2x2 max-pool(y)): a block's ReLU after its max-pool, on a quarter of the values;
+    exact, since max-pool commutes with the monotone ReLU (gradients agree too)."""
+    return F.relu(F.max_pool2d(y, 2))
+
+
 def _reference_tail(
     x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """ReLU(max-pool(batch norm of x + shift)) by PyTorch operators, with the batch's statistics.
-
-    The ReLU comes after the max-pool, on a quarter of the values: exact, since max-pool commutes
-    with the monotone ReLU (gradients agree too).
-    """
+    """:func:`pool_relu` of batch norm of x + shift by PyTorch operators, with the batch's
+    statistics."""
     y, mean, var = batch_norm_train(x, shift, weight, bias, eps)
-    return F.relu(F.max_pool2d(y, 2)), mean, var
+    return pool_relu(y), mean, var
 
 
 def _nhwc(x: Tensor) -> Tensor:

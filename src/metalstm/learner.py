@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .layers import batch_norm_pool_relu, conv3x3, update_running_stats
+from .layers import batch_norm_pool_relu, conv3x3, pool_relu, update_running_stats
 
 BatchNormState = dict[str, Tensor]
 
@@ -69,9 +69,7 @@ class Block(nn.Module):
         # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
         shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
         x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, shift, eps=norm.eps)
-        # ReLU after the max-pool, on a quarter of the values: exact, since max-pool commutes
-        # with the monotone ReLU (gradients agree too).
-        return F.relu(F.max_pool2d(x, 2))
+        return pool_relu(x)
 
 
 class ConvNet(nn.Module):

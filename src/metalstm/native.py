@@ -111,10 +111,11 @@ def available(source: NativeSource) -> bool:
     return not isinstance(load(source), str)
 
 
-def reason(source: NativeSource) -> str | None:
-    """Why the library of ``source`` cannot be used here, or None when it can."""
+def status(source: NativeSource, native: str) -> str:
+    """Which kernels run here, in words: ``native`` when the library of ``source`` loads, else
+    the PyTorch ("eager") ones and why."""
     loaded = load(source)
-    return loaded if isinstance(loaded, str) else None
+    return f"eager (native unavailable: {loaded})" if isinstance(loaded, str) else native
 
 
 @cache

@@ -45,8 +45,7 @@ def library() -> ctypes.CDLL:
 
 def status() -> str:
     """Which step kernels run on float32 CPU tensors here, in words (and why not native)."""
-    why = native.reason(SOURCE)
-    return f"eager (native unavailable: {why})" if why else "native (C++, fused per coordinate)"
+    return native.status(SOURCE, "native (C++, fused per coordinate)")
 
 
 def step_kernels(compile: bool, device: torch.device, dtype: torch.dtype) -> str:
