@@ -73,3 +73,27 @@ def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -
     torchrun[-1] = str(free_port())
     run([*torchrun, "-m", "metalstm", "train", "--resume", str(resumed), "--episodes", "16"], env)
     assert_same_run(single, resumed)
+
+
+LEAVE_GROUP = """
+import os, sys, torch
+from metalstm.distributed import Distributed
+group = Distributed.from_environment(torch.device("cpu"))
+group.check_same_config("{}")
+torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])  # as a Trainer does, after joining
+group.close()
+names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+sys.exit(f"threads still running: {names}" if any("gloo" in n for n in names) else 0)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_leaving_the_group_stops_gloo_threads(tmp_path: Path) -> None:
+    """Distributed.close frees the process group: no gloo thread is left to outlive it into
+    interpreter teardown, where one aborted a rank's exit now and then (SIGABRT after a finished
+    run)."""
+    script = tmp_path / "leave.py"
+    script.write_text(LEAVE_GROUP)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    run([*torchrun, str(script)], {**os.environ, "OMP_NUM_THREADS": "1"})

@@ -47,6 +47,13 @@ class Distributed:
         if world_size == 1:
             return cls.single()
         if not dist.is_initialized():
+            # torch's first optimizer imports torch._dynamo, and that import takes references
+            # (10, torch 2.13) to any process group alive at that moment, which
+            # destroy_process_group then cannot free: gloo's threads ran on until interpreter
+            # teardown and now and then aborted the exit ('terminate called without an active
+            # exception'). Imported first, it holds none (tests/test_distributed.py).
+            import torch._dynamo  # noqa: F401
+
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         return cls(dist.get_rank(), dist.get_world_size())
@@ -103,8 +110,9 @@ class Distributed:
             )
 
     def close(self) -> None:
-        """Leave the process group once every rank is done (a rank exiting with gloo's threads
-        still running was seen to abort: 'terminate called without an active exception')."""
+        """Leave the process group once every rank is done, stopping gloo's threads (a rank
+        exiting with them still running was seen to abort: 'terminate called without an active
+        exception')."""
         if self.world_size > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
