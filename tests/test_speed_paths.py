@@ -407,11 +407,10 @@ def step_inputs(n: int, hidden: int, dtype: torch.dtype = torch.float32) -> list
     ]
 
 
-def saved_for_backward(inputs: list[Tensor], outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """What CellStep saves: (x, c, θ, logits, g, W, W2, acts, tanh c, gates, h_t)."""
-    _, _, c, theta, prev, grad, weight, _, gate_weight, _ = inputs
-    _, _, h_new, _, gates, x, acts, tanh_c = outputs
-    return (x, c, theta, prev, grad, weight, gate_weight, acts, tanh_c, gates, h_new)
+def saved_for_backward(outputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """What CellStep saves: what a kernel set's forward returns after the step's five outputs
+    (each set keeps what its own backward needs)."""
+    return outputs[5:]
 
 
 @needs_native
@@ -421,8 +420,17 @@ def test_native_step_matches_eager(n: int, hidden: int) -> None:
     for sizes below one vector, across vectors and across blocks (512 coordinates)."""
     inputs = step_inputs(n, hidden)
     eager, fused = ml.step_forward(hidden, *inputs), native.step_forward(hidden, *inputs)
-    for a, b in zip(fused, eager):
+    for a, b in zip(fused[:5], eager[:5]):
         assert_close(a, b, rtol=2e-6)
+
+    # What each forward writes for its backward beyond the step's inputs and outputs: the
+    # native one skips layer 1's input x [2 + H, n] (the inputs hold it).
+    def written(outputs: tuple[Tensor, ...]) -> int:
+        held = {t.data_ptr() for t in (*inputs, *outputs[:5])}
+        return sum(t.numel() for t in saved_for_backward(outputs) if t.data_ptr() not in held)
+
+    assert written(eager) == (2 + hidden + 4 * hidden + hidden) * n  # x, acts, tanh c_t
+    assert written(fused) == (4 * hidden + hidden) * n  # acts, tanh c_t
     inference = native.step_forward(hidden, *inputs, keep=False)
     assert len(inference) == 5
     for a, b in zip(inference, fused):
@@ -435,8 +443,8 @@ def test_native_step_matches_eager(n: int, hidden: int) -> None:
     for need in [(True, True), (False, True), (True, False), (False, False)]:
         for dropped in [(), (1, 2, 3, 4), (4,)]:
             d = [None if i in dropped else t for i, t in enumerate(incoming)]
-            want = ml.step_backward(hidden, saved_for_backward(inputs, eager), *d, need)
-            got = native.step_backward(hidden, saved_for_backward(inputs, fused), *d, need)
+            want = ml.step_backward(hidden, saved_for_backward(eager), *d, need)
+            got = native.step_backward(hidden, saved_for_backward(fused), *d, need)
             for a, b in zip(got, want):
                 assert (a is None) == (b is None)
                 if a is not None and b is not None:
@@ -453,9 +461,7 @@ def test_native_step_is_the_same_for_any_thread_count() -> None:
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
         out = native.step_forward(hidden, *inputs)
-        back = native.step_backward(
-            hidden, saved_for_backward(inputs, out), *incoming, (True, True)
-        )
+        back = native.step_backward(hidden, saved_for_backward(out), *incoming, (True, True))
         results.append([*out, *back])
     torch.set_num_threads(1)
     for other in results[1:]:

@@ -67,11 +67,11 @@ def step_forward(
     bias: Tensor,  # [4H]     layer-1 bias with the loss features folded in
     gate_weight: Tensor,  # [2, H + 2] W_F, W_I: columns (h, θ, previous logit)
     gate_bias: Tensor,  # [2]      b_F, b_I
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """One inner step; returns (θ_t, logits_t, h_t, c_t, gates_t, x, acts, tanh c_t).
-
-    ``x`` [2 + H, n] is layer 1's input, ``acts`` [4H, n] its activations (i, f, o: σ; g: tanh):
-    what :func:`step_backward` needs besides the step's inputs and outputs.
+) -> tuple[Tensor, ...]:
+    """One inner step; returns (θ_t, logits_t, h_t, c_t, gates_t) followed by what
+    :func:`step_backward` needs, its ``saved``: (x, c_{t-1}, θ_{t-1}, logits_{t-1}, g_t, W, W2,
+    acts, tanh c_t, gates_t, h_t), where ``x`` [2 + H, n] is layer 1's input and ``acts`` [4H, n]
+    its activations (i, f, o: σ; g: tanh).
     """
     x = torch.cat([grad_features, h])  # [2 + H, n]
     acts = torch.addmm(bias.unsqueeze(1), weight, x)  # pre-activations z [4H, n]
@@ -87,7 +87,8 @@ def step_forward(
     logits.addcmul_(gate_weight[:, hidden + 1 :], prev_logits)
     gates = torch.sigmoid(logits)  # σ(f_t), σ(i_t)
     theta_new = torch.mul(gates[0], theta).addcmul_(gates[1], grad, value=-1.0)
-    return theta_new, logits, h_new, c_new, gates, x, acts, tanh_c
+    saved = (x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new)
+    return theta_new, logits, h_new, c_new, gates, *saved
 
 
 def step_backward(
@@ -100,7 +101,8 @@ def step_backward(
     d_gates: Tensor | None,  # [2, n] when the returned gates themselves were used
     need_inputs: tuple[bool, bool],  # (∂ wrt g_t and its features, ∂ wrt parameters)
 ) -> tuple[Tensor | None, ...]:
-    """Gradients of one step w.r.t. (features, h, c, θ, logits, g, weight, bias, W2, b2)."""
+    """Gradients of one step w.r.t. (features, h, c, θ, logits, g, weight, bias, W2, b2);
+    ``saved`` is what :func:`step_forward` returned after the step's five outputs."""
     x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = saved
     need_grad_inputs, need_params = need_inputs
     one = theta.new_ones(())
@@ -199,8 +201,10 @@ def flushing_denormals() -> Iterator[None]:
 @dataclass(frozen=True)
 class StepKernels:
     """The forward and backward of one inner step: the eager functions here, their compiled
-    versions, or native code (:mod:`.native`); ``infer``, when given, is a forward returning only
-    (θ_t, logits_t, h_t, c_t, gates_t) that keeps nothing for a backward."""
+    versions, or native code (:mod:`.native`). ``forward`` returns (θ_t, logits_t, h_t, c_t,
+    gates_t) followed by the tensors its ``backward`` takes as ``saved`` (each kernel set keeps
+    what its own backward needs); ``infer``, when given, is a forward returning only the five
+    outputs that keeps nothing for a backward."""
 
     name: str
     forward: Callable[..., tuple[Tensor, ...]]
@@ -222,15 +226,11 @@ class CellStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, kernels: StepKernels, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
-        _, _, c, theta, prev_logits, grad, weight, _, gate_weight, _ = inputs
         with flushing_denormals():
-            theta_new, logits, h_new, c_new, gates, x, acts, tanh_c = kernels.forward(
-                hidden, *inputs
-            )
+            theta_new, logits, h_new, c_new, gates, *saved = kernels.forward(hidden, *inputs)
         ctx.kernels, ctx.hidden = kernels, hidden
-        ctx.save_for_backward(
-            x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new
-        )
+        ctx.theta_meta = (theta_new.shape, theta_new.dtype, theta_new.device)
+        ctx.save_for_backward(*saved)
         return theta_new, logits, h_new, c_new, gates
 
     @staticmethod
@@ -241,7 +241,8 @@ class CellStep(torch.autograd.Function):
             ctx.needs_input_grad
         )  # (kernels, hidden, features, h, c, θ, logits, g, W, b, W2, b2)
         if d_theta is None:  # θ_t unused: only the recurrent outputs carry gradient
-            d_theta = ctx.saved_tensors[2].new_zeros(ctx.saved_tensors[2].shape)
+            shape, dtype, device = ctx.theta_meta
+            d_theta = torch.zeros(shape, dtype=dtype, device=device)
         need_inputs = (needs[2] or needs[7], any(needs[8:]))
         with flushing_denormals():
             out = ctx.kernels.backward(

@@ -30,10 +30,10 @@ MAX_HIDDEN = 64  # the source's MAX_H: larger hidden sizes run the eager kernels
 _HEAD = (ctypes.c_long, ctypes.c_long, ctypes.c_int)  # n, H, threads
 SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
-    constants=(("metalstm_native_abi", 1), ("metalstm_native_max_hidden", MAX_HIDDEN)),
+    constants=(("metalstm_native_abi", 2), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
-        ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 18)),
-        ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 26)),
+        ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 17)),
+        ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 27)),
     ),
 )
 
@@ -76,8 +76,13 @@ def step_forward(
     gate_bias: Tensor,
     keep: bool = True,
 ) -> tuple[Tensor, ...]:
-    """:func:`.kernels.step_forward` fused; ``keep=False`` (evaluation) returns only the first
-    five outputs, and nothing is written for a backward."""
+    """:func:`.kernels.step_forward` fused: the step's five outputs, then what
+    :func:`step_backward` needs: the eager kernels' ``saved`` but for layer 1's input x [2 + H, n],
+    which is not written (the features and h it is made of are inputs, kept anyway). (Recomputing
+    tanh c_t in the backward instead of keeping it was tried: it cost the backward more than it
+    saved the forward.) ``keep=False``
+    (evaluation) returns only the five outputs, and nothing is written for a backward.
+    Other dtypes and devices, and large hidden sizes, run the eager kernels."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not applies(*inputs) or hidden > MAX_HIDDEN:
         out = kernels.step_forward(hidden, *inputs)
@@ -92,20 +97,19 @@ def step_forward(
         empty(hidden, n),
         empty(2, n),
     )
-    x, acts, tanh_c = (
-        (empty(2 + hidden, n), empty(4 * hidden, n), empty(hidden, n)) if keep else (None,) * 3
-    )
+    acts, tanh_c = (empty(4 * hidden, n), empty(hidden, n)) if keep else (None, None)
     library().metalstm_step_forward(
         n,
         hidden,
         torch.get_num_threads(),
         *(t.data_ptr() for t in pointers),
-        *(_ptr(t) for t in (theta_new, logits, h_new, c_new, gates, x, acts, tanh_c)),
+        *(_ptr(t) for t in (theta_new, logits, h_new, c_new, gates, acts, tanh_c)),
     )
-    if not keep:
+    if acts is None or tanh_c is None:
         return theta_new, logits, h_new, c_new, gates
-    assert x is not None and acts is not None and tanh_c is not None
-    return theta_new, logits, h_new, c_new, gates, x, acts, tanh_c
+    features, h, c, theta, prev_logits, grad, weight, _, gate_weight, _ = pointers
+    saved = (features, h, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c)
+    return theta_new, logits, h_new, c_new, gates, *saved, gates, h_new
 
 
 def step_backward(
@@ -118,11 +122,12 @@ def step_backward(
     d_gates: Tensor | None,
     need_inputs: tuple[bool, bool],
 ) -> tuple[Tensor | None, ...]:
-    """:func:`.kernels.step_backward` fused (same arguments, same results)."""
+    """:func:`.kernels.step_backward` fused: the same arguments, with ``saved`` what
+    :func:`step_forward` returned after the five outputs, and the same results."""
     grads = (d_theta, d_logits, d_h, d_c, d_gates)
-    if not applies(*saved, *grads) or hidden > MAX_HIDDEN:
+    if not applies(*saved, *grads) or hidden > MAX_HIDDEN:  # as step_forward: eager's saved
         return kernels.step_backward(hidden, saved, *grads, need_inputs)
-    x, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = (
+    features, h, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = (
         t.detach().contiguous() for t in saved
     )
     incoming = [None if t is None else t.contiguous() for t in grads]
@@ -147,8 +152,8 @@ def step_backward(
         n,
         hidden,
         torch.get_num_threads(),
-        *(t.data_ptr() for t in (x, c, theta, prev_logits, grad, weight, gate_weight)),
-        *(t.data_ptr() for t in (acts, tanh_c, gates, h_new)),
+        *(t.data_ptr() for t in (features, h, c, theta, prev_logits, grad, weight)),
+        *(t.data_ptr() for t in (gate_weight, acts, tanh_c, gates, h_new)),
         *(_ptr(t) for t in incoming),
         *(_ptr(t) for t in outputs),
     )

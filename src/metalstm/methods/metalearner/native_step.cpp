@@ -173,7 +173,7 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
 // -- forward --------------------------------------------------------------------------------------
 
 enum FwdIn { F_FEATURES, F_H, F_C, F_THETA, F_PREV, F_GRAD, F_NIN };
-enum FwdOut { F_THETA_NEW, F_LOGITS, F_H_NEW, F_C_NEW, F_GATES, F_X, F_ACTS, F_TANH_C, F_NOUT };
+enum FwdOut { F_THETA_NEW, F_LOGITS, F_H_NEW, F_C_NEW, F_GATES, F_ACTS, F_TANH_C, F_NOUT };
 
 struct FwdParams {
   long H;
@@ -217,8 +217,6 @@ void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (
   }
   for (long r = 0; r < 3 * H; r++) act[r] = vsigmoid(act[r]);  // i, f, o
   for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);     // g
-  if (op[F_X])
-    for (long k = 0; k < X; k++) st(op[F_X] + k * s + j, x[k]);
   if (op[F_ACTS])
     for (long r = 0; r < R; r++) st(op[F_ACTS] + r * s + j, act[r]);
   // c_t = f ⊙ c_{t-1} + i ⊙ g, h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
@@ -247,7 +245,7 @@ void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (
 // -- backward -------------------------------------------------------------------------------------
 
 enum BwdIn {
-  B_X, B_C, B_THETA, B_PREV, B_GRAD, B_ACTS, B_TANH_C, B_GATES, B_H_NEW,
+  B_FEATURES, B_H, B_C, B_THETA, B_PREV, B_GRAD, B_ACTS, B_TANH_C, B_GATES, B_H_NEW,
   B_D_THETA, B_D_LOGITS, B_D_H, B_D_C, B_D_GATES, B_NIN
 };
 enum BwdOut { B_D_FEATURES, B_D_H_PREV, B_D_C_PREV, B_D_THETA_PREV, B_D_PREV_LOGITS, B_D_GRAD, B_NOUT };
@@ -399,19 +397,20 @@ BlockSums& thread_sums(long H) {
 
 extern "C" {
 
-int metalstm_native_abi() { return 1; }
+int metalstm_native_abi() { return 2; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
-// kernels.step_forward; outputs x, acts, tanh_c may be null (evaluation: nothing kept).
+// The native kernels' step_forward; outputs acts and tanh_c may be null (evaluation: nothing
+// kept). Layer 1's input x = [features; h] is not written: the backward reads the inputs.
 void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
                            const float* c, const float* theta, const float* prev_logits,
                            const float* grad, const float* W, const float* b, const float* W2,
                            const float* b2, float* theta_new, float* logits, float* h_new,
-                           float* c_new, float* gates, float* x, float* acts, float* tanh_c) {
+                           float* c_new, float* gates, float* acts, float* tanh_c) {
   const FwdParams P{H, W, b, W2, b2};
   const Rows in[F_NIN] = {{features, 2}, {h, H}, {c, H}, {theta, 1}, {prev_logits, 2}, {grad, 1}};
   const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H},
-                               {gates, 2},     {x, 2 + H},  {acts, 4 * H}, {tanh_c, H}};
+                               {gates, 2},     {acts, 4 * H}, {tanh_c, H}};
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
@@ -428,12 +427,15 @@ void metalstm_step_forward(long n, long H, int threads, const float* features, c
   }
 }
 
-// kernels.step_backward. Null inputs: gradients not flowing (d_logits, d_h, d_c, d_gates); null
-// outputs: not wanted (d_features and d_grad together; d_W, d_b, d_W2, d_b2 together).
-void metalstm_step_backward(long n, long H, int threads, const float* x, const float* c,
-                            const float* theta, const float* prev_logits, const float* grad,
-                            const float* W, const float* W2, const float* acts,
-                            const float* tanh_c, const float* gates, const float* h_new,
+// The native kernels' step_backward: from the step's inputs (layer 1's input x = [features; h])
+// and what the forward kept. Null inputs: gradients not flowing (d_logits, d_h, d_c,
+// d_gates); null outputs: not wanted (d_features and d_grad together; d_W, d_b, d_W2, d_b2
+// together).
+void metalstm_step_backward(long n, long H, int threads, const float* features, const float* h,
+                            const float* c, const float* theta, const float* prev_logits,
+                            const float* grad, const float* W, const float* W2,
+                            const float* acts, const float* tanh_c, const float* gates,
+                            const float* h_new,
                             const float* d_theta, const float* d_logits, const float* d_h,
                             const float* d_c, const float* d_gates, float* d_features,
                             float* d_h_prev, float* d_c_prev, float* d_theta_prev,
@@ -441,10 +443,11 @@ void metalstm_step_backward(long n, long H, int threads, const float* x, const f
                             float* d_W2, float* d_b2) {
   const long X = 2 + H, R = 4 * H, blocks = blocks_of(n);
   const BwdParams P{H, W, W2, d_W != nullptr};
-  const Rows in[B_NIN] = {{x, X},       {c, H},        {theta, 1},   {prev_logits, 2},
-                          {grad, 1},    {acts, R},     {tanh_c, H},  {gates, 2},
-                          {h_new, H},   {d_theta, 1},  {d_logits, 2}, {d_h, H},
-                          {d_c, H},     {d_gates, 2}};
+  // features and h first and in this order: their block copies are then the rows of x.
+  const Rows in[B_NIN] = {{features, 2},    {h, H},      {c, H},        {theta, 1},
+                          {prev_logits, 2}, {grad, 1},   {acts, R},     {tanh_c, H},
+                          {gates, 2},       {h_new, H},  {d_theta, 1},  {d_logits, 2},
+                          {d_h, H},         {d_c, H},    {d_gates, 2}};
   const OutRows out[B_NOUT] = {{d_features, 2},   {d_h_prev, H},     {d_c_prev, H},
                                {d_theta_prev, 1}, {d_prev_logits, 2}, {d_grad, 1}};
   // Per block: ∂W, ∂b, ∂W2, ∂b2, summed over the block's coordinates.
@@ -471,7 +474,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* x, const f
           [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
             if (!P.need_params) return;
             float* part = partial_sums + blk * per_block;
-            block_weight_gradient(H, sums, i[B_X].p, pitch, columns, part);
+            block_weight_gradient(H, sums, i[B_FEATURES].p, pitch, columns, part);
             for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
             for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
             for (long k = 0; k < 2; k++) part[R * X + R + 2 * X + k] = hsum(sums.d_b2[k]);
