@@ -149,6 +149,8 @@ def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries
         ("omniglot-20w1s", "matching", 5, "omniglot-20w1s-matching"),
         ("omniglot-20w5s", "matching", 5, "omniglot-20w5s-matching"),
         ("omniglot-5w5s", "matching-fce", 15, "omniglot-5w5s-matching-fce"),
+        ("omniglot-20w1s", "matching-fce", 5, "omniglot-20w1s-matching-fce"),
+        ("omniglot-20w5s", "matching-fce", 5, "omniglot-20w5s-matching-fce"),
     ],
 )
 def test_matching_networks_recipe_reproduces_the_committed_runs(
