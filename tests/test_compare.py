@@ -166,6 +166,23 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
         assert config.to_dict() == yaml.safe_load((folder / "config.yaml").read_text())
 
 
+@pytest.mark.parametrize(
+    ("preset", "committed"),
+    [("omniglot-20w1s", "omniglot-20w1s-maml-fo"), ("omniglot-20w5s", "omniglot-20w5s-maml-fo")],
+)
+def test_first_order_maml_20_way_recipe_reproduces_the_committed_runs(
+    preset: str, committed: str
+) -> None:
+    """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update), the committed
+    runs' configs (benchmarks/results/compare-recipes/)."""
+    req = Request.from_args(parse("--preset", preset, "--out", "O"))
+    config = method_config(req, "maml-fo", int)
+    settings = config.to_dict()["settings"]
+    assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
+    folder = RESULTS / "compare-recipes" / committed / "methods" / "maml-fo"
+    assert config.to_dict() == yaml.safe_load((folder / "config.yaml").read_text())
+
+
 # -- identical episodes --------------------------------------------------------------------------
 def synthetic(classes: int = 12, per_class: int = 20) -> ClassImages:
     images = torch.randint(0, 256, (classes * per_class, 1, 4, 4), dtype=torch.uint8)
