@@ -52,8 +52,8 @@ class MAMLSettings(InnerLoopSettings):
 # Tasks of meta-training on Omniglot (N, K) in the comparison: Finn et al. ran 60,000 updates on a
 # GPU. The 5-way counts fill the comparison's budget on one CPU core (a Zen 5 EPYC, one thread,
 # beside another job: about 48 minutes). The 20-way ones fit it first-order only: second-order
-# 20-way tasks (5 steps, 64 filters) cost 0.51 s (1-shot) and 2.5 s (5-shot) on one core of the
-# AVX-512 Xeon, 3.4 and 3.5 hours for these counts, first-order ones 0.10 and 0.43 s, 41 and 36
+# 20-way tasks (5 steps, 64 filters) cost 0.47 s (1-shot) and 2.1 s (5-shot) on one core of the
+# AVX-512 Xeon, 3.1 and 2.9 hours for these counts, first-order ones 0.09 and 0.34 s, 35 and 28
 # minutes (benchmarks/task_cost.py).
 OMNIGLOT_TASKS = {(5, 1): 120_000, (5, 5): 40_000, (20, 1): 24_000, (20, 5): 5_000}
 
