@@ -142,6 +142,12 @@ def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries
     )
 
 
+def committed_config(run: str, method: str) -> dict[str, object]:
+    """The config of a committed comparison run (benchmarks/results/compare-recipes/RUN)."""
+    folder = RESULTS / "compare-recipes" / run / "methods" / method
+    return dict(yaml.safe_load((folder / "config.yaml").read_text()))
+
+
 @pytest.mark.parametrize(
     ("preset", "method", "queries", "committed"),
     [
@@ -162,8 +168,7 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
     config = method_config(req, method, int)
     assert (config.q_query, config.episodes) == (queries, 20_000)
     if committed is not None:
-        folder = RESULTS / "compare-recipes" / committed / "methods" / method
-        assert config.to_dict() == yaml.safe_load((folder / "config.yaml").read_text())
+        assert config.to_dict() == committed_config(committed, method)
 
 
 @pytest.mark.parametrize(
@@ -179,8 +184,7 @@ def test_first_order_maml_20_way_recipe_reproduces_the_committed_runs(
     config = method_config(req, "maml-fo", int)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
-    folder = RESULTS / "compare-recipes" / committed / "methods" / "maml-fo"
-    assert config.to_dict() == yaml.safe_load((folder / "config.yaml").read_text())
+    assert config.to_dict() == committed_config(committed, "maml-fo")
 
 
 # -- identical episodes --------------------------------------------------------------------------

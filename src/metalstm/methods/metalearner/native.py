@@ -87,7 +87,7 @@ def step_forward(
     if not applies(*inputs) or hidden > MAX_HIDDEN:
         out = kernels.step_forward(hidden, *inputs)
         return out if keep else out[:5]
-    pointers = [t.detach().contiguous() for t in inputs]  # kept alive until the call returns
+    pointers = [t.detach().contiguous() for t in inputs]  # alive through the call; some are saved
     n = theta.shape[0]
     empty = theta.new_empty
     theta_new, logits, h_new, c_new, gates = (
