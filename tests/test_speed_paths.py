@@ -614,6 +614,92 @@ def test_native_block_tail_has_second_derivatives() -> None:
         assert_close(a, b, rtol=1e-5)
 
 
+def given_tail_inputs(shape: tuple[int, ...], seed: int = 0) -> list[Tensor]:
+    """x [B, C, H, W] (channels-last), running mean and variance [C] (constants) far from the
+    batch's own, and γ, β; x, γ and β require gradients."""
+    x, _, gamma, beta = (t.detach() for t in tail_inputs(shape, seed))
+    g = torch.Generator().manual_seed(seed + 1)
+    mean, var = torch.randn(shape[1], generator=g), 3 * torch.rand(shape[1], generator=g) + 0.2
+    return [x.requires_grad_(), mean, var, gamma.requires_grad_(), beta.requires_grad_()]
+
+
+@needs_native_block
+@pytest.mark.parametrize("shape", [(5, 32, 28, 28), (3, 8, 21, 21), (4, 24, 7, 6), (2, 64, 3, 3)])
+def test_native_given_statistics_tail_matches_pytorch(shape: tuple[int, ...]) -> None:
+    """With running statistics (evaluation, fine-tuning): output and the gradients of x, γ, β,
+    for even and odd sides, against ``F.batch_norm`` in eval mode, max-pool and ReLU."""
+    x, mean, var, gamma, beta = inputs = given_tail_inputs(shape)
+    got_out = layers._NativeGivenTail.apply(*inputs, 1e-5)
+    want_out = layers._reference_given_tail(*inputs, 1e-5)
+    assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
+    assert got_out.is_contiguous(memory_format=torch.channels_last)
+    d_out = torch.randn(got_out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(got_out, (x, gamma, beta), d_out)
+    want = torch.autograd.grad(want_out, (x, gamma, beta), d_out)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=2e-6, atol=1e-6)
+
+
+@needs_native_block
+def test_native_given_statistics_tail_is_the_same_for_any_thread_count() -> None:
+    x, mean, var, gamma, beta = inputs = given_tail_inputs((6, 16, 30, 30))
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        out = layers._NativeGivenTail.apply(*inputs, 1e-5)
+        results.append([out, *torch.autograd.grad(out, (x, gamma, beta), torch.ones_like(out))])
+    torch.set_num_threads(1)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@needs_native_block
+def test_native_given_statistics_tail_has_second_derivatives() -> None:
+    x, mean, var, gamma, beta = inputs = given_tail_inputs((4, 8, 12, 12))
+    v = torch.randn(4, 8, 12, 12, generator=torch.Generator().manual_seed(2))
+    second = []
+    for tail in (layers._NativeGivenTail.apply, layers._reference_given_tail):
+        out = tail(*inputs, 1e-5)
+        (d_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+        second.append(torch.autograd.grad((d_x * v).sum(), (gamma, beta)))
+    for a, b in zip(*second):
+        assert_close(a, b, rtol=1e-5)
+
+
+@needs_native_block
+def test_given_statistics_take_the_native_kernels_where_they_apply(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """float32 go native; float64 and channel counts off the multiple of 8 take the PyTorch
+    operators, as do statistics that require a gradient (which PyTorch refuses, as before); the
+    learner's evaluation pass (running statistics) goes native."""
+    taken: list[str] = []
+    native_apply, reference = layers._NativeGivenTail.apply, layers._reference_given_tail
+    monkeypatch.setattr(
+        layers._NativeGivenTail, "apply", lambda *a: taken.append("n") or native_apply(*a)
+    )
+    monkeypatch.setattr(
+        layers, "_reference_given_tail", lambda *a: taken.append("r") or reference(*a)
+    )
+    for shape, dtype in [
+        ((2, 8, 6, 6), torch.float32),
+        ((2, 8, 6, 6), F64),
+        ((2, 6, 6, 6), torch.float32),
+    ]:
+        x, *statistics, gamma, beta = (t.detach().to(dtype) for t in given_tail_inputs(shape))
+        layers.normalise_pool_relu(x, *statistics, gamma, beta, 1e-5)
+    x, mean, var, gamma, beta = (t.detach() for t in given_tail_inputs((2, 8, 6, 6)))
+    with pytest.raises(RuntimeError, match="running_mean"):
+        layers.normalise_pool_relu(x, mean.requires_grad_(), var, gamma, beta, 1e-5)
+    assert taken == ["n", "r", "r", "r"]
+    taken.clear()
+    learner = Learner(LearnerShape(1, 28, 5, 16))
+    bn = learner.fresh_batchnorm_state()
+    learner(learner.initial_theta(), torch.rand(5, 1, 28, 28), bn, batch_stats=False)
+    assert taken == ["n"] * 4
+
+
 @needs_native_block
 def test_block_tail_takes_the_native_kernels_where_they_apply(
     monkeypatch: pytest.MonkeyPatch,

@@ -133,10 +133,10 @@ _DIMS = (ctypes.c_long,) * 4 + (ctypes.c_int,)  # B, H, W, C, threads
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
-    constants=(("metalstm_block_abi", 3),),
+    constants=(("metalstm_block_abi", 4),),
     functions=(
-        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P)),
-        ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P)),
+        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P, ctypes.c_int)),
+        ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P, ctypes.c_int)),
     ),
 )
 
@@ -187,16 +187,8 @@ class _NativeTail(torch.autograd.Function):
     def forward(
         ctx: Any, x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
     ) -> Any:
-        x_nhwc = _nhwc(x)  # x itself when it is channels-last already (the learner's blocks)
-        b, c, h, w = x.shape
-        out = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
-        mean, var = x.new_empty(c), x.new_empty(c)
-        weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
-        native.library(BLOCK_SOURCE).metalstm_block_forward(
-            b, h, w, c, torch.get_num_threads(),
-            x_nhwc.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
-            out.data_ptr(), mean.data_ptr(), var.data_ptr(),
-        )  # fmt: skip
+        mean, var = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
+        out = _native_forward(x, weight, bias, eps, mean, var, given=False)
         ctx.save_for_backward(x, shift, weight, bias, mean, var)
         ctx.eps = eps
         return out, *_graph_constants(ctx, mean + shift, var)
@@ -210,18 +202,54 @@ class _NativeTail(torch.autograd.Function):
             recomputed = _reference_tail(x, shift, weight, bias, ctx.eps)[0]
             grads = iter(torch.autograd.grad(recomputed, wanted, d_out, create_graph=True))
             return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), None)
-        b, c, h, w = x.shape
-        x, d_out = _nhwc(x), _nhwc(d_out)
-        d_x = torch.empty_like(x, memory_format=torch.channels_last)
-        d_weight, d_bias = x.new_empty(c), x.new_empty(c)
-        weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
-        native.library(BLOCK_SOURCE).metalstm_block_backward(
-            b, h, w, c, torch.get_num_threads(),
-            x.data_ptr(), d_out.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
-            mean.data_ptr(), var.data_ptr(), ctx.eps,
-            d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(),
-        )  # fmt: skip
+        d_x, d_weight, d_bias = _native_backward(
+            x, d_out, weight, bias, ctx.eps, mean, var, given=False
+        )
         return d_x, torch.zeros_like(d_bias), d_weight, d_bias, None
+
+
+def _native_forward(
+    x: Tensor, weight: Tensor, bias: Tensor, eps: float, mean: Tensor, var: Tensor, given: bool
+) -> Tensor:
+    """``metalstm_block_forward``: the pooled output [B, C, H/2, W/2] (channels-last); the
+    statistics are read from ``mean`` and ``var`` when ``given``, else written there."""
+    x_nhwc = _nhwc(x)  # x itself when it is channels-last already (the learner's blocks)
+    b, c, h, w = x.shape
+    out = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
+    weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+    mean, var = mean.detach().contiguous(), var.detach().contiguous()
+    native.library(BLOCK_SOURCE).metalstm_block_forward(
+        b, h, w, c, torch.get_num_threads(),
+        x_nhwc.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
+        out.data_ptr(), mean.data_ptr(), var.data_ptr(), int(given),
+    )  # fmt: skip
+    return out
+
+
+def _native_backward(
+    x: Tensor,
+    d_out: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    mean: Tensor,
+    var: Tensor,
+    given: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``metalstm_block_backward``: ∂x (channels-last), ∂γ and ∂β [C]."""
+    b, c, h, w = x.shape
+    x, d_out = _nhwc(x), _nhwc(d_out)
+    d_x = torch.empty_like(x, memory_format=torch.channels_last)
+    d_weight, d_bias = x.new_empty(c), x.new_empty(c)
+    weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+    mean, var = mean.detach().contiguous(), var.detach().contiguous()
+    native.library(BLOCK_SOURCE).metalstm_block_backward(
+        b, h, w, c, torch.get_num_threads(),
+        x.data_ptr(), d_out.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
+        mean.data_ptr(), var.data_ptr(), eps,
+        d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(), int(given),
+    )  # fmt: skip
+    return d_x, d_weight, d_bias
 
 
 def batch_norm_pool_relu(
@@ -240,6 +268,64 @@ def batch_norm_pool_relu(
     if fits and native.applies(x, shift, weight, bias) and native.available(BLOCK_SOURCE):
         return _NativeTail.apply(x, shift, weight, bias, eps)
     return _reference_tail(x, shift, weight, bias, eps)
+
+
+def _reference_given_tail(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> Tensor:
+    """:func:`pool_relu` of batch norm of x with the given statistics, by PyTorch operators."""
+    return pool_relu(F.batch_norm(x, mean, var, weight, bias, eps=eps))
+
+
+class _NativeGivenTail(torch.autograd.Function):
+    """:func:`_reference_given_tail` in ``learner_block.cpp``: one pass over x forward, two back.
+
+    The statistics are constants (no gradient). Under ``create_graph`` the backward differentiates
+    the PyTorch composition, as :class:`_NativeTail` does.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+    ) -> Tensor:
+        ctx.save_for_backward(x, mean, var, weight, bias)
+        ctx.eps = eps
+        return _native_forward(x, weight, bias, eps, mean, var, given=True)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> Any:
+        x, mean, var, weight, bias = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: through the PyTorch composition
+            inputs = (x, weight, bias)
+            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])
+            wanted = [t for t, need in zip(inputs, needs) if need]
+            recomputed = _reference_given_tail(x, mean, var, weight, bias, ctx.eps)
+            grads = iter(torch.autograd.grad(recomputed, wanted, d_out, create_graph=True))
+            d_x, d_weight, d_bias = (next(grads) if need else None for need in needs)
+        else:
+            d_x, d_weight, d_bias = _native_backward(
+                x, d_out, weight, bias, ctx.eps, mean, var, given=True
+            )
+        return d_x, None, None, d_weight, d_bias, None
+
+
+def normalise_pool_relu(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> Tensor:
+    """ReLU(max-pool 2x2(batch norm of x with the given statistics ``mean``, ``var`` [C]: running
+    ones)): a learner block's tail at evaluation and in fine-tuning, x [B, C, H, W] →
+    [B, C, H/2, W/2]. Statistics that require a gradient take the PyTorch operators.
+
+    Float32 CPU tensors take the native kernels when they are available (one pass over x instead
+    of three forward, and no zero-filled max-pool gradient back), others the PyTorch operators;
+    tests compare both (tests/test_speed_paths.py).
+    """
+    fits = _native_channels(x.shape[1]) and min(x.shape[2:]) >= 2
+    constants = not (mean.requires_grad or var.requires_grad)
+    tensors = (x, mean, var, weight, bias)
+    if fits and constants and native.applies(*tensors) and native.available(BLOCK_SOURCE):
+        return _NativeGivenTail.apply(x, mean, var, weight, bias, eps)
+    return _reference_given_tail(x, mean, var, weight, bias, eps)
 
 
 def update_running_stats(

@@ -15,11 +15,10 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .layers import batch_norm_pool_relu, conv3x3, pool_relu, update_running_stats
+from .layers import batch_norm_pool_relu, conv3x3, normalise_pool_relu, update_running_stats
 
 BatchNormState = dict[str, Tensor]
 
@@ -68,8 +67,9 @@ class Block(nn.Module):
         # the running statistics collected on this episode's support set:
         # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
         shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
-        x = F.batch_norm(x, norm.running_mean, norm.running_var, norm.weight, shift, eps=norm.eps)
-        return pool_relu(x)
+        return normalise_pool_relu(
+            x, norm.running_mean, norm.running_var, norm.weight, shift, norm.eps
+        )
 
 
 class ConvNet(nn.Module):

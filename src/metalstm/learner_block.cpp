@@ -1,5 +1,6 @@
-// The learner block's batch norm (with the batch's own statistics), 2x2 max-pool and ReLU as one
-// forward and one backward over channels-last tensors (layers.batch_norm_pool_relu). The PyTorch
+// The learner block's batch norm, 2x2 max-pool and ReLU as one forward and one backward over
+// channels-last tensors: with the batch's own statistics (layers.batch_norm_pool_relu) or with
+// given ones (``given``: running statistics, layers.normalise_pool_relu). The PyTorch
 // composition makes about ten passes over the [B, C, H, W] activations each way (statistics,
 // centring, squares, normalisation, pooling with int64 indices, ReLU, then the zero-filled
 // max-pool gradient and batch norm's backward); here the forward reads x twice (the sums for
@@ -93,23 +94,15 @@ void channel_sums(long rows, long width, int threads, F f, double* total) {
     for (long c = 0; c < width; c++) total[c] += partial[blk * width + c];
 }
 
-}  // namespace
-
-extern "C" {
-
-int metalstm_block_abi() { return 3; }
-
-// Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) with the batch's mean μ and biased
-// variance σ² per channel; writes out [B, H/2, W/2, C], mean and var [C].
-void metalstm_block_forward(long B, long H, long W, long C, int threads, const float* x,
-                            const float* gamma, const float* beta, float eps, float* out,
-                            float* mean, float* var) {
-  const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
-  // Σ (x − K) and Σ (x − K)² in one pass, about K = the first pixel's values (shifted sums: no
-  // cancellation to speak of in double when the mean is far from 0): sums[0 .. C), [C .. 2C).
+// The batch's mean and biased variance σ² [C] of x [pixels, C], in one pass of shifted sums about
+// K = the first pixel's values (no cancellation to speak of in double when the mean is far
+// from 0), and 1 / sqrt(σ² + ε) from the variance in double.
+void batch_statistics(long pixels, long C, int threads, const float* x, float eps, float* mean,
+                      float* var, float* invstd) {
+  const long V = C / LANES;
   vd shift[MAX_VECTORS];
   for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
-  std::vector<double> sums(2 * C);
+  std::vector<double> sums(2 * C);  // Σ (x − K): [0 .. C), Σ (x − K)²: [C .. 2C)
   channel_sums(pixels, 2 * C, threads, [&](long r, vd* acc) {
     for (long v = 0; v < V; v++) {
       const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
@@ -117,13 +110,37 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
       acc[V + v] += d * d;
     }
   }, sums.data());
-  Affine A;
   for (long c = 0; c < C; c++) {
     const double d = sums[c] / pixels, v = std::max(sums[C + c] / pixels - d * d, 0.0);
     mean[c] = static_cast<float>(shift[c / LANES][c % LANES] + d);
     var[c] = static_cast<float>(v);
+    invstd[c] = static_cast<float>(1.0 / std::sqrt(v + eps));
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int metalstm_block_abi() { return 4; }
+
+// Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) per channel, writing out
+// [B, H/2, W/2, C]. given = 0: μ and σ² are the batch's mean and biased variance, written to
+// mean and var [C]; given = 1: they are read from mean and var.
+void metalstm_block_forward(long B, long H, long W, long C, int threads, const float* x,
+                            const float* gamma, const float* beta, float eps, float* out,
+                            float* mean, float* var, int given) {
+  const long Ho = H / 2, Wo = W / 2, V = C / LANES;
+  std::vector<float> invstd(C);
+  if (given)
+    for (long c = 0; c < C; c++)
+      invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+  else
+    batch_statistics(B * H * W, C, threads, x, eps, mean, var, invstd.data());
+  Affine A;
+  for (long c = 0; c < C; c++) {
     A.mu[c / LANES][c % LANES] = mean[c];
-    A.k[c / LANES][c % LANES] = gamma[c] * static_cast<float>(1.0 / std::sqrt(v + eps));
+    A.k[c / LANES][c % LANES] = gamma[c] * invstd[c];
     A.beta[c / LANES][c % LANES] = beta[c];
   }
   const Pixels px{H, W, C};
@@ -142,13 +159,13 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
 }
 
 // Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean and var:
-// ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015). The pooling and ReLU gradient is
-// ∂y = ∂out at each window's maximum, found again from x exactly as the forward found it, where
-// the maximum is positive, and 0 elsewhere.
+// ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015; given = 1: the statistics are constants,
+// so ∂x = k ∂y). The pooling and ReLU gradient is ∂y = ∂out at each window's maximum, found again
+// from x exactly as the forward found it, where the maximum is positive, and 0 elsewhere.
 void metalstm_block_backward(long B, long H, long W, long C, int threads, const float* x,
                              const float* d_out, const float* gamma, const float* beta,
                              const float* mean, const float* var, float eps, float* d_x,
-                             float* d_gamma, float* d_beta) {
+                             float* d_gamma, float* d_beta, int given) {
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
   Affine A;
   std::vector<float> invstd(C);
@@ -177,12 +194,13 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
       acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
     }
   }, sums.data());
-  // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂)
+  // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂) through the
+  // batch's statistics (a = s = 0 for given ones)
   vf a[MAX_VECTORS], s[MAX_VECTORS];
   for (long c = 0; c < C; c++) {
     d_beta[c] = static_cast<float>(sums[c]);
     d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
-    const float k = A.k[c / LANES][c % LANES];
+    const float k = given ? 0.0f : A.k[c / LANES][c % LANES];
     a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
     s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
   }
