@@ -628,7 +628,7 @@ def given_tail_inputs(shape: tuple[int, ...], seed: int = 0) -> list[Tensor]:
 def test_native_given_statistics_tail_matches_pytorch(shape: tuple[int, ...]) -> None:
     """With running statistics (evaluation, fine-tuning): output and the gradients of x, γ, β,
     for even and odd sides, against ``F.batch_norm`` in eval mode, max-pool and ReLU."""
-    x, mean, var, gamma, beta = inputs = given_tail_inputs(shape)
+    x, _, _, gamma, beta = inputs = given_tail_inputs(shape)
     got_out = layers._NativeGivenTail.apply(*inputs, 1e-5)
     want_out = layers._reference_given_tail(*inputs, 1e-5)
     assert_close(got_out, want_out, rtol=1e-6, atol=1e-6)
@@ -642,7 +642,7 @@ def test_native_given_statistics_tail_matches_pytorch(shape: tuple[int, ...]) ->
 
 @needs_native_block
 def test_native_given_statistics_tail_is_the_same_for_any_thread_count() -> None:
-    x, mean, var, gamma, beta = inputs = given_tail_inputs((6, 16, 30, 30))
+    x, _, _, gamma, beta = inputs = given_tail_inputs((6, 16, 30, 30))
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)
@@ -656,7 +656,7 @@ def test_native_given_statistics_tail_is_the_same_for_any_thread_count() -> None
 
 @needs_native_block
 def test_native_given_statistics_tail_has_second_derivatives() -> None:
-    x, mean, var, gamma, beta = inputs = given_tail_inputs((4, 8, 12, 12))
+    x, _, _, gamma, beta = inputs = given_tail_inputs((4, 8, 12, 12))
     v = torch.randn(4, 8, 12, 12, generator=torch.Generator().manual_seed(2))
     second = []
     for tail in (layers._NativeGivenTail.apply, layers._reference_given_tail):
