@@ -182,16 +182,30 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
     x_at = w.x[0];
     for (int q = 1; q < 4; q++) x_at = w.at == q ? w.x[q] : x_at;
   };
-  // Σ ∂y and Σ ∂y (x − μ) per channel: sums[0 .. C) and sums[C .. 2C).
+  // ∂x of window r's four pixels, the constant k ∂y at its maximum and 0 elsewhere (given
+  // statistics): dx[q] + v * LANES.
+  auto window_gradients = [&](long r, float* (&dx)[4]) {
+    const long b = r / (Ho * Wo), i = (r / Wo) % Ho, j = r % Wo;
+    const long base = ((b * H + 2 * i) * W + 2 * j) * C;
+    dx[0] = d_x + base, dx[1] = d_x + base + C, dx[2] = d_x + base + W * C;
+    dx[3] = d_x + base + (W + 1) * C;
+  };
+  // Σ ∂y and Σ ∂y (x − μ) per channel: sums[0 .. C) and sums[C .. 2C); with given statistics
+  // the windows' ∂x in the same pass.
   std::vector<double> sums(2 * C);
   channel_sums(B * Ho * Wo, 2 * C, threads, [&](long r, vd* acc) {
     const float* p[4];
     px.of(x, r / (Ho * Wo), (r / Wo) % Ho, r % Wo, p);
+    float* dx[4];
+    if (given) window_gradients(r, dx);
     for (long v = 0; v < V; v++) {
+      const Window win = window(p, v, A);
       vf dy, x_at;
-      pooled_gradient(window(p, v, A), d_out + r * C + v * LANES, dy, x_at);
+      pooled_gradient(win, d_out + r * C + v * LANES, dy, x_at);
       acc[v] += wide(dy);
       acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
+      if (given)
+        for (int q = 0; q < 4; q++) st(dx[q] + v * LANES, win.at == q ? A.k[v] * dy : vf{});
     }
   }, sums.data());
   // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂) through the
@@ -204,7 +218,8 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
     a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
     s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
   }
-  // Row by row of x: each pair of rows 2i, 2i + 1 with its windows, and a last odd row alone.
+  // Row by row of x: each pair of rows 2i, 2i + 1 with its windows (done above for given
+  // statistics), and a last odd row alone.
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
   for (long b = 0; b < B; b++)
     for (long h = 0; h < H; h += 2) {
@@ -217,12 +232,12 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
             st(d_x + at + v * LANES, a[v] + s[v] * (ld(x + at + v * LANES) - A.mu[v]));
         }
       }
-      if (i >= Ho) continue;
+      if (i >= Ho || given) continue;
       for (long j = 0; j < Wo; j++) {
         const float* p[4];
         px.of(x, b, i, j, p);
-        const long base = ((b * H + 2 * i) * W + 2 * j) * C;
-        float* dx[4] = {d_x + base, d_x + base + C, d_x + base + W * C, d_x + base + (W + 1) * C};
+        float* dx[4];
+        window_gradients((b * Ho + i) * Wo + j, dx);
         const float* d = d_out + ((b * Ho + i) * Wo + j) * C;
         for (long v = 0; v < V; v++) {
           const Window win = window(p, v, A);
