@@ -188,15 +188,26 @@ def test_first_order_maml_20_way_recipe_reproduces_the_committed_runs(
 
 
 @pytest.mark.parametrize(
-    "preset", ["omniglot-5w1s", "omniglot-5w5s", "omniglot-20w1s", "omniglot-20w5s"]
+    ("preset", "committed"),
+    [
+        ("omniglot-5w1s", None),
+        ("omniglot-5w5s", "omniglot-5w5s-finetune"),
+        ("omniglot-20w1s", "omniglot-20w1s-finetune"),
+        ("omniglot-20w5s", None),
+    ],
 )
-def test_finetune_settings_are_chosen_on_as_many_classes_on_every_preset(preset: str) -> None:
+def test_finetune_settings_are_chosen_on_as_many_classes_on_every_preset(
+    preset: str, committed: str | None
+) -> None:
     """The fine-tuning grid is scored on 500 validation classes: 100 episodes of 5-way, 25 of
-    20-way (whose 5-shot episodes cost four times as much each)."""
+    20-way (whose 5-shot episodes cost four times as much each); the configs are the committed
+    runs' (benchmarks/results/compare-recipes/)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
     config = method_config(req, "finetune", int)
     assert config.val_episodes * config.n_way == 500
     assert config.val_episodes == (100 if config.n_way == 5 else 25)
+    if committed is not None:
+        assert config.to_dict() == committed_config(committed, "finetune")
 
 
 # -- identical episodes --------------------------------------------------------------------------
