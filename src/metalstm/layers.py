@@ -278,7 +278,7 @@ def _reference_given_tail(
 
 
 class _NativeGivenTail(torch.autograd.Function):
-    """:func:`_reference_given_tail` in ``learner_block.cpp``: one pass over x forward, two back.
+    """:func:`_reference_given_tail` in ``learner_block.cpp``: one pass over x each way.
 
     The statistics are constants (no gradient). Under ``create_graph`` the backward differentiates
     the PyTorch composition, as :class:`_NativeTail` does.

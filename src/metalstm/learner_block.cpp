@@ -6,7 +6,8 @@
 // max-pool gradient and batch norm's backward); here the forward reads x twice (the sums for
 // mean and variance, then normalise-and-pool) and writes only the pooled output, and the
 // backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
-// storing it.
+// storing it. With given statistics each reads x once: no statistics to sum forward, and ∂x,
+// which does not depend on the sums then, written in the same pass as them.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors

@@ -71,8 +71,8 @@ def pretrained_recipe(config: Config) -> dict[str, float | int]:
     """Recipe of the pre-trained baselines in ``compare``: 10 epochs of Adam on mini-batches of
     64, the fine-tuning settings chosen on validation episodes once, at the end, on
     :data:`VALIDATION_CLASSES` classes (every grid point fine-tunes on each episode: on 20-way
-    5-shot one episode's 3 x 100 SGD steps over 100 support images take about 20 s of one core,
-    so 100 episodes, 2,000 classes, would take 35 minutes)."""
+    5-shot one episode's 3 x 100 SGD steps over 100 support images take about 17 s of one Xeon
+    core, so 100 episodes, 2,000 classes, would take half an hour; benchmarks/task_cost.py)."""
     return {
         "pretrain_epochs": 10.0,
         "pretrain_batch": 64,
