@@ -193,7 +193,7 @@ def test_first_order_maml_20_way_recipe_reproduces_the_committed_runs(
         ("omniglot-5w1s", None),
         ("omniglot-5w5s", "omniglot-5w5s-finetune"),
         ("omniglot-20w1s", "omniglot-20w1s-finetune"),
-        ("omniglot-20w5s", None),
+        ("omniglot-20w5s", "omniglot-20w5s-finetune"),
     ],
 )
 def test_finetune_settings_are_chosen_on_as_many_classes_on_every_preset(
