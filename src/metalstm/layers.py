@@ -25,7 +25,7 @@ blocks, so it too gives the same bits for any thread count.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -197,15 +197,31 @@ class _NativeTail(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
         x, shift, weight, bias, mean, var = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: through the PyTorch composition
-            inputs = (x, shift, weight, bias)
-            wanted = [t for t, need in zip(inputs, ctx.needs_input_grad) if need]
-            recomputed = _reference_tail(x, shift, weight, bias, ctx.eps)[0]
-            grads = iter(torch.autograd.grad(recomputed, wanted, d_out, create_graph=True))
-            return (*(next(grads) if need else None for need in ctx.needs_input_grad[:4]), None)
+            grads = _composition_backward(
+                lambda: _reference_tail(x, shift, weight, bias, ctx.eps)[0],
+                (x, shift, weight, bias),
+                ctx.needs_input_grad[:4],
+                d_out,
+            )
+            return (*grads, None)
         d_x, d_weight, d_bias = _native_backward(
             x, d_out, weight, bias, ctx.eps, mean, var, given=False
         )
         return d_x, torch.zeros_like(d_bias), d_weight, d_bias, None
+
+
+def _composition_backward(
+    composition: Callable[[], Tensor],
+    inputs: tuple[Tensor, ...],
+    needs: tuple[bool, ...],
+    d_out: Tensor,
+) -> list[Tensor | None]:
+    """The gradients of ``composition()`` (the PyTorch operators a native tail replaces,
+    recomputed) w.r.t. the ``inputs`` that ``needs`` them, with their own graph: a native tail's
+    backward under ``create_graph``, so that higher derivatives exist."""
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    grads = iter(torch.autograd.grad(composition(), wanted, d_out, create_graph=True))
+    return [next(grads) if need else None for need in needs]
 
 
 def _native_forward(
@@ -296,12 +312,12 @@ class _NativeGivenTail(torch.autograd.Function):
     def backward(ctx: Any, d_out: Tensor) -> Any:
         x, mean, var, weight, bias = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: through the PyTorch composition
-            inputs = (x, weight, bias)
-            needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])
-            wanted = [t for t, need in zip(inputs, needs) if need]
-            recomputed = _reference_given_tail(x, mean, var, weight, bias, ctx.eps)
-            grads = iter(torch.autograd.grad(recomputed, wanted, d_out, create_graph=True))
-            d_x, d_weight, d_bias = (next(grads) if need else None for need in needs)
+            d_x, d_weight, d_bias = _composition_backward(
+                lambda: _reference_given_tail(x, mean, var, weight, bias, ctx.eps),
+                (x, weight, bias),
+                (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5]),
+                d_out,
+            )
         else:
             d_x, d_weight, d_bias = _native_backward(
                 x, d_out, weight, bias, ctx.eps, mean, var, given=True

@@ -80,8 +80,8 @@ def step_forward(
     :func:`step_backward` needs: the eager kernels' ``saved`` but for layer 1's input x [2 + H, n],
     which is not written (the features and h it is made of are inputs, kept anyway). (Recomputing
     tanh c_t in the backward instead of keeping it was tried: it cost the backward more than it
-    saved the forward.) ``keep=False``
-    (evaluation) returns only the five outputs, and nothing is written for a backward.
+    saved the forward.) ``keep=False`` (evaluation) returns only the five outputs, and nothing
+    is written for a backward.
     Other dtypes and devices, and large hidden sizes, run the eager kernels."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not applies(*inputs) or hidden > MAX_HIDDEN:
