@@ -126,8 +126,10 @@ def test_trains_on_says_how_each_method_is_trained() -> None:
 
 
 # -- MAML ----------------------------------------------------------------------------------------
-def maml_setup(name: str) -> tuple[MAML, Episode]:
-    config = tiny(name, k_shot=2, q_query=2, inner_steps=2, maml_inner_lr=0.5)
+def maml_setup(name: str, downsample: str = "pool") -> tuple[MAML, Episode]:
+    config = tiny(
+        name, k_shot=2, q_query=2, inner_steps=2, maml_inner_lr=0.5, downsample=downsample
+    )
     model = build_method(config).double()
     assert isinstance(model, MAML)
     return model, random_episode(config, seed=1, dtype=torch.float64)
@@ -143,8 +145,9 @@ def loss_at(model: MAML, episode: Episode, theta: torch.Tensor) -> float:
             model.theta.copy_(saved)
 
 
-def test_maml_second_order_meta_gradient_matches_finite_differences() -> None:
-    model, episode = maml_setup("maml")
+@pytest.mark.parametrize("downsample", ["pool", "stride"])
+def test_maml_second_order_meta_gradient_matches_finite_differences(downsample: str) -> None:
+    model, episode = maml_setup("maml", downsample)
     (grad,) = torch.autograd.grad(model.meta_loss(episode).loss, model.theta)
     theta = model.theta.detach().clone()
     g = torch.Generator().manual_seed(2)

@@ -39,7 +39,7 @@ from .distributed import Distributed
 from .errors import ConfigError
 from .files import check_output, output_path, write_file
 from .layers import block_kernels
-from .learner import LearnerShape, conv_flops
+from .learner import LearnerShape, conv_flops, conv_sides
 from .methods import build_method
 from .methods.base import Method, accuracy
 from .methods.metalearner import LSTMSettings, step_kernels
@@ -159,7 +159,7 @@ def learner_pass_flops(shape: LearnerShape, batch: int, *, backward: bool) -> fl
     forward = conv_flops(shape, batch)
     if not backward:
         return forward
-    first_layer = 2 * batch * shape.image_size**2 * shape.channels * shape.filters * 9
+    first_layer = 2 * batch * conv_sides(shape)[0] ** 2 * shape.channels * shape.filters * 9
     return 3 * forward - first_layer
 
 
@@ -180,7 +180,9 @@ def lstm_flops(n: int, hidden: int, steps: int, *, backward: bool) -> float:
 
 def episode_flops(config: Config, n: int, batch: int, mode: str) -> float:
     """Estimated FLOPs of one meta-training (``train``) or evaluation (``eval``) episode."""
-    shape = LearnerShape(config.channels, config.image_size, config.n_way, config.filters)
+    shape = LearnerShape(
+        config.channels, config.image_size, config.n_way, config.filters, config.downsample
+    )
     queries = config.n_way * config.q_query
     # Inner loop: T passes on the support batch, each forward and backward (the learner's g_t).
     support = learner_pass_flops(shape, batch, backward=True)

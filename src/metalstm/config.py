@@ -48,6 +48,7 @@ class Config:
     eval_q_query: int | None = None  # of validation and test episodes; None = q_query
     # -- learner: 4 x [conv3x3(filters), BN, ReLU, maxpool2] + linear ----------------------------
     filters: int = 32
+    downsample: str = "pool"  # pool | stride: stride-2 convs, features averaged (Finn et al.)
     bn_momentum: float = 0.9  # weight of the new batch in the running statistics
     bn_eps: float = 1e-5
     # -- method: its name and its own settings (metalstm.registry; defaults: the meta-learner) -----
@@ -86,6 +87,7 @@ class Config:
             "train_n_way": self.train_n_way is None or self.train_n_way >= 2,
             "train_k_shot": self.train_k_shot is None or self.train_k_shot >= 1,
             "filters": self.filters >= 1,
+            "downsample": self.downsample in ("pool", "stride"),
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
             "lr": self.lr > 0,
@@ -144,7 +146,7 @@ class Config:
 SECTIONS = {
     "data": ("dataset", "split", "data_root", "image_size", "channels"),
     "episodes": ("n_way", "k_shot", "q_query", "eval_q_query", "train_n_way", "train_k_shot"),
-    "learner": ("filters", "bn_momentum", "bn_eps"),
+    "learner": ("filters", "downsample", "bn_momentum", "bn_eps"),
     "training": (
         "episodes",
         "meta_batch",
@@ -187,7 +189,8 @@ def learner_size(config: Config) -> int:
         # conv weight and bias, BN scale and shift
         total += 9 * c_in * config.filters + 3 * config.filters
         side, c_in = side // 2, config.filters
-    return total + (config.filters * side * side + 1) * max(config.n_way, config.train_ways)
+    features = config.filters if config.downsample == "stride" else config.filters * side * side
+    return total + (features + 1) * max(config.n_way, config.train_ways)
 
 
 def shared_keys() -> set[str]:

@@ -344,6 +344,22 @@ def normalise_pool_relu(
     return _reference_given_tail(x, mean, var, weight, bias, eps)
 
 
+def batch_norm_relu(
+    x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """ReLU(:func:`batch_norm_train` of x + shift): the tail of a block without max-pool (a
+    strided convolution downsamples instead), with the batch's mean and biased variance [C]."""
+    y, mean, var = batch_norm_train(x, shift, weight, bias, eps)
+    return F.relu(y), mean, var
+
+
+def normalise_relu(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> Tensor:
+    """ReLU(batch norm of x with the given statistics): :func:`batch_norm_relu` at evaluation."""
+    return F.relu(F.batch_norm(x, mean, var, weight, bias, eps=eps))
+
+
 def update_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
@@ -362,32 +378,37 @@ def update_running_stats(
 # -- the 3x3 convolution ------------------------------------------------------------------------
 
 
-_CONV3X3 = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # stride, padding, dilation, ..., groups
+def _conv3x3_arguments(stride: int) -> tuple[Any, ...]:
+    """``aten.convolution_backward``'s stride, padding, dilation, transposed, output padding and
+    groups for a 3x3 convolution with padding 1."""
+    return [stride, stride], [1, 1], [1, 1], False, [0, 0], 1
 
 
 class _Conv3x3(torch.autograd.Function):
-    """3x3 convolution, stride 1, padding 1, no bias; the weight gradient on one thread."""
+    """3x3 convolution, padding 1, no bias; the weight gradient on one thread."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int) -> Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.nn.functional.conv2d(x, weight, padding=1)
+        ctx.stride = stride
+        return torch.nn.functional.conv2d(x, weight, stride=stride, padding=1)
 
     @staticmethod
     def backward(ctx: Any, d_y: Tensor) -> Any:
         x, weight = ctx.saved_tensors
-        need_x, need_weight = ctx.needs_input_grad
-        backward = torch.ops.aten.convolution_backward
+        need_x, need_weight, _ = ctx.needs_input_grad
+        backward, arguments = torch.ops.aten.convolution_backward, _conv3x3_arguments(ctx.stride)
         d_x = d_weight = None
         if need_x:
-            d_x = backward(d_y, x, weight, None, *_CONV3X3, [True, False, False])[0]
+            d_x = backward(d_y, x, weight, None, *arguments, [True, False, False])[0]
         if need_weight:
             with single_threaded(x.device):
-                d_weight = backward(d_y, x, weight, None, *_CONV3X3, [False, True, False])[1]
-        return d_x, d_weight
+                d_weight = backward(d_y, x, weight, None, *arguments, [False, True, False])[1]
+        return d_x, d_weight, None
 
 
-def conv3x3(x: Tensor, weight: Tensor) -> Tensor:
-    """``F.conv2d(x, weight, padding=1)`` for x [B, C_in, H, W], weight [C_out, C_in, 3, 3],
-    whose weight gradient does not depend on the thread count (differentiable twice)."""
-    return _Conv3x3.apply(x, weight)
+def conv3x3(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
+    """``F.conv2d(x, weight, stride=stride, padding=1)`` for x [B, C_in, H, W], weight
+    [C_out, C_in, 3, 3] → [B, C_out, ⌈H/stride⌉, ⌈W/stride⌉], whose weight gradient does not
+    depend on the thread count (differentiable twice)."""
+    return _Conv3x3.apply(x, weight, stride)

@@ -1,7 +1,10 @@
 """The learner: the paper's 4-block convolutional classifier, evaluated on a flat parameter vector.
 
 Ravi & Larochelle (2017), Sec. 4: four blocks of [3x3 conv with ``filters`` channels, batch norm,
-ReLU, 2x2 max-pool], then a linear layer to N outputs. The meta-learner sees the learner's
+ReLU, 2x2 max-pool], then a linear layer to N outputs. Finn et al.'s (2017, Sec. 5.2) Omniglot
+learner (``downsample="stride"``) is the same four blocks with stride-2 convolutions instead of the
+max-pools (28 → 14 → 7 → 4 → 2) and the last block's output averaged over space, so the linear
+layer sees ``filters`` features. The meta-learner sees the learner's
 parameters θ as one flat vector of n coordinates (its cell state), so every forward pass here takes
 θ explicitly and runs the module through :func:`torch.func.functional_call`.
 
@@ -18,9 +21,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .layers import batch_norm_pool_relu, conv3x3, normalise_pool_relu, update_running_stats
+from .layers import (
+    batch_norm_pool_relu,
+    batch_norm_relu,
+    conv3x3,
+    normalise_pool_relu,
+    normalise_relu,
+    update_running_stats,
+)
 
 BatchNormState = dict[str, Tensor]
+DOWNSAMPLING = ("pool", "stride")  # how each block halves the image: 2x2 max-pool or stride 2
 
 
 @dataclass(frozen=True)
@@ -31,13 +42,15 @@ class LearnerShape:
     image_size: int
     n_way: int
     filters: int
+    downsample: str = "pool"  # one of DOWNSAMPLING
 
-    def as_dict(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("channels", "image_size", "n_way", "filters")}
+    def as_dict(self) -> dict[str, int | str]:
+        return {k: getattr(self, k) for k in (*LearnerShape.__dataclass_fields__,)}
 
 
 class Block(nn.Module):
-    """3x3 conv → batch norm → ReLU → 2x2 max-pool (see :mod:`metalstm.layers`).
+    """3x3 conv → batch norm → ReLU → 2x2 max-pool (see :mod:`metalstm.layers`), or a stride-2
+    3x3 conv → batch norm → ReLU (``pool`` false: Finn et al.'s Omniglot blocks).
 
     The conv bias b is part of θ (the paper's layout). With batch statistics, batch norm
     subtracts the per-channel mean, which cancels b exactly, so it is not added and subtracted
@@ -47,47 +60,63 @@ class Block(nn.Module):
     statistics adds it back (folded into the batch-norm shift).
     """
 
-    def __init__(self, in_channels: int, filters: int, momentum: float, eps: float) -> None:
+    def __init__(
+        self, in_channels: int, filters: int, momentum: float, eps: float, pool: bool = True
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, filters, kernel_size=3, padding=1)
         self.norm = nn.BatchNorm2d(filters, momentum=momentum, eps=eps)
+        self.stride = 1 if pool else 2
+        # the tail with the batch's statistics, and with given (running) ones
+        self.tails = (
+            (batch_norm_pool_relu, normalise_pool_relu)
+            if pool
+            else (
+                batch_norm_relu,
+                normalise_relu,
+            )
+        )
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
-        x = conv3x3(x, self.conv.weight)  # without the bias b: see above
+        x = conv3x3(x, self.conv.weight, self.stride)  # without the bias b: see above
         if x.device.type == "cpu":  # keep NHWC: the next conv and max-pool run much faster
             x = x.contiguous(memory_format=torch.channels_last)
         norm, b = self.norm, self.conv.bias
         assert norm.running_mean is not None and norm.running_var is not None and b is not None
+        batch_tail, given_tail = self.tails
         if batch_stats:  # this batch's statistics; the episode's running ones are updated
             count = x.numel() // x.shape[1]
-            x, mean, var = batch_norm_pool_relu(x, b, norm.weight, norm.bias, norm.eps)
+            x, mean, var = batch_tail(x, b, norm.weight, norm.bias, norm.eps)
             momentum = norm.momentum if norm.momentum is not None else 0.1
             update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
             return x
         # the running statistics collected on this episode's support set:
         # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
         shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
-        return normalise_pool_relu(
-            x, norm.running_mean, norm.running_var, norm.weight, shift, norm.eps
-        )
+        return given_tail(x, norm.running_mean, norm.running_var, norm.weight, shift, norm.eps)
 
 
 class ConvNet(nn.Module):
-    """Conv-4 classifier as an ordinary module: 4 x [conv, BN, ReLU, pool] → linear."""
+    """Conv-4 classifier as an ordinary module: 4 x [conv, BN, ReLU, pool] → linear (or 4 x
+    [stride-2 conv, BN, ReLU] → mean over space → linear)."""
 
     def __init__(self, shape: LearnerShape, bn_momentum: float = 0.9, bn_eps: float = 1e-5) -> None:
         super().__init__()
+        if shape.downsample not in DOWNSAMPLING:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLING}, not {shape.downsample!r}")
         channels = [shape.channels] + [shape.filters] * 4
+        self.pool = shape.downsample == "pool"
         self.blocks = nn.ModuleList(
-            Block(c_in, c_out, bn_momentum, bn_eps) for c_in, c_out in itertools.pairwise(channels)
+            Block(c_in, c_out, bn_momentum, bn_eps, self.pool)
+            for c_in, c_out in itertools.pairwise(channels)
         )
-        self.head = nn.Linear(shape.filters * feature_side(shape.image_size) ** 2, shape.n_way)
+        self.head = nn.Linear(feature_dim(shape), shape.n_way)
 
     def features(self, x: Tensor, batch_stats: bool = True) -> Tensor:
-        """Embedding [B, filters * side²] of images x [B, C, H, W]."""
+        """Embedding [B, feature_dim] of images x [B, C, H, W]."""
         for block in self.blocks:
-            x = block(x, batch_stats)
-        return x.flatten(1)
+            x = block(x, batch_stats)  # [B, filters, side, side] after the last block
+        return x.flatten(1) if self.pool else x.mean((2, 3))
 
     def forward(self, x: Tensor, batch_stats: bool = True, head: bool = True) -> Tensor:
         """Logits [B, N] (or the embedding when ``head`` is false)."""
@@ -95,14 +124,23 @@ class ConvNet(nn.Module):
         return self.head(features) if head else features
 
 
-def feature_side(image_size: int) -> int:
-    """Spatial side of the feature map after four 2x2 max-pools."""
+def feature_side(image_size: int, downsample: str = "pool") -> int:
+    """Spatial side of the last block's output: after four 2x2 max-pools (which drop an odd
+    row), or four stride-2 convolutions with padding 1 (which keep it: ⌈side / 2⌉)."""
     side = image_size
     for _ in range(4):
-        side //= 2
+        side = side // 2 if downsample == "pool" else (side + 1) // 2
     if side < 1:
         raise ValueError(f"image_size {image_size} is too small for 4 pooling layers")
     return side
+
+
+def feature_dim(shape: LearnerShape) -> int:
+    """Length of the embedding the linear head reads: the last feature map flattened (``pool``)
+    or averaged over space (``stride``)."""
+    if shape.downsample == "stride":
+        return shape.filters
+    return shape.filters * feature_side(shape.image_size) ** 2
 
 
 class Learner:
@@ -203,7 +241,7 @@ class Learner:
     def features(
         self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
     ) -> Tensor:
-        """Embedding [B, filters * side²] before the linear head, at parameters θ."""
+        """Embedding [B, feature_dim] before the linear head, at parameters θ."""
         return self._call(theta, x, bn, batch_stats=batch_stats, head=False)
 
     def _call(self, theta: Tensor, x: Tensor, bn: BatchNormState | None, **kwargs: bool) -> Tensor:
@@ -249,12 +287,21 @@ def to_channels_last(x: Tensor) -> Tensor:
     return x
 
 
+def conv_sides(shape: LearnerShape) -> list[int]:
+    """Spatial side of each of the four convolutions' outputs."""
+    sides, side = [], shape.image_size
+    for _ in range(4):
+        out = side if shape.downsample == "pool" else (side + 1) // 2
+        sides.append(out)
+        side = out // 2 if shape.downsample == "pool" else out
+    return sides
+
+
 def conv_flops(shape: LearnerShape, batch: int) -> float:
     """Multiply-adds x 2 of one forward pass of the learner on ``batch`` images."""
-    flops, side, c_in = 0.0, shape.image_size, shape.channels
-    for _ in range(4):
-        flops += 2 * batch * side * side * c_in * shape.filters * 9
-        side //= 2
-        c_in = shape.filters
-    flops += 2 * batch * shape.filters * side * side * shape.n_way
-    return flops
+    inputs = [shape.channels] + [shape.filters] * 3
+    flops = sum(
+        2 * batch * side * side * c_in * shape.filters * 9
+        for side, c_in in zip(conv_sides(shape), inputs)
+    )
+    return flops + 2 * batch * feature_dim(shape) * shape.n_way

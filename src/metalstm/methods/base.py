@@ -303,7 +303,9 @@ class InnerLoopMethod(Method):
 
 
 def learner_shape(config: Config) -> LearnerShape:
-    return LearnerShape(config.channels, config.image_size, config.n_way, config.filters)
+    return LearnerShape(
+        config.channels, config.image_size, config.n_way, config.filters, config.downsample
+    )
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

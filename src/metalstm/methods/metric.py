@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..config import Config
 from ..data import Episode
-from ..learner import BatchNormState, feature_side
+from ..learner import BatchNormState, feature_dim
 from .base import Classifier, EpisodeLoss, Method, accuracy
 
 
@@ -39,7 +39,7 @@ class MetricMethod(Method):
     def __init__(self, config: Config) -> None:
         super().__init__(config)
         self.theta = nn.Parameter(self.learner.initial_theta())
-        self.embedding_dim = config.filters * feature_side(config.image_size) ** 2
+        self.embedding_dim = feature_dim(self.learner.shape)
 
     def any_ways(self) -> bool:
         return True  # logits from distances to the episode's classes, no output layer

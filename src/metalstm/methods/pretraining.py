@@ -108,7 +108,9 @@ class PretrainedClassifier(Method):
                 f"pretrain_classes={classes} is not resolved; the Trainer sets it "
                 "to the number of training classes, or set it with --set pretrain_classes=C"
             )
-        shape = LearnerShape(config.channels, config.image_size, classes, config.filters)
+        shape = LearnerShape(
+            config.channels, config.image_size, classes, config.filters, config.downsample
+        )
         self.network = Learner(shape, PRETRAIN_BN_MOMENTUM, config.bn_eps)
         self.theta = nn.Parameter(self.network.initial_theta())  # θ of the C-way network
         self.n_body = sum(
