@@ -93,25 +93,29 @@ def make_image_folder(
 
 
 def reference_net(learner: Learner, theta: Tensor, momentum: float, eps: float) -> nn.Sequential:
-    """An independent copy of the learner at θ with nn.Conv2d / nn.BatchNorm2d / nn.Linear."""
+    """An independent copy of the learner at θ with nn.Conv2d / nn.BatchNorm2d / nn.Linear (and
+    nn.MaxPool2d, or stride-2 convolutions and nn.AdaptiveAvgPool2d)."""
     p = learner.unflatten(theta.detach())
+    pool = learner.shape.downsample == "pool"
     layers: list[nn.Module] = []
     for i in range(4):
         w = p[f"blocks.{i}.conv.weight"]
-        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1, dtype=theta.dtype)
+        stride = 1 if pool else 2
+        conv = nn.Conv2d(w.shape[1], w.shape[0], 3, stride, padding=1, dtype=theta.dtype)
         norm = nn.BatchNorm2d(w.shape[0], momentum=momentum, eps=eps, dtype=theta.dtype)
         with torch.no_grad():
             conv.weight.copy_(w)
             conv.bias.copy_(p[f"blocks.{i}.conv.bias"])
             norm.weight.copy_(p[f"blocks.{i}.norm.weight"])
             norm.bias.copy_(p[f"blocks.{i}.norm.bias"])
-        layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [conv, norm, nn.ReLU(), nn.MaxPool2d(2) if pool else nn.Identity()]
     w = p["head.weight"]
     head = nn.Linear(w.shape[1], w.shape[0], dtype=theta.dtype)
     with torch.no_grad():
         head.weight.copy_(w)
         head.bias.copy_(p["head.bias"])
-    return nn.Sequential(*layers, nn.Flatten(), head)
+    average = nn.Identity() if pool else nn.AdaptiveAvgPool2d(1)
+    return nn.Sequential(*layers, average, nn.Flatten(), head)
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:

@@ -88,12 +88,21 @@ def test_checkpoint_config_is_bounded_before_anything_is_built(
 
 
 def test_learner_size_is_the_learners_parameter_count() -> None:
-    for values in ({}, {"image_size": 84, "channels": 3}, {"n_way": 20, "filters": 7}):
+    for values in (
+        {},
+        {"image_size": 84, "channels": 3},
+        {"n_way": 20, "filters": 7},
+        {"image_size": 84, "downsample": "stride"},
+    ):
         config = Config.from_dict(values)
-        shape = LearnerShape(config.channels, config.image_size, config.n_way, config.filters)
+        shape = LearnerShape(
+            config.channels, config.image_size, config.n_way, config.filters, config.downsample
+        )
         assert learner_size(config) == Learner(shape).n_params
     with pytest.raises(ConfigError, match="more than the"):
         Config.from_dict({"filters": 512, "image_size": 512})
+    with pytest.raises(ConfigError, match="downsample"):
+        Config.from_dict({"downsample": "dilate"})
     assert learner_size(Config.from_dict({"filters": 256, "image_size": 84})) < MAX_LEARNER_SIZE
 
 

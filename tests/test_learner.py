@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from conftest import reference_net
 from metalstm import Learner, LearnerShape
-from metalstm.learner import ConvNet, feature_side
+from metalstm.learner import ConvNet, conv_flops, conv_sides, feature_dim, feature_side
 
 F64 = torch.float64
 
@@ -70,6 +70,24 @@ def test_n_params_by_shape(shape: LearnerShape) -> None:
     side = feature_side(shape.image_size)
     expected = (c * f * 9 + f) + 3 * (f * f * 9 + f) + 4 * 2 * f + (f * side * side * n + n)
     assert Learner(shape).n_params == expected
+
+
+def test_strided_learner_follows_finn_et_al() -> None:
+    """Finn et al.'s Omniglot learner: stride-2 convolutions take 28 → 14 → 7 → 4 → 2 and the
+    head reads the ``filters`` channels averaged over the last 2 x 2 map; 84 → 42 → 21 → 11 → 6."""
+    shape = LearnerShape(channels=1, image_size=28, n_way=20, filters=64, downsample="stride")
+    assert conv_sides(shape) == [14, 7, 4, 2] and feature_side(28, "stride") == 2
+    assert feature_dim(shape) == 64
+    convs = (1 * 64 * 9 + 64) + 3 * (64 * 64 * 9 + 64)
+    assert Learner(shape).n_params == convs + 4 * 2 * 64 + 64 * 20 + 20
+    color = LearnerShape(3, 84, 5, 32, "stride")
+    assert conv_sides(color) == [42, 21, 11, 6] and feature_dim(color) == 32
+    pooled = LearnerShape(1, 28, 20, 64)
+    assert conv_sides(pooled) == [28, 14, 7, 3]
+    # each convolution on a quarter of the pixels of the pooled learner's
+    assert conv_flops(shape, 1) < conv_flops(pooled, 1) / 3.5
+    with pytest.raises(ValueError, match="downsample"):
+        Learner(LearnerShape(1, 28, 5, 8, downsample="dilate"))
 
 
 def test_parameter_groups_cover_theta_exactly() -> None:
@@ -142,11 +160,14 @@ def test_fresh_batchnorm_state() -> None:
     assert learner.net.blocks[0].norm.running_mean.eq(0).all()
 
 
-@pytest.mark.parametrize("momentum", [0.9, 0.3])
-def test_functional_call_matches_plain_modules(momentum: float) -> None:
+@pytest.mark.parametrize(
+    ("momentum", "downsample"), [(0.9, "pool"), (0.3, "pool"), (0.9, "stride")]
+)
+def test_functional_call_matches_plain_modules(momentum: float, downsample: str) -> None:
     """Batch-statistics mode (and its running-statistics update) and running-statistics mode
-    agree with nn.Conv2d/nn.BatchNorm2d in train and eval mode, and with ConvNet itself."""
-    shape = LearnerShape(channels=1, image_size=28, n_way=5, filters=8)
+    agree with nn.Conv2d/nn.BatchNorm2d in train and eval mode, and with ConvNet itself (with
+    max-pools, or Finn et al.'s stride-2 convolutions and features averaged over space)."""
+    shape = LearnerShape(channels=1, image_size=28, n_way=5, filters=8, downsample=downsample)
     learner = Learner(shape, bn_momentum=momentum, bn_eps=1e-3)
     theta = random_theta(learner, seed=1)
     g = torch.Generator().manual_seed(2)
@@ -183,7 +204,7 @@ def test_functional_call_matches_plain_modules(momentum: float) -> None:
     assert_close(learner(theta, x2[1:2], bn, batch_stats=False), logits[1:2], 1e-10, 1e-12)
     # features are the head's input
     features = learner.features(theta, x2, bn, batch_stats=False)
-    assert features.shape == (4, 8 * feature_side(28) ** 2)
+    assert features.shape == (4, feature_dim(shape)) == (4, 8)  # 28 → 1 x 1 or 2 x 2 averaged
     w, b = learner.unflatten(theta)["head.weight"], learner.unflatten(theta)["head.bias"]
     assert_close(features @ w.T + b, logits, rtol=1e-10, atol=1e-12)
 

@@ -10,6 +10,7 @@ of a batch-norm statistic, and the checks allow ten times that.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from metalstm import load_preset, override
 from metalstm.checkpoint import load_checkpoint
+from metalstm.compare import Request, add_compare_arguments, method_config
 from metalstm.data import EpisodeSampler
 from metalstm.inner_loop import learner_loss_and_grad
 from metalstm.layers import batch_norm_train, conv3x3
@@ -102,8 +104,13 @@ def test_layers_are_differentiable_twice() -> None:
     assert torch.autograd.gradcheck(norm, (x, shift, weight, bias))
     assert torch.autograd.gradgradcheck(norm, (x, shift, weight, bias))
     kernel = torch.randn(4, 2, 3, 3, generator=g, dtype=F64).requires_grad_(True)
-    assert torch.autograd.gradcheck(conv3x3, (x, kernel))
-    assert torch.autograd.gradgradcheck(conv3x3, (x, kernel))
+    for stride in (1, 2):  # stride 2: Finn et al.'s Omniglot learner
+
+        def conv(x: Tensor, kernel: Tensor, stride: int = stride) -> Tensor:
+            return conv3x3(x, kernel, stride)
+
+        assert torch.autograd.gradcheck(conv, (x, kernel))
+        assert torch.autograd.gradgradcheck(conv, (x, kernel))
     # the shift cancels: its gradient is exactly zero, not rounding noise
     (d_shift,) = torch.autograd.grad(norm(x, shift, weight, bias).square().sum(), shift)
     assert torch.equal(d_shift, torch.zeros_like(d_shift))
@@ -157,6 +164,28 @@ def test_meta_gradient_at_the_same_parameters_does_not_depend_on_threads(
     for name, one in grads[0].items():
         two = grads[1][name]
         assert (one - two).abs().max() <= FLOAT32_SUMS * one.abs().max(), name
+
+
+def test_strided_maml_meta_gradient_does_not_depend_on_threads(data_env: Path) -> None:
+    """Second-order MAML on Finn et al.'s strided learner (compare's 20-way 1-shot recipe: 5
+    steps of α = 0.1, 64 filters), 2 real episodes: the same meta-gradient with 1 and 2 threads
+    (its stride-2 convolutions keep the one-thread weight gradient)."""
+    parser = argparse.ArgumentParser()
+    add_compare_arguments(parser)
+    request = Request.from_args(parser.parse_args(["--preset", "omniglot-20w1s", "--out", "O"]))
+    config = override(method_config(request, "maml", int), {"seed": 3, "device": "cpu"})
+    assert config.downsample == "stride"
+    torch.manual_seed(0)
+    model = build_method(config)
+    sampler = EpisodeSampler(load_part(config, "train"), 20, 1, 1, config.seed)
+    grads = []
+    for count in (1, 2):
+        threads(count)
+        model.zero_grad()
+        for episode in sampler.meta_batch(0, 2):
+            model.meta_loss(episode).loss.backward()
+        grads.append(model.theta.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() <= FLOAT32_SUMS * grads[0].abs().max()
 
 
 @pytest.mark.slow
