@@ -22,9 +22,12 @@ from metalstm.compare import (
     given_checkpoint,
     method_config,
 )
+from metalstm.compare.evaluation import method_notes
+from metalstm.compare.training import Trained
 from metalstm.config import Config, load_preset, override
 from metalstm.data import ClassImages, Episode, fixed_episodes, load_split
 from metalstm.errors import ConfigError
+from metalstm.evaluation import protocol_for
 from metalstm.registry import method_entry, method_names
 from metalstm.serialization import method_meta, method_tensors
 
@@ -172,20 +175,30 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
         assert config.to_dict() == committed_config(committed, method)
 
 
-@pytest.mark.parametrize(
-    ("preset", "committed"),
-    [("omniglot-20w1s", "omniglot-20w1s-maml-fo"), ("omniglot-20w5s", "omniglot-20w5s-maml-fo")],
-)
-def test_first_order_maml_20_way_recipe_reproduces_the_committed_runs(
-    preset: str, committed: str
-) -> None:
-    """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update), the committed
-    runs' configs (benchmarks/results/compare-recipes/)."""
+@pytest.mark.parametrize("method", ["maml", "maml-fo"])
+@pytest.mark.parametrize("preset", ["omniglot-20w1s", "omniglot-20w5s"])
+def test_maml_20_way_recipe_reproduces_the_committed_runs(preset: str, method: str) -> None:
+    """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update, their strided
+    learner), the committed runs' configs (benchmarks/results/compare-recipes/)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    config = method_config(req, "maml-fo", int)
+    config = method_config(req, method, int)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
-    assert config.to_dict() == committed_config(committed, "maml-fo")
+    assert config.downsample == "stride"
+    assert config.to_dict() == committed_config(f"{preset}-{method}", method)
+
+
+@pytest.mark.parametrize(
+    ("preset", "downsample"),
+    [("omniglot-5w1s", "stride"), ("omniglot-5w5s", "stride"), ("miniimagenet-5w1s", "pool")],
+)
+def test_maml_learns_on_finn_et_als_learner(preset: str, downsample: str) -> None:
+    """Strided convolutions on Omniglot (Finn et al., Sec. 5.2), max-pools on miniImageNet; the
+    other methods keep the preset's learner."""
+    req = Request.from_args(parse("--preset", preset, "--out", "O"))
+    for method in ("maml", "maml-fo"):
+        assert method_config(req, method, int).downsample == downsample
+    assert method_config(req, "protonet", int).downsample == "pool"
 
 
 @pytest.mark.parametrize(
@@ -344,3 +357,13 @@ def test_untrained_and_config_only_methods_need_no_data(tmp_path: Path) -> None:
 
     model, meta = load_method(path)
     assert model.name == "nn-pixel" and meta["kind"] == "untrained"
+
+
+def test_notes_name_a_learner_other_than_the_presets() -> None:
+    base = override(load_preset("omniglot-5w1s"), {"filters": 8})
+    trained = Trained(Path("unused"), None, "trained")
+    for method, downsample, named in [("maml", "stride", True), ("protonet", "pool", False)]:
+        model = build_method(override(base, {"method": method, "downsample": downsample}))
+        protocol = protocol_for(model, model.config, "test", 6, 0)
+        notes = method_notes(model, trained, protocol, base)
+        assert ("learner: stride-2 convolutions, features averaged" in notes) is named, notes

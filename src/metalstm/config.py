@@ -87,7 +87,7 @@ class Config:
             "train_n_way": self.train_n_way is None or self.train_n_way >= 2,
             "train_k_shot": self.train_k_shot is None or self.train_k_shot >= 1,
             "filters": self.filters >= 1,
-            "downsample": self.downsample in ("pool", "stride"),
+            "downsample": self.downsample in ("pool", "stride"),  # learner.DOWNSAMPLING
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
             "lr": self.lr > 0,

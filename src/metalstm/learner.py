@@ -31,7 +31,8 @@ from .layers import (
 )
 
 BatchNormState = dict[str, Tensor]
-DOWNSAMPLING = ("pool", "stride")  # how each block halves the image: 2x2 max-pool or stride 2
+# how each block halves the image, in words
+DOWNSAMPLING = {"pool": "2x2 max-pools", "stride": "stride-2 convolutions, features averaged"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class LearnerShape:
     image_size: int
     n_way: int
     filters: int
-    downsample: str = "pool"  # one of DOWNSAMPLING
+    downsample: str = "pool"  # a key of DOWNSAMPLING
 
     def as_dict(self) -> dict[str, int | str]:
         return {k: getattr(self, k) for k in (*LearnerShape.__dataclass_fields__,)}
@@ -103,7 +104,9 @@ class ConvNet(nn.Module):
     def __init__(self, shape: LearnerShape, bn_momentum: float = 0.9, bn_eps: float = 1e-5) -> None:
         super().__init__()
         if shape.downsample not in DOWNSAMPLING:
-            raise ValueError(f"downsample must be one of {DOWNSAMPLING}, not {shape.downsample!r}")
+            raise ValueError(
+                f"downsample must be one of {', '.join(DOWNSAMPLING)}, not {shape.downsample!r}"
+            )
         channels = [shape.channels] + [shape.filters] * 4
         self.pool = shape.downsample == "pool"
         self.blocks = nn.ModuleList(

@@ -11,6 +11,7 @@ from ..config import Config
 from ..data import ClassImages, Episode, EpisodeDigest, EpisodeSampler, fixed_episodes
 from ..errors import MetaLSTMError
 from ..evaluation import EvalResult, Protocol, evaluate
+from ..learner import DOWNSAMPLING
 from ..methods.base import NO_BATCHNORM, Method, episode_batchnorm
 from ..progress import format_seconds
 from ..registry import TrainsOn, method_entry
@@ -86,8 +87,11 @@ class MethodResult:
 
 def method_notes(model: Method, trained: Trained, protocol: Protocol, base: Config) -> str:
     """A short description of the settings behind a method's number: its test-time adaptation,
-    its batch-norm statistics where they are not the protocol line's, its training."""
+    its batch-norm statistics where they are not the protocol line's, its learner where it is not
+    the preset's, its training."""
     notes = [protocol.adaptation] if protocol.adaptation else []
+    if model.config.downsample != base.downsample:
+        notes.append(f"learner: {DOWNSAMPLING[model.config.downsample]}")
     if protocol.bn_mode not in (episode_batchnorm(base.transductive), NO_BATCHNORM):
         notes.append(f"BN: {protocol.bn_mode}")
     if method_entry(model.name).trains_on is TrainsOn.EPISODES:
