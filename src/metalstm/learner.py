@@ -69,14 +69,9 @@ class Block(nn.Module):
         self.norm = nn.BatchNorm2d(filters, momentum=momentum, eps=eps)
         self.stride = 1 if pool else 2
         # the tail with the batch's statistics, and with given (running) ones
-        self.tails = (
-            (batch_norm_pool_relu, normalise_pool_relu)
-            if pool
-            else (
-                batch_norm_relu,
-                normalise_relu,
-            )
-        )
+        self.tails = (batch_norm_pool_relu, normalise_pool_relu)
+        if not pool:
+            self.tails = (batch_norm_relu, normalise_relu)
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
         x = conv3x3(x, self.conv.weight, self.stride)  # without the bias b: see above
@@ -132,7 +127,7 @@ def feature_side(image_size: int, downsample: str = "pool") -> int:
     row), or four stride-2 convolutions with padding 1 (which keep it: ⌈side / 2⌉)."""
     side = image_size
     for _ in range(4):
-        side = side // 2 if downsample == "pool" else (side + 1) // 2
+        side = _halved(side, downsample)
     if side < 1:
         raise ValueError(f"image_size {image_size} is too small for 4 pooling layers")
     return side
@@ -294,10 +289,14 @@ def conv_sides(shape: LearnerShape) -> list[int]:
     """Spatial side of each of the four convolutions' outputs."""
     sides, side = [], shape.image_size
     for _ in range(4):
-        out = side if shape.downsample == "pool" else (side + 1) // 2
-        sides.append(out)
-        side = out // 2 if shape.downsample == "pool" else out
+        sides.append(side if shape.downsample == "pool" else _halved(side, "stride"))
+        side = _halved(side, shape.downsample)
     return sides
+
+
+def _halved(side: int, downsample: str) -> int:
+    """A block's output side: 2x2 max-pool drops an odd row, a stride-2 conv keeps it."""
+    return side // 2 if downsample == "pool" else (side + 1) // 2
 
 
 def conv_flops(shape: LearnerShape, batch: int) -> float:
