@@ -724,6 +724,8 @@ def test_block_tail_takes_the_native_kernels_where_they_apply(
     assert layers.block_kernels(torch.device("cpu"), 64).startswith("native")
     assert layers.block_kernels(torch.device("cpu"), 12) == "eager"
     assert layers.block_kernels(torch.device("cuda"), 64) == "eager"
+    strided = layers.block_kernels(torch.device("cpu"), 64, pooled=False)
+    assert strided == "eager (no max-pool to fuse)"
 
 
 @needs_native_block

@@ -317,7 +317,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "second_order": settings.second_order,
             "compile": config.compile,
             "step_kernels": step_kernels(config.compile, device, torch.float32),
-            "block_kernels": block_kernels(device, config.filters),
+            "block_kernels": block_kernels(device, config.filters, config.downsample == "pool"),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,

@@ -141,11 +141,16 @@ BLOCK_SOURCE = native.NativeSource(
 )
 
 
-def block_kernels(device: torch.device | None = None, channels: int | None = None) -> str:
+def block_kernels(
+    device: torch.device | None = None, channels: int | None = None, pooled: bool = True
+) -> str:
     """Which kernels run the learner blocks' batch norm, max-pool and ReLU on float32 tensors
-    (on ``device`` with ``channels`` filters, when given) here, in words (and why not native)."""
+    (on ``device`` with ``channels`` filters, when given) here, in words (and why not native).
+    Blocks without max-pool (``pooled`` false: stride-2 convolutions) run PyTorch's."""
     if device is not None and device.type != "cpu":
         return "eager"
+    if not pooled:
+        return "eager (no max-pool to fuse)"
     if channels is not None and not _native_channels(channels):
         return "eager"
     return native.status(BLOCK_SOURCE, "native (C++, fused per pixel)")
