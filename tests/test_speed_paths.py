@@ -32,7 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from conftest import small_config
 from metalstm import Config, MetaLSTM, build_method, layers, override
 from metalstm import native as metalstm_native
-from metalstm.bench import add_bench_arguments, bench_main, episode_flops
+from metalstm.bench import add_bench_arguments, bench_config, bench_main, episode_flops
 from metalstm.data import Episode
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
 from metalstm.methods.metalearner import CellState, MetaLearnerCell, native, preprocess
@@ -784,6 +784,25 @@ def test_bench_json_is_the_last_line(capsys: pytest.CaptureFixture[str]) -> None
     bench_main(args)
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["timed_episodes"] == 2 and result["settings"]["meta_batch"] == 2
+
+
+def test_bench_times_the_strided_learner(capsys: pytest.CaptureFixture[str]) -> None:
+    args = bench_args(
+        "--image-size", "16", "--filters", "8", "--ways", "2", "--queries", "1", "--steps", "1",
+        "--episodes", "1", "--warmup", "0", "--device", "cpu", "--downsample", "stride", "--json",
+    )  # fmt: skip
+    result = bench_main(args)
+    assert result["settings"]["downsample"] == "stride"
+    assert result["settings"]["block_kernels"] == "eager (no max-pool to fuse)"
+    # the same parameters as the pooled learner (16 → 8 → 4 → 2 → 1 either way), a quarter of
+    # the pixels in each convolution
+    strided = bench_config(args)
+    pooled = override(strided, {"downsample": "pool"})
+    n = result["settings"]["learner_params"]
+    assert n == build_method(pooled).learner.n_params
+    flops = [episode_flops(config, n, 2, "train") for config in (strided, pooled)]
+    assert result["gflop_per_episode"] * 1e9 == pytest.approx(flops[0], rel=1e-6)
+    assert flops[0] < flops[1] / 2
 
 
 def test_flop_estimate_of_the_issue_workloads() -> None:

@@ -79,6 +79,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="support images per inner step (default N*K: the whole support set, as the paper)",
     )
     parser.add_argument("--filters", type=int, default=32, help="learner conv filters")
+    parser.add_argument(
+        "--downsample",
+        choices=("pool", "stride"),
+        default="pool",
+        help="learner blocks: 2x2 max-pools (the paper's) or stride-2 convolutions (Finn et al.)",
+    )
     parser.add_argument("--meta-batch", type=int, default=1, help="episodes per meta-update")
     parser.add_argument("--episodes", type=int, default=20, help="timed episodes (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed episodes first (default 2)")
@@ -112,6 +118,7 @@ def bench_config(args: argparse.Namespace) -> Config:
         "q_query": args.queries,
         "inner_steps": args.steps,
         "filters": args.filters,
+        "downsample": args.downsample,
         "meta_batch": args.meta_batch,
         "second_order": args.second_order,
         "device": args.device,
@@ -312,6 +319,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "steps": settings.inner_steps,
             "batch": batch,
             "filters": config.filters,
+            "downsample": config.downsample,
             "hidden": settings.hidden_size,
             "meta_batch": config.meta_batch,
             "second_order": settings.second_order,
