@@ -794,15 +794,15 @@ def test_bench_times_the_strided_learner(capsys: pytest.CaptureFixture[str]) -> 
     result = bench_main(args)
     assert result["settings"]["downsample"] == "stride"
     assert result["settings"]["block_kernels"] == "eager (no max-pool to fuse)"
-    # the same parameters as the pooled learner (16 → 8 → 4 → 2 → 1 either way), a quarter of
-    # the pixels in each convolution
+    # the same parameters as the pooled learner (16 → 8 → 4 → 2 → 1 either way), fewer FLOPs
+    # (a quarter of the pixels in each convolution; the meta-learner's share is the same)
     strided = bench_config(args)
     pooled = override(strided, {"downsample": "pool"})
     n = result["settings"]["learner_params"]
     assert n == build_method(pooled).learner.n_params
     flops = [episode_flops(config, n, 2, "train") for config in (strided, pooled)]
     assert result["gflop_per_episode"] * 1e9 == pytest.approx(flops[0], rel=1e-6)
-    assert flops[0] < flops[1] / 2
+    assert flops[0] < flops[1]
 
 
 def test_flop_estimate_of_the_issue_workloads() -> None:
