@@ -367,3 +367,19 @@ def test_notes_name_a_learner_other_than_the_presets() -> None:
         protocol = protocol_for(model, model.config, "test", 6, 0)
         notes = method_notes(model, trained, protocol, base)
         assert ("learner: stride-2 convolutions, features averaged" in notes) is named, notes
+
+
+def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path) -> None:
+    """``train --method maml`` on the 20-way preset: Finn et al.'s recipe (20-way episodes of K
+    queries, their strided learner), not the preset's 100-way meta-learner episodes; the same
+    config as ``compare``'s for that method."""
+    small = ["--set", "filters=8", "--set", "val_episodes=1", "--set", "val_interval=1000"]
+    run = tmp_path / "run"
+    argv = ["train", "--preset", "omniglot-20w1s", "--method", "maml", "--out", str(run)]
+    assert cli.main([*argv, "--episodes", "2", "--quiet", *small]) == 0
+    saved = Config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
+    req = Request.from_args(parse("--preset", "omniglot-20w1s", "--out", "O", *small))
+    compared = method_config(req, "maml", int)
+    assert saved == override(compared, {"episodes": 2, "data_root": saved.data_root})
+    assert (saved.train_ways, saved.q_query, saved.downsample) == (20, 1, "stride")
+    assert cli.main(["train", "--resume", str(run), "--method", "maml"]) == 2  # the run's own

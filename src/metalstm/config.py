@@ -349,6 +349,25 @@ def load_preset(name: str) -> Config:
     return override(Config(), values)
 
 
+def with_recipe(config: Config, method: str) -> Config:
+    """``config`` (a preset: the meta-learner's recipe) turned to ``method`` with its registered
+    recipe: the preset's data, test episodes and training schedule, the method's own default
+    settings, and meta-training episodes of the test's shape (N ways, K shots, the test's
+    queries) unless the recipe says otherwise. What ``compare`` and ``train --method`` train."""
+    entry = method_entry(method)
+    if method != config.method:
+        config = dataclasses.replace(
+            config,
+            method=method,
+            settings=entry.settings(),
+            train_n_way=None,
+            train_k_shot=None,
+            q_query=config.eval_queries,
+            eval_q_query=None,
+        )
+    return override(config, entry.recipe(config))
+
+
 def save_yaml(config: Config) -> str:
     """The config as YAML text (every field, so a run folder states all it used)."""
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -16,6 +16,11 @@ def register(subparsers: Subparsers) -> None:
     start.add_argument("--preset", help="named preset (see metalstm presets)")
     start.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     train.add_argument("--out", metavar="RUN_DIR", help="run folder for a new run")
+    train.add_argument(
+        "--method",
+        help="train this method with its own recipe on the preset's data and test episodes, "
+        "as compare does (default: the preset's method and recipe)",
+    )
     train.add_argument("--episodes", type=int, help="meta-training episodes")
     train.add_argument("--seed", type=int, help="random seed")
     train.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
@@ -27,15 +32,17 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..config import load_preset, override, parse_overrides
+    from ..config import load_preset, override, parse_overrides, with_recipe
     from ..distributed import Distributed
     from ..training import resume, train
     from ..util import resolve_device
 
     log = None if args.quiet else sys.stderr
     if args.resume:
-        if args.preset or args.set or args.seed is not None:
-            raise MetaLSTMError("--resume takes the run's own config; drop --preset/--set/--seed")
+        if args.preset or args.set or args.seed is not None or args.method:
+            raise MetaLSTMError(
+                "--resume takes the run's own config; drop --preset/--method/--set/--seed"
+            )
         config_device = "auto"
         dist = Distributed.from_environment(resolve_device(config_device))
         trainer = resume(args.resume, episodes=args.episodes, dist=dist, log=log)
@@ -47,6 +54,8 @@ def run(args: argparse.Namespace) -> None:
             if getattr(args, key) is not None:
                 values[key] = getattr(args, key)
         config = override(load_preset(args.preset), values)
+        if args.method:  # the method's recipe for the preset (which may read --set values)
+            config = override(with_recipe(config, args.method), values)
         dist = Distributed.from_environment(resolve_device(config.device))
         trainer = train(config, args.out, force=args.force, dist=dist, log=log)
     dist.close()

@@ -3,7 +3,6 @@ progress line and ETA."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -11,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..config import Config, load_preset, override
+from ..config import Config, load_preset, override, with_recipe
 from ..errors import ConfigError
 from ..progress import Surrounding, format_seconds, surrounding
 from ..registry import BatchSettings, TrainsOn, method_entry
@@ -35,23 +34,10 @@ def base_config(request: Request) -> Config:
 def method_config(request: Request, method: str, train_images: Callable[[], int]) -> Config:
     """The training config of ``method``: preset, recipe, --set, --set METHOD:, --train-episodes.
 
-    The preset is the meta-learner's recipe; another method starts from the preset's data, test
-    episodes and training schedule with its own default settings, and meta-trains on episodes of
-    the test's shape (N ways, K shots, the test's queries) unless its recipe says otherwise.
+    The preset is the meta-learner's recipe; another method starts from it as
+    :func:`~metalstm.config.with_recipe` says.
     """
-    base = base_config(request)
-    entry = method_entry(method)
-    if method != base.method:
-        base = dataclasses.replace(
-            base,
-            method=method,
-            settings=entry.settings(),
-            train_n_way=None,
-            train_k_shot=None,
-            q_query=base.eval_queries,
-            eval_q_query=None,
-        )
-    config = override(base, entry.recipe(base))
+    config = with_recipe(base_config(request), method)
     config = override(config, request.overrides, strict=False)
     config = override(config, request.method_overrides.get(method, {}))
     if request.train_episodes is not None:
