@@ -374,6 +374,7 @@ def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path)
     queries, their strided learner), not the preset's 100-way meta-learner episodes; the same
     config as ``compare``'s for that method."""
     small = ["--set", "filters=8", "--set", "val_episodes=1", "--set", "val_interval=1000"]
+    small += ["--set", "inner_lr=0.2"]  # one of MAML's own settings
     run = tmp_path / "run"
     argv = ["train", "--preset", "omniglot-20w1s", "--method", "maml", "--out", str(run)]
     assert cli.main([*argv, "--episodes", "2", "--quiet", *small]) == 0
@@ -382,4 +383,5 @@ def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path)
     compared = method_config(req, "maml", int)
     assert saved == override(compared, {"episodes": 2, "data_root": saved.data_root})
     assert (saved.train_ways, saved.q_query, saved.downsample) == (20, 1, "stride")
+    assert saved.to_dict()["settings"]["inner_lr"] == 0.2
     assert cli.main(["train", "--resume", str(run), "--method", "maml"]) == 2  # the run's own

@@ -53,8 +53,10 @@ def run(args: argparse.Namespace) -> None:
         for key in ("episodes", "seed", "data_root"):
             if getattr(args, key) is not None:
                 values[key] = getattr(args, key)
-        config = override(load_preset(args.preset), values)
-        if args.method:  # the method's recipe for the preset (which may read --set values)
+        # With --method, the preset takes the values it has (the recipe may read them), and the
+        # method's recipe then takes them all, its own settings included.
+        config = override(load_preset(args.preset), values, strict=not args.method)
+        if args.method:
             config = override(with_recipe(config, args.method), values)
         dist = Distributed.from_environment(resolve_device(config.device))
         trainer = train(config, args.out, force=args.force, dist=dist, log=log)
