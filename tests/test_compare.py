@@ -175,29 +175,40 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
         assert config.to_dict() == committed_config(committed, method)
 
 
-@pytest.mark.parametrize("method", ["maml", "maml-fo"])
+@pytest.mark.parametrize(("method", "downsample"), [("maml", "stride"), ("maml-fo", "pool")])
 @pytest.mark.parametrize("preset", ["omniglot-20w1s", "omniglot-20w5s"])
-def test_maml_20_way_recipe_reproduces_the_committed_runs(preset: str, method: str) -> None:
-    """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update, their strided
-    learner), the committed runs' configs (benchmarks/results/compare-recipes/)."""
+def test_maml_20_way_recipe_reproduces_the_committed_runs(
+    preset: str, method: str, downsample: str
+) -> None:
+    """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update; second order on
+    their strided learner), the committed runs' configs (benchmarks/results/compare-recipes/)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
     config = method_config(req, method, int)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
-    assert config.downsample == "stride"
+    assert config.downsample == downsample
     assert config.to_dict() == committed_config(f"{preset}-{method}", method)
 
 
 @pytest.mark.parametrize(
     ("preset", "downsample"),
-    [("omniglot-5w1s", "stride"), ("omniglot-5w5s", "stride"), ("miniimagenet-5w1s", "pool")],
+    [
+        ("omniglot-20w1s", "stride"),
+        ("omniglot-20w5s", "stride"),
+        ("omniglot-5w1s", "pool"),
+        ("omniglot-5w5s", "pool"),
+        ("miniimagenet-5w1s", "pool"),
+    ],
 )
-def test_maml_learns_on_finn_et_als_learner(preset: str, downsample: str) -> None:
-    """Strided convolutions on Omniglot (Finn et al., Sec. 5.2), max-pools on miniImageNet; the
-    other methods keep the preset's learner."""
+def test_maml_learner_is_finn_et_als_where_the_pooled_one_does_not_fit(
+    preset: str, downsample: str
+) -> None:
+    """Second-order MAML on Finn et al.'s strided learner (Sec. 5.2) on Omniglot 20-way, where the
+    pooled one's tasks cost 3x as much; elsewhere, first-order MAML and the other methods on the
+    pooled learner, which learns faster per task (maml.recipe)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    for method in ("maml", "maml-fo"):
-        assert method_config(req, method, int).downsample == downsample
+    assert method_config(req, "maml", int).downsample == downsample
+    assert method_config(req, "maml-fo", int).downsample == "pool"
     assert method_config(req, "protonet", int).downsample == "pool"
 
 
@@ -385,3 +396,17 @@ def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path)
     assert (saved.train_ways, saved.q_query, saved.downsample) == (20, 1, "stride")
     assert saved.to_dict()["settings"]["inner_lr"] == 0.2
     assert cli.main(["train", "--resume", str(run), "--method", "maml"]) == 2  # the run's own
+
+
+@pytest.mark.parametrize(
+    ("preset", "method"), [("omniglot-20w1s", "maml-fo"), ("omniglot-5w1s", "maml")]
+)
+def test_strided_maml_runs_are_the_recipe_with_finn_et_als_learner(
+    preset: str, method: str
+) -> None:
+    """The committed runs that chose the pooled learner there (compare-recipes/tried-strided/)
+    are the recipe with ``--set METHOD:downsample=stride``, as their README's commands say."""
+    args = ("--preset", preset, "--out", "O", "--set", f"{method}:downsample=stride")
+    config = method_config(Request.from_args(parse(*args)), method, int)
+    run = f"tried-strided/{preset}-{method}"
+    assert config.to_dict() == committed_config(run, method)
