@@ -196,16 +196,13 @@ def test_maml_20_way_recipe_reproduces_the_committed_runs(
         ("omniglot-20w1s", "stride"),
         ("omniglot-20w5s", "stride"),
         ("omniglot-5w1s", "pool"),
-        ("omniglot-5w5s", "pool"),
+        ("omniglot-5w5s", "stride"),
         ("miniimagenet-5w1s", "pool"),
     ],
 )
-def test_maml_learner_is_finn_et_als_where_the_pooled_one_does_not_fit(
-    preset: str, downsample: str
-) -> None:
-    """Second-order MAML on Finn et al.'s strided learner (Sec. 5.2) on Omniglot 20-way, where the
-    pooled one's tasks cost 3x as much; elsewhere, first-order MAML and the other methods on the
-    pooled learner, which learns faster per task (maml.recipe)."""
+def test_maml_learner_is_the_one_chosen_on_validation(preset: str, downsample: str) -> None:
+    """Second-order MAML on Finn et al.'s strided learner (Sec. 5.2) on Omniglot but 5-way 1-shot;
+    first-order MAML and the other methods on the pooled learner (maml.recipe says why)."""
     req = Request.from_args(parse("--preset", preset, "--out", "O"))
     assert method_config(req, "maml", int).downsample == downsample
     assert method_config(req, "maml-fo", int).downsample == "pool"
@@ -399,14 +396,30 @@ def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("preset", "method"), [("omniglot-20w1s", "maml-fo"), ("omniglot-5w1s", "maml")]
+    ("preset", "method", "learner", "run"),
+    [
+        ("omniglot-20w1s", "maml-fo", "stride", "tried-strided/omniglot-20w1s-maml-fo"),
+        ("omniglot-20w5s", "maml-fo", "stride", "tried-strided/omniglot-20w5s-maml-fo"),
+        ("omniglot-5w1s", "maml", "stride", "tried-strided/omniglot-5w1s-maml"),
+        ("omniglot-5w5s", "maml", "pool", "omniglot-5w5s-maml-pooled"),
+    ],
 )
-def test_strided_maml_runs_are_the_recipe_with_finn_et_als_learner(
-    preset: str, method: str
+def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
+    preset: str, method: str, learner: str, run: str
 ) -> None:
-    """The committed runs that chose the pooled learner there (compare-recipes/tried-strided/)
-    are the recipe with ``--set METHOD:downsample=stride``, as their README's commands say."""
-    args = ("--preset", preset, "--out", "O", "--set", f"{method}:downsample=stride")
+    """The committed runs on the learner the recipe did not choose are the recipe with ``--set
+    METHOD:downsample=...`` (and the pooled 5-way 5-shot run's 20,000 tasks), as the READMEs'
+    commands say."""
+    args = ["--preset", preset, "--out", "O", "--set", f"{method}:downsample={learner}"]
+    if run.endswith("pooled"):
+        args += ["--train-episodes", "20000"]
     config = method_config(Request.from_args(parse(*args)), method, int)
-    run = f"tried-strided/{preset}-{method}"
     assert config.to_dict() == committed_config(run, method)
+
+
+def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
+    """Finn et al.'s 5-way settings on their strided learner, the recipe's 40,000 tasks."""
+    req = Request.from_args(parse("--preset", "omniglot-5w5s", "--out", "O"))
+    config = method_config(req, "maml", int)
+    assert (config.downsample, config.episodes, config.meta_batch) == ("stride", 40_000, 32)
+    assert config.to_dict() == committed_config("omniglot-5w5s-maml", "maml")
