@@ -47,6 +47,13 @@ def request(*argv: str) -> Request:
     return Request.from_args(parse("--preset", "omniglot-5w1s", "--out", "OUT", *argv))
 
 
+def compare_config(preset: str, method: str, *argv: str) -> Config:
+    """The config ``compare --preset PRESET ARGV`` trains ``method`` with."""
+    return method_config(
+        Request.from_args(parse("--preset", preset, "--out", "O", *argv)), method, int
+    )
+
+
 # -- options -------------------------------------------------------------------------------------
 def test_methods_all_or_a_list_in_table_order() -> None:
     assert request().methods == method_names()
@@ -129,9 +136,7 @@ def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> No
     [("omniglot-5w1s", 60, 5), ("omniglot-20w5s", 60, 5), ("miniimagenet-5w1s", 30, 15)],
 )
 def test_protonet_trains_on_snell_et_al_episodes(preset: str, ways: int, queries: int) -> None:
-    config = method_config(
-        Request.from_args(parse("--preset", preset, "--out", "O")), "protonet", int
-    )
+    config = compare_config(preset, "protonet")
     test = load_preset(preset)
     assert (config.train_ways, config.train_shots, config.q_query) == (ways, test.k_shot, queries)
     # validation and test keep the comparison's episodes
@@ -168,8 +173,7 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
 ) -> None:
     """20-way training episodes take 5 queries per class, 5-way ones the test's 15; the configs
     are the committed runs' (benchmarks/results/compare-recipes/)."""
-    req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    config = method_config(req, method, int)
+    config = compare_config(preset, method)
     assert (config.q_query, config.episodes) == (queries, 20_000)
     if committed is not None:
         assert config.to_dict() == committed_config(committed, method)
@@ -182,8 +186,7 @@ def test_maml_20_way_recipe_reproduces_the_committed_runs(
 ) -> None:
     """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update; second order on
     their strided learner), the committed runs' configs (benchmarks/results/compare-recipes/)."""
-    req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    config = method_config(req, method, int)
+    config = compare_config(preset, method)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
     assert config.downsample == downsample
@@ -203,10 +206,39 @@ def test_maml_20_way_recipe_reproduces_the_committed_runs(
 def test_maml_learner_is_the_one_chosen_on_validation(preset: str, downsample: str) -> None:
     """Second-order MAML on Finn et al.'s strided learner (Sec. 5.2) on Omniglot but 5-way 1-shot;
     first-order MAML and the other methods on the pooled learner (maml.recipe says why)."""
-    req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    assert method_config(req, "maml", int).downsample == downsample
-    assert method_config(req, "maml-fo", int).downsample == "pool"
-    assert method_config(req, "protonet", int).downsample == "pool"
+    assert compare_config(preset, "maml").downsample == downsample
+    assert compare_config(preset, "maml-fo").downsample == "pool"
+    assert compare_config(preset, "protonet").downsample == "pool"
+
+
+STRIDED = ("--set", "maml:downsample=stride")
+STRIDED_FO = ("--set", "maml-fo:downsample=stride")
+POOLED_20K = ("--set", "maml:downsample=pool", "--train-episodes", "20000")
+
+
+@pytest.mark.parametrize(
+    ("preset", "method", "argv", "run"),
+    [
+        ("omniglot-20w1s", "maml-fo", STRIDED_FO, "tried-strided/omniglot-20w1s-maml-fo"),
+        ("omniglot-20w5s", "maml-fo", STRIDED_FO, "tried-strided/omniglot-20w5s-maml-fo"),
+        ("omniglot-5w1s", "maml", STRIDED, "tried-strided/omniglot-5w1s-maml"),
+        ("omniglot-5w5s", "maml", POOLED_20K, "omniglot-5w5s-maml-pooled"),
+    ],
+)
+def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
+    preset: str, method: str, argv: tuple[str, ...], run: str
+) -> None:
+    """The committed runs on the learner the recipe did not choose are the recipe with ``--set
+    METHOD:downsample=...`` (and the pooled 5-way 5-shot run's 20,000 tasks), as the READMEs'
+    commands say."""
+    assert compare_config(preset, method, *argv).to_dict() == committed_config(run, method)
+
+
+def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
+    """Finn et al.'s 5-way settings on their strided learner, the recipe's 40,000 tasks."""
+    config = compare_config("omniglot-5w5s", "maml")
+    assert (config.downsample, config.episodes, config.meta_batch) == ("stride", 40_000, 32)
+    assert config.to_dict() == committed_config("omniglot-5w5s-maml", "maml")
 
 
 @pytest.mark.parametrize(
@@ -224,8 +256,7 @@ def test_finetune_settings_are_chosen_on_as_many_classes_on_every_preset(
     """The fine-tuning grid is scored on 500 validation classes: 100 episodes of 5-way, 25 of
     20-way (whose 5-shot episodes cost four times as much each); the configs are the committed
     runs' (benchmarks/results/compare-recipes/)."""
-    req = Request.from_args(parse("--preset", preset, "--out", "O"))
-    config = method_config(req, "finetune", int)
+    config = compare_config(preset, "finetune")
     assert config.val_episodes * config.n_way == 500
     assert config.val_episodes == (100 if config.n_way == 5 else 25)
     if committed is not None:
@@ -387,39 +418,8 @@ def test_train_method_trains_what_compare_trains(data_env: Path, tmp_path: Path)
     argv = ["train", "--preset", "omniglot-20w1s", "--method", "maml", "--out", str(run)]
     assert cli.main([*argv, "--episodes", "2", "--quiet", *small]) == 0
     saved = Config.from_dict(yaml.safe_load((run / "config.yaml").read_text()))
-    req = Request.from_args(parse("--preset", "omniglot-20w1s", "--out", "O", *small))
-    compared = method_config(req, "maml", int)
+    compared = compare_config("omniglot-20w1s", "maml", *small)
     assert saved == override(compared, {"episodes": 2, "data_root": saved.data_root})
     assert (saved.train_ways, saved.q_query, saved.downsample) == (20, 1, "stride")
     assert saved.to_dict()["settings"]["inner_lr"] == 0.2
     assert cli.main(["train", "--resume", str(run), "--method", "maml"]) == 2  # the run's own
-
-
-@pytest.mark.parametrize(
-    ("preset", "method", "learner", "run"),
-    [
-        ("omniglot-20w1s", "maml-fo", "stride", "tried-strided/omniglot-20w1s-maml-fo"),
-        ("omniglot-20w5s", "maml-fo", "stride", "tried-strided/omniglot-20w5s-maml-fo"),
-        ("omniglot-5w1s", "maml", "stride", "tried-strided/omniglot-5w1s-maml"),
-        ("omniglot-5w5s", "maml", "pool", "omniglot-5w5s-maml-pooled"),
-    ],
-)
-def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
-    preset: str, method: str, learner: str, run: str
-) -> None:
-    """The committed runs on the learner the recipe did not choose are the recipe with ``--set
-    METHOD:downsample=...`` (and the pooled 5-way 5-shot run's 20,000 tasks), as the READMEs'
-    commands say."""
-    args = ["--preset", preset, "--out", "O", "--set", f"{method}:downsample={learner}"]
-    if run.endswith("pooled"):
-        args += ["--train-episodes", "20000"]
-    config = method_config(Request.from_args(parse(*args)), method, int)
-    assert config.to_dict() == committed_config(run, method)
-
-
-def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
-    """Finn et al.'s 5-way settings on their strided learner, the recipe's 40,000 tasks."""
-    req = Request.from_args(parse("--preset", "omniglot-5w5s", "--out", "O"))
-    config = method_config(req, "maml", int)
-    assert (config.downsample, config.episodes, config.meta_batch) == ("stride", 40_000, 32)
-    assert config.to_dict() == committed_config("omniglot-5w5s-maml", "maml")

@@ -21,8 +21,9 @@ from metalstm.checkpoint import save_checkpoint
 from metalstm.cli import main
 from metalstm.config import MAX_LEARNER_SIZE, Config, learner_size
 from metalstm.errors import ConfigError
-from metalstm.learner import Learner, LearnerShape
+from metalstm.learner import Learner
 from metalstm.methods import build_method
+from metalstm.methods.base import learner_shape
 from metalstm.serialization import method_tensors
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
@@ -95,10 +96,7 @@ def test_learner_size_is_the_learners_parameter_count() -> None:
         {"image_size": 84, "downsample": "stride"},
     ):
         config = Config.from_dict(values)
-        shape = LearnerShape(
-            config.channels, config.image_size, config.n_way, config.filters, config.downsample
-        )
-        assert learner_size(config) == Learner(shape).n_params
+        assert learner_size(config) == Learner(learner_shape(config)).n_params
     with pytest.raises(ConfigError, match="more than the"):
         Config.from_dict({"filters": 512, "image_size": 512})
     with pytest.raises(ConfigError, match="downsample"):

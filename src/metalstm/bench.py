@@ -39,9 +39,9 @@ from .distributed import Distributed
 from .errors import ConfigError
 from .files import check_output, output_path, write_file
 from .layers import block_kernels
-from .learner import LearnerShape, conv_flops, conv_sides
+from .learner import DOWNSAMPLING, LearnerShape, conv_flops, conv_sides
 from .methods import build_method
-from .methods.base import Method, accuracy
+from .methods.base import Method, accuracy, learner_shape
 from .methods.metalearner import LSTMSettings, step_kernels
 from .training import meta_gradient
 from .util import resolve_device
@@ -81,7 +81,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--filters", type=int, default=32, help="learner conv filters")
     parser.add_argument(
         "--downsample",
-        choices=("pool", "stride"),
+        choices=tuple(DOWNSAMPLING),
         default="pool",
         help="learner blocks: 2x2 max-pools (the paper's) or stride-2 convolutions (Finn et al.)",
     )
@@ -187,9 +187,7 @@ def lstm_flops(n: int, hidden: int, steps: int, *, backward: bool) -> float:
 
 def episode_flops(config: Config, n: int, batch: int, mode: str) -> float:
     """Estimated FLOPs of one meta-training (``train``) or evaluation (``eval``) episode."""
-    shape = LearnerShape(
-        config.channels, config.image_size, config.n_way, config.filters, config.downsample
-    )
+    shape = learner_shape(config)
     queries = config.n_way * config.q_query
     # Inner loop: T passes on the support batch, each forward and backward (the learner's g_t).
     support = learner_pass_flops(shape, batch, backward=True)

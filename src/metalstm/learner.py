@@ -15,7 +15,7 @@ episode, updated by the support passes), and its scale/shift are part of θ.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -45,8 +45,14 @@ class LearnerShape:
     filters: int
     downsample: str = "pool"  # a key of DOWNSAMPLING
 
+    def __post_init__(self) -> None:
+        if self.downsample not in DOWNSAMPLING:
+            raise ValueError(
+                f"downsample must be one of {', '.join(DOWNSAMPLING)}, not {self.downsample!r}"
+            )
+
     def as_dict(self) -> dict[str, int | str]:
-        return {k: getattr(self, k) for k in (*LearnerShape.__dataclass_fields__,)}
+        return asdict(self)
 
 
 class Block(nn.Module):
@@ -98,10 +104,6 @@ class ConvNet(nn.Module):
 
     def __init__(self, shape: LearnerShape, bn_momentum: float = 0.9, bn_eps: float = 1e-5) -> None:
         super().__init__()
-        if shape.downsample not in DOWNSAMPLING:
-            raise ValueError(
-                f"downsample must be one of {', '.join(DOWNSAMPLING)}, not {shape.downsample!r}"
-            )
         channels = [shape.channels] + [shape.filters] * 4
         self.pool = shape.downsample == "pool"
         self.blocks = nn.ModuleList(

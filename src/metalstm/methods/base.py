@@ -302,10 +302,10 @@ class InnerLoopMethod(Method):
                 value.lerp_(bn[name].to(value), rate.to(value))
 
 
-def learner_shape(config: Config) -> LearnerShape:
-    return LearnerShape(
-        config.channels, config.image_size, config.n_way, config.filters, config.downsample
-    )
+def learner_shape(config: Config, n_way: int | None = None) -> LearnerShape:
+    """The learner ``config`` describes, with ``n_way`` outputs (default: the config's N)."""
+    ways = config.n_way if n_way is None else n_way
+    return LearnerShape(config.channels, config.image_size, ways, config.filters, config.downsample)
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:

@@ -34,12 +34,11 @@ from ..errors import ConfigError
 from ..learner import (
     BatchNormState,
     Learner,
-    LearnerShape,
     batchnorm_buffers,
     register_batchnorm_buffers,
 )
 from ..registry import BatchSettings
-from .base import EpisodeLoss, Method, accuracy
+from .base import EpisodeLoss, Method, accuracy, learner_shape
 
 PRETRAIN_BN_MOMENTUM = 0.1
 """Weight of each mini-batch in the pre-trained network's running statistics."""
@@ -108,10 +107,7 @@ class PretrainedClassifier(Method):
                 f"pretrain_classes={classes} is not resolved; the Trainer sets it "
                 "to the number of training classes, or set it with --set pretrain_classes=C"
             )
-        shape = LearnerShape(
-            config.channels, config.image_size, classes, config.filters, config.downsample
-        )
-        self.network = Learner(shape, PRETRAIN_BN_MOMENTUM, config.bn_eps)
+        self.network = Learner(learner_shape(config, classes), PRETRAIN_BN_MOMENTUM, config.bn_eps)
         self.theta = nn.Parameter(self.network.initial_theta())  # θ of the C-way network
         self.n_body = sum(
             size
