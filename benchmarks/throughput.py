@@ -15,8 +15,10 @@ a fresh process through ``python -m metalstm bench``:
 - ``28rgb-5w1s``:  28x28 RGB, 5-way 1-shot, T = 12 on 5;
 
 and ``omniglot-eval600``: evaluation of the 600 fixed Omniglot 5-way 1-shot test episodes (real
-images, $METALSTM_DATA) by a freshly built model of the ``omniglot-5w1s`` preset, timed end to
-end as ``metalstm evaluate`` runs them (skipped when the data is missing).
+images, $METALSTM_DATA; 15 queries per class, as ``metalstm evaluate`` draws them: before
+session 19 this workload drew the preset's 5 training queries) by a freshly built model of the
+``omniglot-5w1s`` preset, timed end to end as ``metalstm evaluate`` runs them (skipped when the
+data is missing).
 
 Prints one Markdown table of medians over the repeats (seconds per episode for meta-training,
 seconds for the 600 evaluation episodes) with the spread (min-max), two floors
@@ -144,7 +146,9 @@ from metalstm.methods.metalearner import step_kernels
 from metalstm.util import resolve_device
 
 keep_freed_memory()  # as every metalstm command does
-config = override(load_preset("omniglot-5w1s"), {"device": sys.argv[1]})
+preset = load_preset("omniglot-5w1s")
+# the test episodes as `metalstm evaluate` draws them: eval_queries (15) queries per class
+config = override(preset, {"device": sys.argv[1], "q_query": preset.eval_queries})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)
 device = resolve_device(config.device)

@@ -30,10 +30,10 @@ MAX_HIDDEN = 64  # the source's MAX_H: larger hidden sizes run the eager kernels
 _HEAD = (ctypes.c_long, ctypes.c_long, ctypes.c_int)  # n, H, threads
 SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
-    constants=(("metalstm_native_abi", 2), ("metalstm_native_max_hidden", MAX_HIDDEN)),
+    constants=(("metalstm_native_abi", 3), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
-        ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 17)),
-        ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 27)),
+        ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 15)),
+        ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 25)),
     ),
 )
 
@@ -77,12 +77,11 @@ def step_forward(
     keep: bool = True,
 ) -> tuple[Tensor, ...]:
     """:func:`.kernels.step_forward` fused: the step's five outputs, then what
-    :func:`step_backward` needs: the eager kernels' ``saved`` but for layer 1's input x [2 + H, n],
-    which is not written (the features and h it is made of are inputs, kept anyway). (Recomputing
-    tanh c_t in the backward instead of keeping it was tried: it cost the backward more than it
-    saved the forward.) ``keep=False`` (evaluation) returns only the five outputs, and nothing
-    is written for a backward.
-    Other dtypes and devices, and large hidden sizes, run the eager kernels."""
+    :func:`step_backward` needs: the step's inputs and layer 2's gates, nothing written for it
+    (the backward computes layer 1's gate activations, c_t, tanh c_t and h_t again from the
+    inputs, where the eager kernels keep [6H + 2, n] more per step). ``keep=False`` (evaluation)
+    returns only the five outputs. Other dtypes and devices, and large hidden sizes, run the
+    eager kernels."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not applies(*inputs) or hidden > MAX_HIDDEN:
         out = kernels.step_forward(hidden, *inputs)
@@ -90,26 +89,19 @@ def step_forward(
     pointers = [t.detach().contiguous() for t in inputs]  # alive through the call; some are saved
     n = theta.shape[0]
     empty = theta.new_empty
-    theta_new, logits, h_new, c_new, gates = (
-        empty(n),
-        empty(2, n),
-        empty(hidden, n),
-        empty(hidden, n),
-        empty(2, n),
-    )
-    acts, tanh_c = (empty(4 * hidden, n), empty(hidden, n)) if keep else (None, None)
+    outputs = (empty(n), empty(2, n), empty(hidden, n), empty(hidden, n), empty(2, n))
     library().metalstm_step_forward(
         n,
         hidden,
         torch.get_num_threads(),
         *(t.data_ptr() for t in pointers),
-        *(_ptr(t) for t in (theta_new, logits, h_new, c_new, gates, acts, tanh_c)),
+        *(t.data_ptr() for t in outputs),
     )
-    if acts is None or tanh_c is None:
-        return theta_new, logits, h_new, c_new, gates
-    features, h, c, theta, prev_logits, grad, weight, _, gate_weight, _ = pointers
-    saved = (features, h, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c)
-    return theta_new, logits, h_new, c_new, gates, *saved, gates, h_new
+    if not keep:
+        return outputs
+    features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, _ = pointers
+    gates = outputs[4]
+    return (*outputs, features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gates)
 
 
 def step_backward(
@@ -127,7 +119,7 @@ def step_backward(
     grads = (d_theta, d_logits, d_h, d_c, d_gates)
     if not applies(*saved, *grads) or hidden > MAX_HIDDEN:  # as step_forward: eager's saved
         return kernels.step_backward(hidden, saved, *grads, need_inputs)
-    features, h, c, theta, prev_logits, grad, weight, gate_weight, acts, tanh_c, gates, h_new = (
+    features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gates = (
         t.detach().contiguous() for t in saved
     )
     incoming = [None if t is None else t.contiguous() for t in grads]
@@ -152,8 +144,8 @@ def step_backward(
         n,
         hidden,
         torch.get_num_threads(),
-        *(t.data_ptr() for t in (features, h, c, theta, prev_logits, grad, weight)),
-        *(t.data_ptr() for t in (gate_weight, acts, tanh_c, gates, h_new)),
+        *(t.data_ptr() for t in (features, h, c, theta, prev_logits, grad, weight, bias)),
+        *(t.data_ptr() for t in (gate_weight, gates)),
         *(_ptr(t) for t in incoming),
         *(_ptr(t) for t in outputs),
     )

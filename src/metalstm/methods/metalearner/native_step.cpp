@@ -5,6 +5,12 @@
 // row-major, coordinates contiguous; 16 coordinates per vector (GCC vector extensions: AVX-512,
 // or two AVX2 halves). Built and loaded by native.py (optional: needs a C++ compiler).
 //
+// The forward writes nothing for the backward beyond the step's outputs: the backward computes
+// layer 1's gate activations, c_t, tanh c_t and h_t again from the step's inputs. That is about
+// 5,000 vector operations per 16 coordinates where reading back the 5H values per coordinate
+// the forward would have written (after the learner's passes have evicted them from cache)
+// took longer, and T steps of them are not held in memory through an episode.
+//
 // Determinism: the only sums over coordinates (the parameter gradients) are taken per block of
 // BLOCK coordinates and the block sums added in block order, so the result does not depend on
 // the number of threads.
@@ -79,20 +85,42 @@ inline vf reciprocal(vf d) {
 
 inline vf vsigmoid(vf x) { return reciprocal(1.0f + vexp(-x)); }
 
-// tanh(x) for float32, Cephes' tanhf: an odd polynomial below |x| = 0.625, 1 − 2 / (e^2|x| + 1)
-// above, so small arguments keep their relative precision.
+// e^r − 1 for |r| ≤ ln2 / 2: its Taylor series to r^7 (truncation below 2^-25 relative).
+inline vf expm1_polynomial(vf r) {
+  vf p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  return p * r;
+}
+
+// tanh(x) = e / (e + 2) with e = e^2x − 1, one branch-free formula: e^2x − 1 = 2^k (e^r − 1) +
+// (2^k − 1), k = round(2x / ln 2), keeps small arguments' relative precision (k = 0 there), and
+// 2x is clamped to ±20, beyond which tanh rounds to ±1 in float32.
 inline vf vtanh(vf x) {
-  vf a = x < 0.0f ? -x : x;
-  vf z = x * x;
-  vf p = splat(-5.70498872745e-3f);
-  p = p * z + 2.06390887954e-2f;
-  p = p * z - 5.37397155531e-2f;
-  p = p * z + 1.33314422036e-1f;
-  p = p * z - 3.33332819422e-1f;
-  vf small = p * z * x + x;
-  vf big = 1.0f - 2.0f * reciprocal(vexp(a + a) + 1.0f);
-  big = x < 0.0f ? -big : big;
-  return a < 0.625f ? small : big;
+  vf y = x + x;
+  y = y < 20.0f ? y : splat(20.0f);
+  y = y > -20.0f ? y : splat(-20.0f);
+#if defined(__AVX512F__)
+  vf k = _mm512_roundscale_ps(y * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = y - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  vf scale = _mm512_scalef_ps(splat(1.0f), k);
+#else
+  vf fx = y * 1.44269504088896341f + 0.5f;
+  vf tf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // toward zero
+  vf k = tf > fx ? tf - 1.0f : tf;                                       // floor(y / ln2 + 1/2)
+  vf r = y - k * 0.693359375f;
+  r = r - k * -2.12194440e-4f;
+  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+#endif
+  vf e = scale * expm1_polynomial(r) + (scale - 1.0f);
+  return e * reciprocal(e + 2.0f);
 }
 
 typedef float vf8 __attribute__((vector_size(32)));
@@ -173,28 +201,18 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
 // -- forward --------------------------------------------------------------------------------------
 
 enum FwdIn { F_FEATURES, F_H, F_C, F_THETA, F_PREV, F_GRAD, F_NIN };
-enum FwdOut { F_THETA_NEW, F_LOGITS, F_H_NEW, F_C_NEW, F_GATES, F_ACTS, F_TANH_C, F_NOUT };
+enum FwdOut { F_THETA_NEW, F_LOGITS, F_H_NEW, F_C_NEW, F_GATES, F_NOUT };
 
-struct FwdParams {
+struct Params {
   long H;
   const float *W, *b, *W2, *b2;  // [4H, 2 + H], [4H], [2, H + 2], [2]
 };
 
-// One vector of coordinates (columns j .. j + 15 of rows with stride s) through the whole step.
-void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (&out)[F_NOUT],
-                    long s, long j) {
-  // Local copies of the pointers: stores through float* cannot change them, so they
-  // stay in registers.
-  const float* ip[F_NIN];
-  float* op[F_NOUT];
-  for (long t = 0; t < F_NIN; t++) ip[t] = in[t].p;
-  for (long t = 0; t < F_NOUT; t++) op[t] = out[t].p;
+// Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of one vector
+// of coordinates, from its input x = [features; h] [2 + H]: the pre-activations eight rows at a
+// time (independent FMA chains), then four (4H is a multiple of 4).
+void layer1_gates(const Params& P, const vf* x, vf* act) {
   const long H = P.H, X = 2 + H, R = 4 * H;
-  vf x[2 + MAX_H], act[4 * MAX_H];
-  for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
-  for (long k = 0; k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
-  // Layer 1 pre-activations z = W x + b, eight rows at a time (independent FMA chains), then
-  // four (R is a multiple of 4).
   long r = 0;
   for (; r + 8 <= R; r += 8) {
     const float* w = P.W + r * X;
@@ -217,17 +235,29 @@ void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (
   }
   for (long r = 0; r < 3 * H; r++) act[r] = vsigmoid(act[r]);  // i, f, o
   for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);     // g
-  if (op[F_ACTS])
-    for (long r = 0; r < R; r++) st(op[F_ACTS] + r * s + j, act[r]);
+}
+
+// One vector of coordinates (columns j .. j + 15 of rows with stride s) through the whole step.
+void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&out)[F_NOUT],
+                    long s, long j) {
+  // Local copies of the pointers: stores through float* cannot change them, so they
+  // stay in registers.
+  const float* ip[F_NIN];
+  float* op[F_NOUT];
+  for (long t = 0; t < F_NIN; t++) ip[t] = in[t].p;
+  for (long t = 0; t < F_NOUT; t++) op[t] = out[t].p;
+  const long H = P.H, X = 2 + H;
+  vf x[2 + MAX_H], act[4 * MAX_H];
+  for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
+  for (long k = 0; k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
+  layer1_gates(P, x, act);
   // c_t = f ⊙ c_{t-1} + i ⊙ g, h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
   vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
   for (long k = 0; k < H; k++) {
     vf cn = act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k];
-    vf tc = vtanh(cn);
-    vf hn = act[2 * H + k] * tc;
+    vf hn = act[2 * H + k] * vtanh(cn);
     st(op[F_C_NEW] + k * s + j, cn);
     st(op[F_H_NEW] + k * s + j, hn);
-    if (op[F_TANH_C]) st(op[F_TANH_C] + k * s + j, tc);
     l0 += P.W2[k] * hn;
     l1 += P.W2[X + k] * hn;
   }
@@ -245,16 +275,11 @@ void forward_vector(const FwdParams& P, const Rows (&in)[F_NIN], const OutRows (
 // -- backward -------------------------------------------------------------------------------------
 
 enum BwdIn {
-  B_FEATURES, B_H, B_C, B_THETA, B_PREV, B_GRAD, B_ACTS, B_TANH_C, B_GATES, B_H_NEW,
+  B_FEATURES, B_H, B_C, B_THETA, B_PREV, B_GRAD, B_GATES,
   B_D_THETA, B_D_LOGITS, B_D_H, B_D_C, B_D_GATES, B_NIN
 };
 enum BwdOut { B_D_FEATURES, B_D_H_PREV, B_D_C_PREV, B_D_THETA_PREV, B_D_PREV_LOGITS, B_D_GRAD, B_NOUT };
 
-struct BwdParams {
-  long H;
-  const float *W, *W2;  // [4H, 2 + H], [2, H + 2]
-  bool need_params;
-};
 
 // One thread's sums over the vectors of one block (per lane), and the block's ∂z and x columns
 // for the weight gradient.
@@ -269,8 +294,8 @@ struct BlockSums {
   }
 };
 
-void backward_vector(const BwdParams& P, const Rows (&in)[B_NIN], const OutRows (&out)[B_NOUT],
-                     long s, long j, BlockSums& sums, long column) {
+void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
+                     const OutRows (&out)[B_NOUT], long s, long j, BlockSums& sums, long column) {
   // Local copies of the pointers: stores through float* cannot change them, so they
   // stay in registers.
   const float* ip[B_NIN];
@@ -296,33 +321,37 @@ void backward_vector(const BwdParams& P, const Rows (&in)[B_NIN], const OutRows 
   st(op[B_D_PREV_LOGITS] + j, dl0 * W2[H + 1]);
   st(op[B_D_PREV_LOGITS] + s + j, dl1 * W2[X + H + 1]);
   if (op[B_D_GRAD]) st(op[B_D_GRAD] + j, -(d_theta * g1));
-  if (P.need_params) {
+  if (need_params) {
     vf p0 = row(B_PREV, 0), p1 = row(B_PREV, 1);
-    for (long k = 0; k < H; k++) {
-      vf hn = row(B_H_NEW, k);
-      sum_W2[k] += dl0 * hn;
-      sum_W2[X + k] += dl1 * hn;
-    }
     sum_W2[H] += dl0 * theta, sum_W2[X + H] += dl1 * theta;
     sum_W2[H + 1] += dl0 * p0, sum_W2[X + H + 1] += dl1 * p1;
     sum_b2[0] += dl0, sum_b2[1] += dl1;
   }
-  // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b).
-  vf dz[4 * MAX_H];
+  // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b),
+  // computed again from the step's inputs (x = [features; h], c_{t-1}).
+  vf x[2 + MAX_H], act[4 * MAX_H], dz[4 * MAX_H];
+  for (long k = 0; k < 2; k++) x[k] = row(B_FEATURES, k);
+  for (long k = 0; k < H; k++) x[2 + k] = row(B_H, k);
+  layer1_gates(P, x, act);
   for (long k = 0; k < H; k++) {
+    vf i = act[k], f = act[H + k], o = act[2 * H + k], g = act[3 * H + k], c = row(B_C, k);
+    vf tc = vtanh(f * c + i * g);  // tanh c_t
+    if (need_params) {             // layer 2 read h_t = o ⊙ tanh c_t
+      vf hn = o * tc;
+      sum_W2[k] += dl0 * hn;
+      sum_W2[X + k] += dl1 * hn;
+    }
     vf d_hn = W2[k] * dl0 + W2[X + k] * dl1;
     if (ip[B_D_H]) d_hn += row(B_D_H, k);
-    vf i = row(B_ACTS, k), f = row(B_ACTS, H + k), o = row(B_ACTS, 2 * H + k);
-    vf g = row(B_ACTS, 3 * H + k), tc = row(B_TANH_C, k);
     vf d_cn = d_hn * o * (1.0f - tc * tc);
     if (ip[B_D_C]) d_cn += row(B_D_C, k);
     dz[k] = d_cn * g * (i - i * i);
-    dz[H + k] = d_cn * row(B_C, k) * (f - f * f);
+    dz[H + k] = d_cn * c * (f - f * f);
     dz[2 * H + k] = d_hn * tc * (o - o * o);
     dz[3 * H + k] = d_cn * i * (1.0f - g * g);
     st(op[B_D_C_PREV] + k * s + j, d_cn * f);
   }
-  if (P.need_params) {
+  if (need_params) {
     for (long r = 0; r < R; r++) {
       sum_b[r] += dz[r];
       st(sum_dz + r * PITCH + column, dz[r]);
@@ -397,20 +426,19 @@ BlockSums& thread_sums(long H) {
 
 extern "C" {
 
-int metalstm_native_abi() { return 2; }
+int metalstm_native_abi() { return 3; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
-// The native kernels' step_forward; outputs acts and tanh_c may be null (evaluation: nothing
-// kept). Layer 1's input x = [features; h] is not written: the backward reads the inputs.
+// The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
+// what it needs again from the inputs).
 void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
                            const float* c, const float* theta, const float* prev_logits,
                            const float* grad, const float* W, const float* b, const float* W2,
                            const float* b2, float* theta_new, float* logits, float* h_new,
-                           float* c_new, float* gates, float* acts, float* tanh_c) {
-  const FwdParams P{H, W, b, W2, b2};
+                           float* c_new, float* gates) {
+  const Params P{H, W, b, W2, b2};
   const Rows in[F_NIN] = {{features, 2}, {h, H}, {c, H}, {theta, 1}, {prev_logits, 2}, {grad, 1}};
-  const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H},
-                               {gates, 2},     {acts, 4 * H}, {tanh_c, H}};
+  const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H}, {gates, 2}};
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
@@ -427,34 +455,32 @@ void metalstm_step_forward(long n, long H, int threads, const float* features, c
   }
 }
 
-// The native kernels' step_backward: from the step's inputs (layer 1's input x = [features; h])
-// and what the forward kept. Null inputs: gradients not flowing (d_logits, d_h, d_c,
-// d_gates); null outputs: not wanted (d_features and d_grad together; d_W, d_b, d_W2, d_b2
-// together).
+// The native kernels' step_backward: from the step's inputs (layer 1's input x = [features; h]
+// and c_{t-1}, from which it computes the gate activations again) and layer 2's gates. Null
+// inputs: gradients not flowing (d_logits, d_h, d_c, d_gates); null outputs: not wanted
+// (d_features and d_grad together; d_W, d_b, d_W2, d_b2 together).
 void metalstm_step_backward(long n, long H, int threads, const float* features, const float* h,
                             const float* c, const float* theta, const float* prev_logits,
-                            const float* grad, const float* W, const float* W2,
-                            const float* acts, const float* tanh_c, const float* gates,
-                            const float* h_new,
-                            const float* d_theta, const float* d_logits, const float* d_h,
-                            const float* d_c, const float* d_gates, float* d_features,
-                            float* d_h_prev, float* d_c_prev, float* d_theta_prev,
-                            float* d_prev_logits, float* d_grad, float* d_W, float* d_b,
-                            float* d_W2, float* d_b2) {
+                            const float* grad, const float* W, const float* b, const float* W2,
+                            const float* gates, const float* d_theta, const float* d_logits,
+                            const float* d_h, const float* d_c, const float* d_gates,
+                            float* d_features, float* d_h_prev, float* d_c_prev,
+                            float* d_theta_prev, float* d_prev_logits, float* d_grad, float* d_W,
+                            float* d_b, float* d_W2, float* d_b2) {
   const long X = 2 + H, R = 4 * H, blocks = blocks_of(n);
-  const BwdParams P{H, W, W2, d_W != nullptr};
+  const Params P{H, W, b, W2, nullptr};
+  const bool need_params = d_W != nullptr;
   // features and h first and in this order: their block copies are then the rows of x.
-  const Rows in[B_NIN] = {{features, 2},    {h, H},      {c, H},        {theta, 1},
-                          {prev_logits, 2}, {grad, 1},   {acts, R},     {tanh_c, H},
-                          {gates, 2},       {h_new, H},  {d_theta, 1},  {d_logits, 2},
-                          {d_h, H},         {d_c, H},    {d_gates, 2}};
+  const Rows in[B_NIN] = {{features, 2},    {h, H},       {c, H},       {theta, 1},
+                          {prev_logits, 2}, {grad, 1},    {gates, 2},   {d_theta, 1},
+                          {d_logits, 2},    {d_h, H},     {d_c, H},     {d_gates, 2}};
   const OutRows out[B_NOUT] = {{d_features, 2},   {d_h_prev, H},     {d_c_prev, H},
                                {d_theta_prev, 1}, {d_prev_logits, 2}, {d_grad, 1}};
   // Per block: ∂W, ∂b, ∂W2, ∂b2, summed over the block's coordinates.
   const long per_block = R * X + R + 2 * X + 2;
   // (the calling thread's; worker threads reach it through `partial_sums` only)
   static thread_local std::vector<float> partial;
-  if (P.need_params) partial.resize(std::max<std::size_t>(partial.size(), blocks * per_block));
+  if (need_params) partial.resize(std::max<std::size_t>(partial.size(), blocks * per_block));
   float* const partial_sums = partial.data();
 #pragma omp parallel num_threads(threads)
   {
@@ -469,10 +495,10 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
       run_block(
           in, out, n, j, count, buffer,
           [&](auto& i, auto& o, long pitch, long column) {
-            backward_vector(P, i, o, pitch, column, sums, column);
+            backward_vector(P, need_params, i, o, pitch, column, sums, column);
           },
           [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
-            if (!P.need_params) return;
+            if (!need_params) return;
             float* part = partial_sums + blk * per_block;
             block_weight_gradient(H, sums, i[B_FEATURES].p, pitch, columns, part);
             for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
@@ -481,7 +507,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
           });
     }
   }
-  if (!P.need_params) return;
+  if (!need_params) return;
   // Block sums added in block order: the same result for any number of threads.
   std::vector<float> total(per_block, 0.0f);
   for (long blk = 0; blk < blocks; blk++)
