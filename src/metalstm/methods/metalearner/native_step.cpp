@@ -50,26 +50,40 @@ inline vf exp_polynomial(vf r) {
   return y * z + r + 1.0f;
 }
 
-inline vf vexp(vf x) {
-  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
-  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+// Range reduction for e^x = 2^k e^r: k = round(x / ln 2) as a float, and r = x − k ln 2
+// (|r| ≤ ln2 / 2), with ln 2 in two parts.
+inline vf round_log2(vf x) {
 #if defined(__AVX512F__)
-  // AVX-512: round and scale by 2^k in one instruction each.
-  vf k = _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  return _mm512_scalef_ps(exp_polynomial(r), k);
+  return _mm512_roundscale_ps(x * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
 #else
   vf fx = x * 1.44269504088896341f + 0.5f;
   vf tf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // toward zero
-  vf k = tf > fx ? tf - 1.0f : tf;                                       // floor(x / ln2 + 1/2)
+  return tf > fx ? tf - 1.0f : tf;                                       // floor(x / ln2 + 1/2)
+#endif
+}
+
+inline vf reduced(vf x, vf k) {
   vf r = x - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
+  return r - k * -2.12194440e-4f;
+}
+
+// p · 2^k for integer-valued k (AVX-512: one instruction).
+inline vf times_pow2(vf p, vf k) {
+#if defined(__AVX512F__)
+  return _mm512_scalef_ps(p, k);
+#else
   vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof scale);
-  return exp_polynomial(r) * scale;
+  return p * scale;
 #endif
+}
+
+inline vf vexp(vf x) {
+  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
+  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+  vf k = round_log2(x);
+  return times_pow2(exp_polynomial(reduced(x, k)), k);
 }
 
 // 1 / d: on AVX-512 the 14-bit estimate and one Newton step (about 1 ulp, a few cycles where a
@@ -104,22 +118,8 @@ inline vf vtanh(vf x) {
   vf y = x + x;
   y = y < 20.0f ? y : splat(20.0f);
   y = y > -20.0f ? y : splat(-20.0f);
-#if defined(__AVX512F__)
-  vf k = _mm512_roundscale_ps(y * 1.44269504088896341f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  vf r = y - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  vf scale = _mm512_scalef_ps(splat(1.0f), k);
-#else
-  vf fx = y * 1.44269504088896341f + 0.5f;
-  vf tf = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);  // toward zero
-  vf k = tf > fx ? tf - 1.0f : tf;                                       // floor(y / ln2 + 1/2)
-  vf r = y - k * 0.693359375f;
-  r = r - k * -2.12194440e-4f;
-  vi bits = (__builtin_convertvector(k, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-#endif
-  vf e = scale * expm1_polynomial(r) + (scale - 1.0f);
+  vf k = round_log2(y), scale = times_pow2(splat(1.0f), k);
+  vf e = scale * expm1_polynomial(reduced(y, k)) + (scale - 1.0f);
   return e * reciprocal(e + 2.0f);
 }
 
