@@ -4,7 +4,7 @@ Usage::
 
     python benchmarks/throughput.py [--repeats 3] [--episodes 10] [--warmup 2] [--device auto]
                                     [--only NAME ...] [--compile] [--kernels native eager]
-                                    [--json FILE]
+                                    [--batches 1 8] [--json FILE]
 
 Meta-training workloads (synthetic images, first-order, 32 filters, 15 queries per class), each in
 a fresh process through ``python -m metalstm bench``:
@@ -36,8 +36,12 @@ and the median's ratio to the larger floor, whose target is 2.5 (issue 21). ``--
 eager`` runs every workload with both kinds of kernels (the native ones for the meta-learner's
 step and the learner blocks' batch norm, max-pool and ReLU, the library's default where a C++
 compiler exists, and the eager PyTorch ones; ``native-step``: the step's native kernels only),
-interleaved, and prints one table for each: a before/after comparison within one run. The last
-line names the CPU and its measured rates: timings compare only within one run on one machine.
+interleaved, and prints one table for each: a before/after comparison within one run.
+``--batches 1 8`` runs every workload in batches of episodes too (the meta-training workloads as
+meta-batches of B episodes that run as one batched pass of the learner, ``--meta-batch B
+--episode-batch B``; the evaluation B test episodes at a time, ``episode_batch``; issue 21 allows
+up to 8 when reported), interleaved, one table per batch size. The last line names the CPU and
+its measured rates: timings compare only within one run on one machine.
 """
 
 from __future__ import annotations
@@ -73,8 +77,9 @@ def kernel_env(kernels: str) -> dict[str, str]:
     return {**os.environ, "METALSTM_NATIVE": KERNELS[kernels]}
 
 
-def run_train(name: str, args: argparse.Namespace, kernels: str) -> dict[str, Any]:
-    """One ``metalstm.bench`` run of a meta-training workload in a fresh process."""
+def run_train(name: str, args: argparse.Namespace, kernels: str, batch: int) -> dict[str, Any]:
+    """One ``metalstm.bench`` run of a meta-training workload in a fresh process, in
+    meta-batches of ``batch`` episodes run as one batched pass."""
     command = [
         sys.executable,
         "-m",
@@ -88,6 +93,10 @@ def run_train(name: str, args: argparse.Namespace, kernels: str) -> dict[str, An
         "--device",
         args.device,
         "--compile" if args.compile else "--no-compile",
+        "--meta-batch",
+        str(batch),
+        "--episode-batch",
+        str(batch),
         "--json",
     ]
     env = kernel_env(kernels)
@@ -148,7 +157,8 @@ from metalstm.util import resolve_device
 keep_freed_memory()  # as every metalstm command does
 preset = load_preset("omniglot-5w1s")
 # the test episodes as `metalstm evaluate` draws them: eval_queries (15) queries per class
-config = override(preset, {"device": sys.argv[1], "q_query": preset.eval_queries})
+config = override(preset, {"device": sys.argv[1], "q_query": preset.eval_queries,
+                           "episode_batch": int(sys.argv[2])})
 data = load_split("omniglot", config.split, "test", image_size=28, channels=1)
 sampler = EpisodeSampler(data, config.n_way, config.k_shot, config.q_query, config.test_seed)
 device = resolve_device(config.device)
@@ -162,16 +172,19 @@ gflop = episode_flops(config, n, config.n_way * config.k_shot, "eval") / 1e9
 print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": accuracy,
                   "gflop_per_episode": gflop, "gflops": 600 * gflop / seconds,
                   "settings": {"mode": "eval", "steps": config.settings.eval_steps,
+                               "episode_batch": config.episode_batch,
                                "learner_params": n, "hidden": config.settings.hidden_size,
                                "step_kernels": step_kernels(config.compile, device,
                                                             torch.float32),
-                               "block_kernels": block_kernels(device, config.filters)}}))
+                               "block_kernels": block_kernels(
+                                   device, config.filters * config.episode_batch)}}))
 """
 
 
-def run_eval(args: argparse.Namespace, kernels: str) -> dict[str, Any]:
-    """Evaluation of the 600 Omniglot test episodes in a fresh process (data loading untimed)."""
-    command = [sys.executable, "-c", EVAL_SCRIPT, args.device]
+def run_eval(args: argparse.Namespace, kernels: str, batch: int) -> dict[str, Any]:
+    """Evaluation of the 600 Omniglot test episodes in a fresh process (data loading untimed),
+    ``batch`` episodes at a time."""
+    command = [sys.executable, "-c", EVAL_SCRIPT, args.device, str(batch)]
     env = kernel_env(kernels)
     out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -207,36 +220,52 @@ def main() -> int:
         "interleaved, one table "
         "per kernel (default: native, the library's default; eager where it is unavailable)",
     )
+    parser.add_argument(
+        "--batches",
+        nargs="+",
+        type=int,
+        default=[1],
+        help="episodes per batched pass (meta-training: meta-batches of that many; evaluation: "
+        "test episodes at a time); several: each workload with each, interleaved, one table "
+        "per size (default: 1)",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="write every run's figures")
     args = parser.parse_args()
     names = args.only or [*TRAIN_WORKLOADS, "omniglot-eval600"]
-    runs = {kernels: {name: [] for name in names} for kernels in args.kernels}
+    variants = [(kernels, batch) for kernels in args.kernels for batch in args.batches]
+    runs = {variant: {name: [] for name in names} for variant in variants}
     machine: list[dict[str, Any]] = []
     for repeat in range(args.repeats):  # workloads interleaved: slow drifts hit all alike
         if args.device in ("auto", "cpu"):
             machine.append(run_machine())
             print(f"[{repeat + 1}/{args.repeats}] machine: {machine[-1]}", file=sys.stderr)
         for name in names:
-            for kernels in args.kernels:
+            for kernels, batch in variants:
                 if name == "omniglot-eval600":
                     if not have_omniglot():
                         print(
                             "omniglot-eval600: no Omniglot data; set METALSTM_DATA", file=sys.stderr
                         )
                         continue
-                    runs[kernels][name].append(run_eval(args, kernels))
+                    runs[kernels, batch][name].append(run_eval(args, kernels, batch))
                 else:
-                    runs[kernels][name].append(run_train(name, args, kernels))
-                last = runs[kernels][name][-1]
+                    runs[kernels, batch][name].append(run_train(name, args, kernels, batch))
+                last = runs[kernels, batch][name][-1]
                 figure = last.get("s_per_episode", last.get("seconds"))
                 print(
-                    f"[{repeat + 1}/{args.repeats}] {name} ({kernels}): {figure:.4f}",
+                    f"[{repeat + 1}/{args.repeats}] {name} ({kernels}, batch {batch}): "
+                    f"{figure:.4f}",
                     file=sys.stderr,
                 )
     rates = {key: statistics.median(m[key] for m in machine) for key in (machine or [{}])[0]}
-    print("\n\n".join(table(workloads, rates) for workloads in runs.values()))
+    tables = [
+        f"Kernels: {kernels}; episodes per batched pass: {batch}.\n\n{table(workloads, rates)}"
+        for (kernels, batch), workloads in runs.items()
+    ]
+    print("\n\n".join(tables))
     if args.json is not None:
-        args.json.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
+        labelled = {f"{kernels}, batch {batch}": r for (kernels, batch), r in runs.items()}
+        args.json.write_text(json.dumps({"machine": machine, "runs": labelled}, indent=2) + "\n")
     return 0
 
 

@@ -75,6 +75,28 @@ def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -
     assert_same_run(single, resumed)
 
 
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_batches_of_episodes(
+    data_root: Path, tmp_path: Path
+) -> None:
+    """With ``episode_batch`` 2 each rank's share of the meta-batch (2 episodes) is one batched
+    item, and validation's episodes go in blocks of 2 to the ranks: the same bits as one process,
+    whose items are the same pairs."""
+    env = {
+        **os.environ,
+        "METALSTM_DATA": str(data_root),
+        "METALSTM_CACHE": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+    }
+    tiny = [*TINY, "--set", "episode_batch=2", "--set", "filters=8"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    single, double = tmp_path / "single", tmp_path / "double"
+    run([sys.executable, "-m", "metalstm", "train", "--out", str(single), *tiny], env)
+    run([*torchrun, "-m", "metalstm", "train", "--out", str(double), *tiny], env)
+    assert_same_run(single, double)
+
+
 LEAVE_GROUP = """
 import os, sys, torch
 from metalstm.distributed import Distributed

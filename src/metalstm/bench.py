@@ -37,13 +37,14 @@ from .config import Config, override
 from .data import Episode
 from .distributed import Distributed
 from .errors import ConfigError
+from .evaluation import score_episodes
 from .files import check_output, output_path, write_file
 from .layers import block_kernels
 from .learner import DOWNSAMPLING, LearnerShape, conv_flops, conv_sides
 from .methods import build_method
-from .methods.base import Method, accuracy, learner_shape
+from .methods.base import Method, learner_shape
 from .methods.metalearner import LSTMSettings, step_kernels
-from .training import meta_gradient
+from .training import episode_items, meta_gradient
 from .util import resolve_device
 
 
@@ -86,6 +87,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="learner blocks: 2x2 max-pools (the paper's) or stride-2 convolutions (Finn et al.)",
     )
     parser.add_argument("--meta-batch", type=int, default=1, help="episodes per meta-update")
+    parser.add_argument(
+        "--episode-batch",
+        type=int,
+        default=1,
+        help="episodes run as one batched pass of the learner (meta-training: groups of the "
+        "meta-batch; --mode eval: episodes per timed call; default 1)",
+    )
     parser.add_argument("--episodes", type=int, default=20, help="timed episodes (default 20)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed episodes first (default 2)")
     parser.add_argument(
@@ -120,6 +128,7 @@ def bench_config(args: argparse.Namespace) -> Config:
         "filters": args.filters,
         "downsample": args.downsample,
         "meta_batch": args.meta_batch,
+        "episode_batch": args.episode_batch,
         "second_order": args.second_order,
         "device": args.device,
         "seed": args.seed,
@@ -224,21 +233,13 @@ def train_step(
 ) -> float:
     """One meta-update through the Trainer's own :func:`metalstm.training.meta_gradient`
     (per-episode gradient rows, clipping, the non-finite skip); returns the loss."""
-    items = [partial(model.meta_loss, episode) for episode in episodes]
+    items = [partial(model.meta_loss, item) for item in episode_items(model, list(episodes))]
     loss, _, finite = meta_gradient(
         model, optimizer, items, len(episodes), Distributed.single(), clip
     )
     if finite:
         optimizer.step()
     return loss
-
-
-def eval_step(model: Method, episode: Episode) -> float:
-    """One evaluation episode as :func:`metalstm.evaluation.episode_accuracies` does it."""
-    classifier = model.adapt(episode.support_x, episode.support_y)
-    with torch.inference_mode():
-        logits = classifier(episode.query_x)
-    return accuracy(logits, episode.query_y)
 
 
 @dataclass
@@ -268,8 +269,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
     if args.mode == "eval":
         model.eval()
 
-        def run() -> None:
-            eval_step(model, data.draw())
+        def run() -> None:  # as metalstm.evaluation.episode_accuracies scores them
+            score_episodes(model.adapt_one, [data.draw() for _ in range(config.episode_batch)])
     else:
         model.train()
 
@@ -277,7 +278,7 @@ def build_workload(args: argparse.Namespace) -> Workload:
             episodes = [data.draw() for _ in range(config.meta_batch)]
             train_step(model, optimizer, episodes, config.clip_grad_norm)
 
-    per_call = 1 if args.mode == "eval" else config.meta_batch
+    per_call = config.episode_batch if args.mode == "eval" else config.meta_batch
     return Workload(config, device, model, batch, per_call, run)
 
 
@@ -298,6 +299,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
     # CPU seconds of this process: what the episode costs on a machine shared with other jobs.
     cpu_per_episode = statistics.median(cpu for _, cpu in times) / per_call
     gflop = episode_flops(config, n, batch, args.mode) / 1e9
+    together = min(config.episode_batch, per_call)  # episodes in one batched pass
     result: dict[str, Any] = {
         "s_per_episode": s_per_episode,
         "episodes_per_s": 1.0 / s_per_episode,
@@ -320,10 +322,14 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "downsample": config.downsample,
             "hidden": settings.hidden_size,
             "meta_batch": config.meta_batch,
+            "episode_batch": together,
             "second_order": settings.second_order,
             "compile": config.compile,
             "step_kernels": step_kernels(config.compile, device, torch.float32),
-            "block_kernels": block_kernels(device, config.filters, config.downsample == "pool"),
+            # a batch of E episodes: E x filters channels in one pass
+            "block_kernels": block_kernels(
+                device, config.filters * together, config.downsample == "pool"
+            ),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,
@@ -343,6 +349,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             f"{args.mode}: {s['image_size']}x{s['image_size']}x{s['channels']}, "
             f"{s['ways']}-way {s['shots']}-shot, {s['queries']} queries, T = {s['steps']} on "
             f"{batch}, {s['filters']} filters, meta-batch {s['meta_batch']}, "
+            f"{s['episode_batch']} episode(s) per batched pass, "
             f"{'second' if s['second_order'] else 'first'}-order, {s['device']} "
             f"({s['threads']} threads), meta-learner step: {s['step_kernels']}, learner "
             f"block: {s['block_kernels']}; "

@@ -75,6 +75,10 @@ class Config:
     # -- execution ---------------------------------------------------------------------------------
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the meta-learner step (falls back to eager if it fails)
+    # episodes run as one batched pass of the learner (methods that batch them: lstm, maml,
+    # maml-fo): meta-training's items (each process's share of meta_batch, in groups of this
+    # many) and evaluation's consecutive episodes; the same mathematics, other float rounding
+    episode_batch: int = 1
 
     def __post_init__(self) -> None:
         checks = {
@@ -90,6 +94,7 @@ class Config:
             "downsample": self.downsample in ("pool", "stride"),  # learner.DOWNSAMPLING
             "episodes": self.episodes >= 1,
             "meta_batch": self.meta_batch >= 1,
+            "episode_batch": self.episode_batch >= 1,
             "lr": self.lr > 0,
             "clip_grad_norm": self.clip_grad_norm > 0,
             "val_interval": self.val_interval >= 1,
@@ -163,7 +168,7 @@ SECTIONS = {
         "seed",
     ),
     "evaluation": ("test_episodes", "test_seed", "transductive"),
-    "execution": ("device", "compile"),
+    "execution": ("device", "compile", "episode_batch"),
 }
 METHOD_KEYS = ("algorithm", "method")  # "algorithm": the earlier name ("method" wins)
 SIZE_LIMITS = {
@@ -176,6 +181,7 @@ SIZE_LIMITS = {
     "train_n_way": 1000,
     "train_k_shot": 1000,
     "meta_batch": 10_000,
+    "episode_batch": 1_000,
     "val_episodes": 1_000_000,
     "test_episodes": 1_000_000,
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from typing import TypeVar, cast
@@ -84,8 +85,14 @@ class Distributed:
             offset += n
         return total[offset:]
 
-    def gather_episodes(self, values: list[T], total: int) -> list[T]:
-        """Collect per-episode values sharded as ``range(rank, total, world_size)``, in order."""
+    def shard_episodes(self, total: int, block: int = 1) -> list[int]:
+        """This rank's episodes of ``0..total-1``: blocks of ``block`` consecutive episodes (the
+        batches a method scores at once), block b to rank b mod world_size. Every batch is
+        then the same whatever the number of processes, and so are its results."""
+        return episode_shard(total, block, self.rank, self.world_size)
+
+    def gather_episodes(self, values: list[T], total: int, block: int = 1) -> list[T]:
+        """Collect per-episode values sharded by :meth:`shard_episodes`, in episode order."""
         if self.world_size == 1:
             return values
         shards: list[list[T] | None] = [None] * self.world_size
@@ -93,7 +100,8 @@ class Distributed:
         merged: list[T | None] = [None] * total
         for rank, shard in enumerate(shards):
             assert shard is not None
-            merged[rank : total : self.world_size] = shard
+            for i, value in zip(episode_shard(total, block, rank, self.world_size), shard):
+                merged[i] = value
         return cast(list[T], merged)
 
     def check_same_config(self, config_json: str) -> None:
@@ -120,3 +128,10 @@ class Distributed:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
+
+
+def episode_shard(total: int, block: int, rank: int, world_size: int) -> list[int]:
+    """The episodes of ``rank`` (:meth:`Distributed.shard_episodes`): of ``0..total-1``, the
+    blocks b of ``block`` consecutive episodes with b mod ``world_size`` = ``rank``."""
+    blocks = range(rank, math.ceil(total / block), world_size)
+    return [i for b in blocks for i in range(b * block, min(total, (b + 1) * block))]

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 import torch
 
 from .config import Config
-from .data import EpisodeSampler
+from .data import Episode, Episodes, EpisodeSampler
 from .distributed import Distributed
 from .errors import ConfigError
 from .methods.base import Adapter, Method, accuracy
@@ -155,8 +155,16 @@ def episode_accuracies(
 ) -> list[float]:
     """Query accuracy of ``method`` on the fixed episodes ``indices`` of ``sampler`` (a live
     line on ``progress``, its episodes called ``label``)."""
-    scores = candidate_accuracies(method, sampler, indices, method.adapt_one, progress, label)
+    scores = candidate_accuracies(
+        method, sampler, indices, method.adapt_one, progress, label, episode_batch(method)
+    )
     return [accuracies[0] for accuracies in scores]
+
+
+def episode_batch(method: Method) -> int:
+    """How many episodes ``method`` scores as one batch: ``Config.episode_batch`` where the
+    method takes batches of episodes (:meth:`Method.batches_episodes`), else 1."""
+    return method.config.episode_batch if method.batches_episodes() else 1
 
 
 def candidate_accuracies(
@@ -166,23 +174,37 @@ def candidate_accuracies(
     adapt: Adapter,
     progress: TextIO | None = None,
     label: str = "test episode",
+    batch: int = 1,
 ) -> list[list[float]]:
     """Per episode of ``indices``, the query accuracy of each classifier ``adapt`` returns for
-    its support set (``method`` in eval mode meanwhile; a live line on ``progress``)."""
+    its support set (``method`` in eval mode meanwhile; a live line on ``progress``). With
+    ``batch`` > 1, consecutive episodes go to ``adapt`` together, ``batch`` at a time
+    (:class:`~metalstm.data.Episodes`; only an adapter of a method that batches episodes)."""
     device = method.device
     report = EvaluationProgress(progress, len(indices), label)
     was_training = method.training
     method.eval()
     try:
-        for i in indices:
-            episode = sampler.episode(step=i).to(device)
-            classifiers = adapt(episode.support_x, episode.support_y)
-            with torch.inference_mode():
-                report.add([accuracy(c(episode.query_x), episode.query_y) for c in classifiers])
+        for start in range(0, len(indices), batch):
+            chunk = [sampler.episode(step=i).to(device) for i in indices[start : start + batch]]
+            for scores in score_episodes(adapt, chunk):
+                report.add(scores)
     finally:
         method.train(was_training)
         report.close()
     return report.scores
+
+
+def score_episodes(adapt: Adapter, episodes: Sequence[Episode]) -> list[list[float]]:
+    """Per episode, the query accuracy of each classifier ``adapt`` returns for its support set;
+    several episodes go to ``adapt`` as one batch (:class:`~metalstm.data.Episodes`)."""
+    episode = episodes[0] if len(episodes) == 1 else Episodes.stack(episodes)
+    classifiers = adapt(episode.support_x, episode.support_y)
+    with torch.inference_mode():
+        logits = [c(episode.query_x) for c in classifiers]  # [(E,) N*Q, N] each
+    if len(episodes) == 1:
+        return [[accuracy(x, episode.query_y) for x in logits]]
+    return [[accuracy(x[e], episode.query_y[e]) for x in logits] for e in range(len(episodes))]
 
 
 def evaluate(
@@ -215,9 +237,10 @@ def evaluate(
         sampler = EpisodeSampler(
             load_part(config, part), config.n_way, config.k_shot, config.eval_queries, seed
         )
-    indices = range(dist.rank, count, dist.world_size)
+    block = episode_batch(method)
+    indices = dist.shard_episodes(count, block)
     shown = progress if dist.is_main else None
     accuracies = dist.gather_episodes(
-        episode_accuracies(method, sampler, indices, shown, f"{part} episode"), count
+        episode_accuracies(method, sampler, indices, shown, f"{part} episode"), count, block
     )
     return EvalResult(accuracies, protocol_for(method, config, part, count, seed))

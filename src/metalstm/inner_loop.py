@@ -12,6 +12,11 @@ update rules; :func:`run_inner_loop` runs any of them, and
 :class:`~metalstm.methods.metalearner.optimizer.MetaLSTMOptimizer` runs the cell's ``update`` on
 any model's parameters.
 
+A batch of E episodes runs as one inner loop: θ_0 [E, n], support images [E, B, C, H, W] and
+labels [E, B]. The learner's passes take all E at once (:mod:`metalstm.learner`), each episode's
+loss is its own mean, and the rule updates each episode's state on its own
+(:class:`PerEpisode`); every result then has a leading episode dimension.
+
 Example::
 
     result = run_inner_loop(learner, SGD(lr=0.4), theta0, support_x, support_y, steps=5)
@@ -70,6 +75,48 @@ class SGD:
         return SGDState(state.theta - self.lr * grad), None
 
 
+@dataclass(frozen=True)
+class PerEpisodeState:
+    states: tuple[Any, ...]  # one rule state per episode
+
+    @property
+    def theta(self) -> Tensor:
+        """θ of every episode [E, n]."""
+        return torch.stack([state.theta for state in self.states])
+
+
+@dataclass(frozen=True)
+class PerEpisode:
+    """An update rule applied to each episode of a batch on its own: θ [E, n], L_t [E] and
+    g_t [E, n] in, the rule's info stacked [E, ...] out. Each episode keeps its own state (the
+    meta-learner's [H, n] LSTM state is never copied into a batch)."""
+
+    rule: UpdateRule[Any]
+
+    def init(self, theta0: Tensor) -> PerEpisodeState:
+        return PerEpisodeState(tuple(self.rule.init(theta) for theta in theta0.unbind(0)))
+
+    def update(
+        self, state: PerEpisodeState, loss: Tensor, grad: Tensor
+    ) -> tuple[PerEpisodeState, Tensor | None]:
+        steps = [
+            self.rule.update(s, l_e, g_e)
+            for s, l_e, g_e in zip(state.states, loss.unbind(0), grad.unbind(0), strict=True)
+        ]
+        infos = [info for _, info in steps if info is not None]
+        info = torch.stack(infos) if len(infos) == len(steps) else None
+        return PerEpisodeState(tuple(s for s, _ in steps)), info
+
+
+def episode_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of an episode's logits [B, N] and labels [B]; of each episode of a
+    batch, [E] from logits [E, B, N] and labels [E, B]."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, labels)
+    losses = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return losses.view(labels.shape).mean(1)
+
+
 def learner_loss_and_grad(
     learner: Learner,
     theta: Tensor,
@@ -79,7 +126,8 @@ def learner_loss_and_grad(
     second_order: bool,
     batch_stats: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """The learner's support loss L_t and gradient g_t = ∇θ L_t [n] at θ.
+    """The learner's support loss L_t and gradient g_t = ∇θ L_t [n] at θ (for a batch of
+    episodes, each episode's: L_t [E], g_t [E, n]).
 
     First-order: θ is detached, so L_t and g_t are constants for the meta-gradient. Second-order:
     the gradient keeps its graph (``create_graph``) and the meta-gradient flows through it.
@@ -88,8 +136,8 @@ def learner_loss_and_grad(
     """
     with torch.enable_grad():
         at = theta if second_order else theta.detach().requires_grad_(True)
-        loss = F.cross_entropy(learner(at, x, bn, batch_stats=batch_stats), y)
-        (grad,) = torch.autograd.grad(loss, at, create_graph=second_order)
+        loss = episode_loss(learner(at, x, bn, batch_stats=batch_stats), y)
+        (grad,) = torch.autograd.grad(loss.sum(), at, create_graph=second_order)
     if second_order:
         return loss, grad
     return loss.detach(), grad
@@ -97,9 +145,9 @@ def learner_loss_and_grad(
 
 @dataclass
 class InnerLoopResult:
-    theta: Tensor  # θ_T [n]
+    theta: Tensor  # θ_T [n] ([E, n] for a batch of episodes, as every tensor here)
     bn: BatchNormState  # running statistics after the support passes
-    support_losses: list[float]  # L_1 .. L_T
+    support_losses: list[Any]  # L_1 .. L_T (each a list of E for a batch of episodes)
     infos: list[Tensor] = field(default_factory=list)  # per step, the rule's info (if recorded)
     thetas: dict[int, Tensor] = field(default_factory=dict)  # θ_t at the steps asked for
 
@@ -125,10 +173,14 @@ def run_inner_loop(
     for this episode, the authors' protocol); ``batch_stats=False`` normalises with ``bn`` as it
     is (fine-tuning with a pre-trained network's statistics). ``second_order``: the meta-gradient
     flows through g_t (only when gradients are enabled). ``grad_scale`` multiplies g_t before the
-    rule sees it. ``keep_steps``: also return θ_t after those steps (0: θ_0).
+    rule sees it. ``keep_steps``: also return θ_t after those steps (0: θ_0). θ_0 [E, n] runs a
+    batch of E episodes (see the module's docstring).
     """
+    if theta0.dim() == 2:
+        rule = PerEpisode(rule)
     if bn is None:
-        bn = learner.fresh_batchnorm_state(support_x.device, support_x.dtype)
+        episodes = theta0.shape[0] if theta0.dim() == 2 else 1
+        bn = learner.fresh_batchnorm_state(support_x.device, support_x.dtype, episodes)
     second_order = second_order and torch.is_grad_enabled()
     state = rule.init(theta0)
     thetas = {0: theta0} if 0 in keep_steps else {}
@@ -202,18 +254,26 @@ def episode_theta0(
     fresh batch statistics, and the meta-gradient flows through μ_k into θ_0's body.
 
     With a head built per episode, θ_0 takes the episode's number of ways (the labels'), so
-    meta-training episodes may have more ways than test episodes.
+    meta-training episodes may have more ways than test episodes. For a batch of episodes
+    (support images [E, S, C, H, W]) θ_0 is [E, n], each row its episode's.
     """
+    if support_x.dim() == 5:
+        theta0 = theta0.expand(support_x.shape[0], -1)
     if head_init == "learned":
         return theta0
     ways = episode_ways(support_y)
-    features = learner.features(theta0, support_x, batch_stats=True)  # [S, D]
+    features = learner.features(theta0, support_x, batch_stats=True)  # [(E,) S, D]
     if head_init == "zero":
+        zeros = features.new_zeros
+        batch = features.shape[:-2]
         return learner.with_head(
-            theta0, features.new_zeros(ways, features.shape[1]), features.new_zeros(ways)
+            theta0, zeros(*batch, ways, features.shape[-1]), zeros(*batch, ways)
         )
-    means = class_means(features, support_y, ways)  # [N, D]
-    return learner.with_head(theta0, 2 * means, -means.pow(2).sum(1))
+    if features.dim() == 2:
+        means = class_means(features, support_y, ways)  # [N, D]
+    else:
+        means = torch.stack([class_means(f, y, ways) for f, y in zip(features, support_y)])
+    return learner.with_head(theta0, 2 * means, -means.pow(2).sum(-1))
 
 
 def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

@@ -383,37 +383,41 @@ def update_running_stats(
 # -- the 3x3 convolution ------------------------------------------------------------------------
 
 
-def _conv3x3_arguments(stride: int) -> tuple[Any, ...]:
+def _conv3x3_arguments(stride: int, groups: int) -> tuple[Any, ...]:
     """``aten.convolution_backward``'s stride, padding, dilation, transposed, output padding and
     groups for a 3x3 convolution with padding 1."""
-    return [stride, stride], [1, 1], [1, 1], False, [0, 0], 1
+    return [stride, stride], [1, 1], [1, 1], False, [0, 0], groups
 
 
 class _Conv3x3(torch.autograd.Function):
-    """3x3 convolution, padding 1, no bias; the weight gradient on one thread."""
+    """3x3 convolution, padding 1, no bias, in ``groups`` groups; the weight gradient on one
+    thread."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int, groups: int) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.stride = stride
-        return torch.nn.functional.conv2d(x, weight, stride=stride, padding=1)
+        ctx.stride, ctx.groups = stride, groups
+        return torch.nn.functional.conv2d(x, weight, stride=stride, padding=1, groups=groups)
 
     @staticmethod
     def backward(ctx: Any, d_y: Tensor) -> Any:
         x, weight = ctx.saved_tensors
-        need_x, need_weight, _ = ctx.needs_input_grad
-        backward, arguments = torch.ops.aten.convolution_backward, _conv3x3_arguments(ctx.stride)
+        need_x, need_weight, _, _ = ctx.needs_input_grad
+        backward = torch.ops.aten.convolution_backward
+        arguments = _conv3x3_arguments(ctx.stride, ctx.groups)
         d_x = d_weight = None
         if need_x:
             d_x = backward(d_y, x, weight, None, *arguments, [True, False, False])[0]
         if need_weight:
             with single_threaded(x.device):
                 d_weight = backward(d_y, x, weight, None, *arguments, [False, True, False])[1]
-        return d_x, d_weight, None
+        return d_x, d_weight, None, None
 
 
 def conv3x3(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
-    """``F.conv2d(x, weight, stride=stride, padding=1)`` for x [B, C_in, H, W], weight
-    [C_out, C_in, 3, 3] → [B, C_out, ⌈H/stride⌉, ⌈W/stride⌉], whose weight gradient does not
-    depend on the thread count (differentiable twice)."""
-    return _Conv3x3.apply(x, weight, stride)
+    """``F.conv2d(x, weight, stride=stride, padding=1, groups=G)`` for x [B, G·C_in, H, W],
+    weight [G·C_out, C_in, 3, 3] → [B, G·C_out, ⌈H/stride⌉, ⌈W/stride⌉], whose weight gradient
+    does not depend on the thread count (differentiable twice). G = 1 but for a batch of
+    episodes, each its own group (:mod:`metalstm.learner`)."""
+    groups = x.shape[1] // weight.shape[1]
+    return _Conv3x3.apply(x, weight, stride, groups)

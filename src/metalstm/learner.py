@@ -8,6 +8,11 @@ layer sees ``filters`` features. The meta-learner sees the learner's
 parameters θ as one flat vector of n coordinates (its cell state), so every forward pass here takes
 θ explicitly and runs the module through :func:`torch.func.functional_call`.
 
+A batch of E episodes runs as one pass: θ [E, n] on images [E, B, C, H, W], each episode a group
+of channels of every layer ([B, E·C, H, W], grouped convolutions), so batch norm's per-channel
+statistics are per episode and the passes of small support sets stop paying each operator's
+fixed cost E times (issue #21).
+
 Batch norm follows the authors' protocol: its running statistics are episode state (fresh for every
 episode, updated by the support passes), and its scale/shift are part of θ.
 """
@@ -112,16 +117,30 @@ class ConvNet(nn.Module):
         )
         self.head = nn.Linear(feature_dim(shape), shape.n_way)
 
-    def features(self, x: Tensor, batch_stats: bool = True) -> Tensor:
-        """Embedding [B, feature_dim] of images x [B, C, H, W]."""
+    def features(self, x: Tensor, batch_stats: bool = True, episodes: int | None = None) -> Tensor:
+        """Embedding [B, feature_dim] of images x [B, C, H, W]; with ``episodes`` E, of a batch
+        of episodes x [B, E·C, H, W] (each episode a group of channels): [E, B, feature_dim]."""
         for block in self.blocks:
-            x = block(x, batch_stats)  # [B, filters, side, side] after the last block
-        return x.flatten(1) if self.pool else x.mean((2, 3))
+            x = block(x, batch_stats)  # [B, (E·)filters, side, side] after the last block
+        if episodes is None:
+            return x.flatten(1) if self.pool else x.mean((2, 3))
+        x = x.unflatten(1, (episodes, -1)).transpose(0, 1)  # [E, B, filters, side, side]
+        return x.flatten(2) if self.pool else x.mean((3, 4))
 
-    def forward(self, x: Tensor, batch_stats: bool = True, head: bool = True) -> Tensor:
-        """Logits [B, N] (or the embedding when ``head`` is false)."""
-        features = self.features(x, batch_stats)
-        return self.head(features) if head else features
+    def forward(
+        self, x: Tensor, batch_stats: bool = True, head: bool = True, episodes: int | None = None
+    ) -> Tensor:
+        """Logits [B, N], or [E, B, N] for a batch of ``episodes`` (or the embedding when
+        ``head`` is false); the head's weight [E·N, D] and bias [E·N] hold one layer per
+        episode."""
+        features = self.features(x, batch_stats, episodes)
+        if not head:
+            return features
+        if episodes is None:
+            return self.head(features)
+        weight = self.head.weight.unflatten(0, (episodes, -1))  # [E, N, D]
+        bias = self.head.bias.view(episodes, 1, -1)  # [E, 1, N]
+        return torch.baddbmm(bias, features, weight.transpose(1, 2))
 
 
 def feature_side(image_size: int, downsample: str = "pool") -> int:
@@ -177,9 +196,10 @@ class Learner:
         """θ's body [n_body] followed by a linear head ``weight`` [N, D], ``bias`` [N].
 
         N may differ from ``shape.n_way``: every pass reads the head's size from θ's length, so
-        one body serves episodes of any number of ways (a head built per episode).
+        one body serves episodes of any number of ways (a head built per episode). For a batch of
+        episodes: θ [E, ≥ n_body], weight [E, N, D], bias [E, N] → [E, n].
         """
-        return torch.cat([theta[: self.n_body], weight.reshape(-1), bias])
+        return torch.cat([theta[..., : self.n_body], weight.flatten(-2), bias], dim=-1)
 
     def to(self, device: torch.device | str) -> Learner:
         self.net.to(device)
@@ -191,10 +211,17 @@ class Learner:
 
     def unflatten(self, theta: Tensor) -> dict[str, Tensor]:
         """Views of the flat vector θ [n] with the shapes of the named parameters (the head's
-        number of outputs read from θ's length, see :meth:`with_head`)."""
-        sizes, shapes = self._layout(theta.shape[0])
-        chunks = theta.split(sizes)
-        return {n: c.view(s) for n, c, s in zip(self.names, chunks, shapes)}
+        number of outputs read from θ's length, see :meth:`with_head`). For a batch of episodes,
+        θ [E, n], each parameter [E·d_0, d_1, ...]: the episodes' tensors one after another
+        along the first dimension, as grouped convolutions and :class:`ConvNet` read them."""
+        sizes, shapes = self._layout(theta.shape[-1])
+        chunks = theta.split(sizes, dim=-1)
+        if theta.dim() == 1:
+            return {n: c.view(s) for n, c, s in zip(self.names, chunks, shapes)}
+        episodes = theta.shape[0]
+        return {
+            n: c.reshape(episodes * s[0], *s[1:]) for n, c, s in zip(self.names, chunks, shapes)
+        }
 
     def _layout(self, n: int) -> tuple[list[int], list[torch.Size]]:
         if n == self.n_params:
@@ -217,21 +244,27 @@ class Learner:
         return groups
 
     def fresh_batchnorm_state(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        episodes: int = 1,
     ) -> BatchNormState:
-        """Running statistics reset for a new episode (mean 0, variance 1)."""
+        """Running statistics reset for a new episode (mean 0, variance 1), or for a batch of
+        ``episodes`` ([E·C] per layer: each episode's channels one after another)."""
         state = {}
         for name, buffer in self.net.named_buffers():
+            size, dtype_ = buffer.numel() * episodes, dtype or buffer.dtype
             if name.endswith("running_mean"):
-                state[name] = torch.zeros_like(buffer, device=device, dtype=dtype)
+                state[name] = torch.zeros(size, device=device or buffer.device, dtype=dtype_)
             elif name.endswith("running_var"):
-                state[name] = torch.ones_like(buffer, device=device, dtype=dtype)
+                state[name] = torch.ones(size, device=device or buffer.device, dtype=dtype_)
         return state
 
     def __call__(
         self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
     ) -> Tensor:
-        """Logits [B, N] of images x [B, C, H, W] at parameters θ [n].
+        """Logits [B, N] of images x [B, C, H, W] at parameters θ [n]; for a batch of E
+        episodes, logits [E, B, N] of images [E, B, C, H, W] at θ [E, n].
 
         ``bn`` holds the episode's running statistics; they are updated in place when
         ``batch_stats`` is true (support passes) and used for normalisation when it is false.
@@ -241,7 +274,8 @@ class Learner:
     def features(
         self, theta: Tensor, x: Tensor, bn: BatchNormState | None = None, batch_stats: bool = True
     ) -> Tensor:
-        """Embedding [B, feature_dim] before the linear head, at parameters θ."""
+        """Embedding [B, feature_dim] before the linear head, at parameters θ ([E, B,
+        feature_dim] for a batch of episodes, as :meth:`__call__`)."""
         return self._call(theta, x, bn, batch_stats=batch_stats, head=False)
 
     def _call(self, theta: Tensor, x: Tensor, bn: BatchNormState | None, **kwargs: bool) -> Tensor:
@@ -250,12 +284,23 @@ class Learner:
         On the CPU the images enter in NHWC memory order, where oneDNN's convolutions and
         PyTorch's max-pool are several times faster on these small batches than in NCHW.
         """
-        if kwargs["head"] and theta.shape[0] == self.n_body:
+        if kwargs["head"] and theta.shape[-1] == self.n_body:
             raise ValueError("θ holds no linear head (see Learner.with_head)")
-        tensors = {**self.unflatten(theta), **(bn or self.fresh_batchnorm_state(x.device, x.dtype))}
+        episodes = None
+        if theta.dim() == 2:  # a batch of episodes: [E, B, C, H, W] → [B, E·C, H, W]
+            episodes = theta.shape[0]
+            if x.dim() != 5 or x.shape[0] != episodes:
+                raise ValueError(
+                    f"θ of {episodes} episodes takes images [E, B, C, H, W], not {x.shape}"
+                )
+            x = x.transpose(0, 1).flatten(1, 2)
+        if not bn:  # fresh statistics for this pass
+            bn = self.fresh_batchnorm_state(x.device, x.dtype, episodes or 1)
+        tensors = {**self.unflatten(theta), **bn}
         if x.device.type == "cpu" and x.dim() == 4:
             x = to_channels_last(x)
-        return functional_call(self.net, tensors, (x,), kwargs, strict=False)
+        arguments = {**kwargs, "episodes": episodes}
+        return functional_call(self.net, tensors, (x,), arguments, strict=False)
 
 
 def register_batchnorm_buffers(module: nn.Module, learner: Learner, prefix: str) -> list[str]:

@@ -32,11 +32,11 @@ import torch
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_yaml
-from .data import EpisodeSampler
+from .data import Episode, Episodes, EpisodeSampler
 from .data.batches import ClassBatches
 from .distributed import Distributed
 from .errors import CheckpointError, ConfigError, MetaLSTMError
-from .evaluation import candidate_accuracies
+from .evaluation import candidate_accuracies, episode_batch
 from .files import write_file
 from .inner_loop import InnerLoopSettings
 from .methods import build_method
@@ -290,7 +290,10 @@ class Trainer:
             episodes = self.train_sampler.meta_batch(
                 step, cfg.meta_batch, self.dist.rank, self.dist.world_size
             )
-            items = [partial(self.method.meta_loss, e.to(self.device)) for e in episodes]
+            episodes = [e.to(self.device) for e in episodes]
+            items = [
+                partial(self.method.meta_loss, e) for e in episode_items(self.method, episodes)
+            ]
         loss, acc, finite = meta_gradient(
             self.method, self.optimizer, items, shares, self.dist, cfg.clip_grad_norm
         )
@@ -322,11 +325,13 @@ class Trainer:
         """Mean accuracy, on the fixed validation episodes, of each classifier ``adapt`` returns
         (episodes sharded over the ranks, gathered so every rank gets the same figures)."""
         count = self.config.val_episodes
-        indices = range(self.dist.rank, count, self.dist.world_size)
+        # the method's own classifier goes through batches of episodes where it takes them
+        block = episode_batch(self.method) if adapt == self.method.adapt_one else 1
+        indices = self.dist.shard_episodes(count, block)
         scores = candidate_accuracies(
-            self.method, self.val_sampler, indices, adapt, self.log, "validation episode"
+            self.method, self.val_sampler, indices, adapt, self.log, "validation episode", block
         )
-        per_episode = self.dist.gather_episodes(scores, count)  # [episodes][candidates]
+        per_episode = self.dist.gather_episodes(scores, count, block)  # [episodes][candidates]
         return [sum(column) / count for column in zip(*per_episode, strict=True)]
 
     def run(self) -> TrainState:
@@ -475,6 +480,15 @@ def meta_gradient(
     loss, acc = (stats.double() / shares).tolist()
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     return loss, acc, math.isfinite(loss) and bool(torch.isfinite(norm))
+
+
+def episode_items(method: Method, episodes: list[Episode]) -> list[Episode | Episodes]:
+    """A meta-batch share's episodes as the items of :func:`meta_gradient`: in batches of
+    ``episode_batch`` (the last may be smaller; one alone is an episode) where the method
+    takes them (:func:`~metalstm.evaluation.episode_batch`), else one by one."""
+    size = episode_batch(method)
+    chunks = [episodes[i : i + size] for i in range(0, len(episodes), size)]
+    return [chunk[0] if len(chunk) == 1 else Episodes.stack(chunk) for chunk in chunks]
 
 
 def gradient_row(

@@ -50,6 +50,12 @@ def register(subparsers: Subparsers) -> None:
         help="ablation: plain SGD from the LSTM's learned θ_0 instead of its update rule "
         "(several steps: the best on validation episodes)",
     )
+    evaluate.add_argument(
+        "--episode-batch",
+        type=int,
+        help="episodes adapted as one batched pass of the learner (lstm, maml, maml-fo; the "
+        "same mathematics, other float rounding; default 1: one at a time)",
+    )
     evaluate.add_argument("--data-root", help="data folder (default: $METALSTM_DATA)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     evaluate.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -72,8 +78,11 @@ def run(args: argparse.Namespace) -> None:
         "transductive": args.transductive or None,
         "query_bn": args.query_bn,
         "data_root": args.data_root,
+        "episode_batch": args.episode_batch,
     }
     overrides: dict[str, Any] = {key: value for key, value in given.items() if value is not None}
+    if args.episode_batch is not None and args.episode_batch < 1:
+        raise ConfigError(f"--episode-batch {args.episode_batch} is invalid; use 1 or more")
     if args.out is not None:
         check_output(args.out)
     device = resolve_device(args.device)
@@ -105,6 +114,8 @@ def run(args: argparse.Namespace) -> None:
     )
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = name
+    if method.config.episode_batch > 1 and method.batches_episodes():
+        result.extra["episode_batch"] = method.config.episode_batch
     if args.sgd_from_init is not None:
         result.extra["update"] = ablation.describe()
     if args.out is not None:

@@ -9,6 +9,7 @@
 from .episodes import (
     Episode,
     EpisodeDigest,
+    Episodes,
     EpisodeSampler,
     FixedEpisodes,
     episode_loader,
@@ -26,6 +27,7 @@ __all__ = [
     "Episode",
     "EpisodeDigest",
     "EpisodeSampler",
+    "Episodes",
     "FixedEpisodes",
     "episode_loader",
     "episodes_fingerprint",

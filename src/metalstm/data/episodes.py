@@ -67,6 +67,26 @@ class Episode:
         return Episode(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
 
 
+@dataclass(frozen=True)
+class Episodes:
+    """E episodes of one shape stacked, for one batched pass of the learner through all of them
+    (``Config.episode_batch``; :mod:`metalstm.learner`)."""
+
+    support_x: torch.Tensor  # float32 [E, N*K, C, H, W]
+    support_y: torch.Tensor  # int64 [E, N*K]
+    query_x: torch.Tensor  # float32 [E, N*Q, C, H, W]
+    query_y: torch.Tensor  # int64 [E, N*Q]
+
+    @classmethod
+    def stack(cls, episodes: Sequence[Episode]) -> Episodes:
+        """The episodes (all N-way K-shot with Q queries per class) as one batch."""
+        names = [f.name for f in fields(cls)]
+        return cls(*(torch.stack([getattr(e, name) for e in episodes]) for name in names))
+
+    def __len__(self) -> int:
+        return int(self.support_y.shape[0])
+
+
 def _check_int(name: str, value: int, minimum: int) -> int:
     try:
         number = operator.index(value)

@@ -25,15 +25,15 @@ from itertools import chain
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, override
-from ..data import ClassImages, Episode
+from ..data import ClassImages, Episode, Episodes
 from ..inner_loop import (
     AdaptedLearner,
     InnerLoopResult,
     InnerLoopSettings,
+    episode_loss,
     episode_theta0,
     query_statistics,
 )
@@ -58,10 +58,10 @@ Score = Callable[[Adapter], list[float]]
 
 @dataclass
 class EpisodeLoss:
-    """Result of one meta-training episode."""
+    """Result of one meta-training episode (of a batch of episodes: the sums over them)."""
 
     loss: Tensor  # scalar, differentiable w.r.t. the meta-parameters
-    accuracy: float  # query accuracy in [0, 1]
+    accuracy: float  # query accuracy in [0, 1] (summed over a batch of episodes)
 
 
 NO_BATCHNORM = "none"  # Method.test_batchnorm of a method without batch norm
@@ -95,6 +95,13 @@ class Method(nn.Module, ABC):
         self.settings = config.settings
         self.learner = Learner(learner_shape(config), config.bn_momentum, config.bn_eps)
 
+    def batches_episodes(self) -> bool:
+        """Whether :meth:`meta_loss` and :meth:`adapt` take a batch of episodes at once
+        (:class:`~metalstm.data.Episodes`; support images [E, N*K, C, H, W], labels [E, N*K],
+        queries [E, N*Q, C, H, W] → logits [E, N*Q, N]), which ``Config.episode_batch`` then
+        uses. Default: no."""
+        return False
+
     def any_ways(self) -> bool:
         """Whether the method handles episodes of any number of ways (no output layer of a fixed
         size), so it may meta-train on more ways than it is tested on (``train_n_way``). Default:
@@ -102,8 +109,9 @@ class Method(nn.Module, ABC):
         settings = self.settings
         return isinstance(settings, InnerLoopSettings) and settings.head_init != "learned"
 
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
-        """Query loss after adapting to the support set; differentiable in the meta-parameters.
+    def meta_loss(self, episode: Episode | Episodes) -> EpisodeLoss:
+        """Query loss after adapting to the support set; differentiable in the meta-parameters
+        (for a batch of episodes, where :meth:`batches_episodes`, the sum of theirs).
 
         Called by the Trainer for a method registered with ``TrainsOn.EPISODES``.
         """
@@ -199,6 +207,11 @@ class InnerLoopMethod(Method):
             self.meta_bn_names = register_batchnorm_buffers(self, self.learner, META_BN_PREFIX)
             self.register_buffer("meta_bn_episodes", torch.zeros((), dtype=torch.long))
 
+    def batches_episodes(self) -> bool:
+        """Yes, but with statistics accumulated over meta-training (``query_bn=meta``), which
+        are folded in one episode at a time."""
+        return self.settings.query_bn != "meta"
+
     @property
     @abstractmethod
     def theta0(self) -> nn.Parameter:
@@ -245,9 +258,10 @@ class InnerLoopMethod(Method):
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int) -> InnerLoopResult:
         """``steps`` updates of the learner on the support set (:func:`run_inner_loop`)."""
 
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+    def meta_loss(self, episode: Episode | Episodes) -> EpisodeLoss:
         """Query loss at θ_T (meta-training protocol: batch statistics, or with
-        ``train_query_bn`` the support passes' running statistics or the accumulated ones).
+        ``train_query_bn`` the support passes' running statistics or the accumulated ones); for
+        a batch of episodes, the sum of their losses and of their accuracies.
 
         With ``query_bn=meta`` the running statistics the episode ends with join the accumulated
         ones (:meth:`accumulate_batchnorm`)."""
@@ -263,14 +277,14 @@ class InnerLoopMethod(Method):
         logits = self.learner(result.theta, episode.query_x, bn, batch_stats=mode == "batch")
         if self.settings.query_bn == "meta":
             self.accumulate_batchnorm(result.bn)
-        return EpisodeLoss(
-            F.cross_entropy(logits, episode.query_y), accuracy(logits, episode.query_y)
-        )
+        loss = episode_loss(logits, episode.query_y)  # [] or [E]
+        return EpisodeLoss(loss.sum(), accuracy(logits, episode.query_y))
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> Classifier:
         """The learner at θ_T after ``eval_steps`` updates (no meta-graph), whose query pass
         normalises with the statistics of ``query_bn``
-        (:func:`~metalstm.inner_loop.query_statistics`)."""
+        (:func:`~metalstm.inner_loop.query_statistics`); for a batch of episodes (see
+        :meth:`batches_episodes`) one classifier of all of them."""
         with torch.no_grad():
             result = self.inner_loop(support_x, support_y, self.settings.eval_steps)
         query_bn, transductive = self.settings.query_bn, self.config.transductive
@@ -309,5 +323,6 @@ def learner_shape(config: Config, n_way: int | None = None) -> LearnerShape:
 
 
 def accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of rows whose arg-max is the label."""
-    return (logits.argmax(-1) == labels).float().mean().item()
+    """Fraction of rows whose arg-max is the label (logits [B, N], labels [B]); for a batch of
+    episodes (logits [E, B, N], labels [E, B]) the sum of each episode's fraction."""
+    return (logits.argmax(-1) == labels).float().mean(-1).sum().item()

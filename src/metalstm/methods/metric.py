@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..data import Episode
+from ..data import Episode, Episodes
 from ..learner import BatchNormState, feature_dim
 from .base import Classifier, EpisodeLoss, Method, accuracy
 
@@ -53,7 +53,7 @@ class MetricMethod(Method):
         """Logits [Q, N] of query embeddings [Q, D] given support embeddings [S, D], labels [S]
         in ``0..N-1`` (N: :func:`~metalstm.inner_loop.episode_ways`, any number of ways)."""
 
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+    def meta_loss(self, episode: Episode | Episodes) -> EpisodeLoss:
         bn = self.learner.fresh_batchnorm_state(episode.support_x.device, episode.support_x.dtype)
         support = self.embed(episode.support_x, bn, batch_stats=True)
         query = self.embed(episode.query_x, bn, batch_stats=True)

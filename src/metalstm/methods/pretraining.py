@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, override, parse_positive_numbers
-from ..data import ClassImages, Episode
+from ..data import ClassImages, Episode, Episodes
 from ..errors import ConfigError
 from ..learner import (
     BatchNormState,
@@ -146,7 +146,7 @@ class PretrainedClassifier(Method):
         logits = self.network(self.theta, images, self.bn_state(), batch_stats=True)
         return EpisodeLoss(F.cross_entropy(logits, labels), accuracy(logits, labels))
 
-    def meta_loss(self, episode: Episode) -> EpisodeLoss:
+    def meta_loss(self, episode: Episode | Episodes) -> EpisodeLoss:
         raise NotImplementedError(
             f"{self.name} is pre-trained on mini-batches (trains_on='batches'), not on episodes"
         )

@@ -103,7 +103,7 @@ class MetaLSTM(InnerLoopMethod):
         ``record_gates`` the result's ``infos`` are the gates σ(f_t), σ(i_t) [2, n] per step.
         """
         settings = self.settings
-        scale = 1.0 / support_x.shape[0] if settings.grad_divide_batch else 1.0
+        scale = 1.0 / support_y.shape[-1] if settings.grad_divide_batch else 1.0
         return run_inner_loop(
             self.learner,
             self.cell,
