@@ -15,6 +15,8 @@ For every (preset, method) asked, builds the method with ``compare``'s recipe fo
   episodes' for each step count of the grid (validation chooses one); pre-training comes on top.
 
 The first task or episode of each cell warms up, untimed. One thread unless ``--threads``.
+``--episode-batch E`` times the recipe's tasks E at a time as one batched pass of the learner
+(``Config.episode_batch``) and prints the seconds per task.
 
     METALSTM_DATA=../shared/data python benchmarks/task_cost.py \\
         --presets omniglot-20w1s omniglot-20w5s --methods maml maml-fo finetune
@@ -30,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from metalstm import Config
+from metalstm import Config, override
 from metalstm.allocator import keep_freed_memory
 from metalstm.bench import cpu_name
 from metalstm.compare import Request, add_compare_arguments, method_config
+from metalstm.data import Episodes
 from metalstm.methods.finetune import Finetune
 from metalstm.methods.pretraining import parse_grid
 from metalstm.serialization import load_method
@@ -45,25 +48,29 @@ WEIGHTS = (
 )
 
 
-def recipe_trainer(preset: str, method: str) -> Trainer:
-    """A Trainer (samplers, fresh model) for ``compare``'s config of ``method`` on ``preset``."""
+def recipe_trainer(preset: str, method: str, episode_batch: int = 1) -> Trainer:
+    """A Trainer (samplers, fresh model) for ``compare``'s config of ``method`` on ``preset``
+    (with ``episode_batch``)."""
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
     request = Request.from_args(parser.parse_args(["--preset", preset, "--out", "unused"]))
-    config: Config = method_config(request, method, int)
+    config: Config = override(method_config(request, method, int), {"episode_batch": episode_batch})
     with tempfile.TemporaryDirectory() as folder:
         return Trainer(config, Path(folder), log=None)
 
 
 def task_seconds(trainer: Trainer, tasks: int) -> float:
-    """Median seconds of a meta-training task's meta-gradient."""
+    """Median seconds of a meta-training task's meta-gradient (of a batch of
+    ``episode_batch`` tasks, divided by their number)."""
+    size = trainer.config.episode_batch
     times = []
     for i in range(tasks + 1):
-        episode = trainer.train_sampler.episode(i)
+        episodes = [trainer.train_sampler.episode(i * size + j) for j in range(size)]
+        item = episodes[0] if size == 1 else Episodes.stack(episodes)
         start = time.perf_counter()
-        trainer.method.meta_loss(episode).loss.backward()
+        trainer.method.meta_loss(item).loss.backward()
         if i > 0:
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start) / size)
     return statistics.median(times)
 
 
@@ -102,6 +109,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=3, help="timed finetune episodes")
     parser.add_argument("--steps", type=int, default=20, help="SGD steps per timed episode")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--episode-batch", type=int, default=1, help="tasks per batched pass")
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
@@ -112,7 +120,7 @@ def main() -> None:
         print("| --- | --- | --- | --- | --- |")
         for preset in args.presets:
             for method in tasks:
-                trainer = recipe_trainer(preset, method)
+                trainer = recipe_trainer(preset, method, args.episode_batch)
                 seconds, count = task_seconds(trainer, args.tasks), trainer.config.episodes
                 minutes = seconds * count / 60
                 print(f"| {preset} | {method} | {seconds:.3f} | {count} | {minutes:.0f} min |")
