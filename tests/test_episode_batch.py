@@ -10,6 +10,7 @@ evaluation independent of the number of processes (blocks of episodes per rank).
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import run_cli
-from metalstm import build_method, load_method, load_preset, override
+from metalstm import build_method, layers, load_method, load_preset, override
+from metalstm.bench import add_bench_arguments, bench_main
 from metalstm.config import Config
 from metalstm.data import Episode, Episodes, EpisodeSampler, load_split
 from metalstm.distributed import Distributed, episode_shard
@@ -178,3 +180,18 @@ def test_evaluate_takes_an_episode_batch(data_env: Path) -> None:
     assert code == 0 and json.loads(out)["episode_batch"] == 2
     code, _, err = run_cli([*argv, "--episode-batch", "0"])
     assert code != 0 and "--episode-batch 0 is invalid; use 1 or more" in err
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_bench_times_batches_of_episodes(mode: str) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(
+        ["--image-size", "16", "--filters", "8", "--ways", "2", "--queries", "1", "--steps", "1",
+         "--episodes", "2", "--warmup", "0", "--device", "cpu", "--mode", mode,
+         "--meta-batch", "2", "--episode-batch", "2", "--json"]
+    )  # fmt: skip
+    result = bench_main(args)
+    assert result["timed_episodes"] == 2 and result["settings"]["episode_batch"] == 2
+    # two episodes of 8 filters in one pass: 16 channels, which the native block kernels take
+    assert result["settings"]["block_kernels"] == layers.block_kernels(torch.device("cpu"), 16)
