@@ -66,7 +66,7 @@ def task_seconds(trainer: Trainer, tasks: int) -> float:
     times = []
     for i in range(tasks + 1):
         episodes = [trainer.train_sampler.episode(i * size + j) for j in range(size)]
-        item = episodes[0] if size == 1 else Episodes.stack(episodes)
+        item = Episodes.of(episodes)
         start = time.perf_counter()
         trainer.method.meta_loss(item).loss.backward()
         if i > 0:

@@ -198,7 +198,7 @@ def candidate_accuracies(
 def score_episodes(adapt: Adapter, episodes: Sequence[Episode]) -> list[list[float]]:
     """Per episode, the query accuracy of each classifier ``adapt`` returns for its support set;
     several episodes go to ``adapt`` as one batch (:class:`~metalstm.data.Episodes`)."""
-    episode = episodes[0] if len(episodes) == 1 else Episodes.stack(episodes)
+    episode = Episodes.of(episodes)
     classifiers = adapt(episode.support_x, episode.support_y)
     with torch.inference_mode():
         logits = [c(episode.query_x) for c in classifiers]  # [(E,) N*Q, N] each

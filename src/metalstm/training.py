@@ -488,7 +488,7 @@ def episode_items(method: Method, episodes: list[Episode]) -> list[Episode | Epi
     takes them (:func:`~metalstm.evaluation.episode_batch`), else one by one."""
     size = episode_batch(method)
     chunks = [episodes[i : i + size] for i in range(0, len(episodes), size)]
-    return [chunk[0] if len(chunk) == 1 else Episodes.stack(chunk) for chunk in chunks]
+    return [Episodes.of(chunk) for chunk in chunks]
 
 
 def gradient_row(

@@ -66,7 +66,7 @@ def register(subparsers: Subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..evaluation import evaluate
+    from ..evaluation import episode_batch, evaluate
     from ..inner_loop import InnerLoopSettings
     from ..serialization import load_method
     from ..util import resolve_device
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> None:
     )
     result.extra["checkpoint"] = meta["path"]
     result.extra["algorithm"] = name
-    if method.config.episode_batch > 1 and method.batches_episodes():
-        result.extra["episode_batch"] = method.config.episode_batch
+    if episode_batch(method) > 1:
+        result.extra["episode_batch"] = episode_batch(method)
     if args.sgd_from_init is not None:
         result.extra["update"] = ablation.describe()
     if args.out is not None:

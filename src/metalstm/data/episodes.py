@@ -83,6 +83,11 @@ class Episodes:
         names = [f.name for f in fields(cls)]
         return cls(*(torch.stack([getattr(e, name) for e in episodes]) for name in names))
 
+    @classmethod
+    def of(cls, episodes: Sequence[Episode]) -> Episode | Episodes:
+        """One episode as it is (the one-episode path), several as one batch."""
+        return episodes[0] if len(episodes) == 1 else cls.stack(episodes)
+
     def __len__(self) -> int:
         return int(self.support_y.shape[0])
 
