@@ -34,9 +34,10 @@ measured on this machine in a fresh process at the same thread count (median ove
 
 and the median's ratio to the larger floor, whose target is 2.5 (issue 21). ``--kernels native
 eager`` runs every workload with both kinds of kernels (the native ones for the meta-learner's
-step and the learner blocks' batch norm, max-pool and ReLU, the library's default where a C++
-compiler exists, and the eager PyTorch ones; ``native-step``: the step's native kernels only),
-interleaved, and prints one table for each: a before/after comparison within one run.
+step, the learner blocks' batch norm, max-pool and ReLU and the convolutions' weight gradient,
+the library's default where a C++ compiler exists, and the eager PyTorch ones; ``native-step``:
+the step's native kernels only; ``step-and-block``: all but the convolutions'), interleaved,
+and prints one table for each: a before/after comparison within one run.
 ``--batches 1 8`` runs every workload in batches of episodes too (the meta-training workloads as
 meta-batches of B episodes that run as one batched pass of the learner, ``--meta-batch B
 --episode-batch B``; the evaluation B test episodes at a time, ``episode_batch``; issue 21 allows
@@ -68,12 +69,18 @@ TARGET_RATIO = 2.5  # issue 21: every workload within 2.5x of the larger floor o
 
 
 # --kernels: which native kernels a workload's process may use (METALSTM_NATIVE).
-KERNELS = {"native": "1", "eager": "0", "native-step": "native_step"}
+KERNELS = {
+    "native": "1",
+    "eager": "0",
+    "native-step": "native_step",
+    "step-and-block": "native_step,learner_block",
+}
 
 
 def kernel_env(kernels: str) -> dict[str, str]:
     """The environment of a workload's process: ``eager`` turns every native kernel off,
-    ``native-step`` keeps the meta-learner step's only."""
+    ``native-step`` keeps the meta-learner step's only, ``step-and-block`` all but the
+    convolutions' weight gradient."""
     return {**os.environ, "METALSTM_NATIVE": KERNELS[kernels]}
 
 
@@ -150,7 +157,7 @@ from metalstm.allocator import keep_freed_memory
 from metalstm.bench import episode_flops
 from metalstm.data import EpisodeSampler, load_split
 from metalstm.evaluation import episode_accuracies
-from metalstm.layers import block_kernels
+from metalstm.layers import block_kernels, conv_kernels
 from metalstm.methods.metalearner import step_kernels
 from metalstm.util import resolve_device
 
@@ -177,7 +184,8 @@ print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "accuracy": ac
                                "step_kernels": step_kernels(config.compile, device,
                                                             torch.float32),
                                "block_kernels": block_kernels(
-                                   device, config.filters * config.episode_batch)}}))
+                                   device, config.filters * config.episode_batch),
+                               "conv_kernels": conv_kernels(device, config.filters)}}))
 """
 
 
@@ -215,9 +223,10 @@ def main() -> int:
         nargs="+",
         choices=list(KERNELS),
         default=["native"],
-        help="native or eager (PyTorch) kernels for the meta-learner step and the learner "
-        "blocks, or native for the step only (native-step); several: each workload with each, "
-        "interleaved, one table "
+        help="native or eager (PyTorch) kernels for the meta-learner step, the learner "
+        "blocks and the convolutions' weight gradient, or native for the step only "
+        "(native-step), or all but the convolutions' (step-and-block); several: each workload "
+        "with each, interleaved, one table "
         "per kernel (default: native, the library's default; eager where it is unavailable)",
     )
     parser.add_argument(
@@ -328,7 +337,12 @@ def table(runs: dict[str, list[dict[str, Any]]], rates: dict[str, float]) -> str
             f"{flop_floor} | {kernel_floor} | {ratio} | {gflop:.1f} | {gflops:.1f} | {memory} | "
             f"{len(values)} |"
         )
-    for part, key in (("\nMeta-learner step", "step_kernels"), ("Learner block", "block_kernels")):
+    parts = (
+        ("\nMeta-learner step", "step_kernels"),
+        ("Learner block", "block_kernels"),
+        ("Convolutions' weight gradient", "conv_kernels"),
+    )
+    for part, key in parts:
         ran = {r.get("settings", {}).get(key) for rs in runs.values() for r in rs}
         kernels = sorted(k for k in ran if k)
         lines.append(f"{part} kernels: {'; '.join(kernels) or 'not reported'}.")

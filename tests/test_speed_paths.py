@@ -515,9 +515,101 @@ def test_native_kernels_fall_back_to_eager_with_the_reason(
         assert native.status().startswith("eager") and reason in native.status()
         assert native.default_kernels() is ml.EAGER_KERNELS
         assert layers.block_kernels().startswith("eager") and reason in layers.block_kernels()
+        assert layers.conv_kernels().startswith("eager") and reason in layers.conv_kernels()
         assert not list(tmp_path.iterdir())
     finally:
         metalstm_native.load.cache_clear()
+
+
+# -- the native convolution weight gradient ----------------------------------------------------
+
+needs_native_conv = pytest.mark.skipif(
+    not metalstm_native.available(layers.CONV_SOURCE),
+    reason=f"native convolution kernel unavailable here: {layers.conv_kernels()}",
+)
+
+# (images, C_in, side, C_out, stride, groups): Omniglot's and RGB first layers, the deeper
+# layers, stride 2, episodes as groups, sides of 1 and 2, odd sides, 16 / 32 / 64 filters
+CONV_SHAPES = [
+    (5, 1, 28, 64, 1, 1),
+    (3, 3, 30, 32, 1, 1),
+    (4, 32, 11, 32, 1, 1),
+    (2, 64, 7, 64, 1, 1),
+    (3, 5, 9, 16, 2, 1),
+    (2, 1, 28, 64, 2, 3),
+    (4, 3, 7, 32, 2, 3),
+    (2, 8, 5, 64, 1, 2),
+    (1, 4, 1, 16, 1, 1),
+    (2, 4, 2, 16, 2, 1),
+]
+
+
+def conv_inputs(shape: tuple[int, ...], seed: int = 0) -> tuple[Tensor, Tensor, Tensor, int]:
+    """x (channels-last), weight and ∂y of a 3x3 convolution with padding 1; the stride."""
+    b, c_in, side, c_out, stride, groups = shape
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, groups * c_in, side, side, generator=g)
+    weight = torch.randn(groups * c_out, c_in, 3, 3, generator=g)
+    y = F.conv2d(x, weight, stride=stride, padding=1, groups=groups)
+    d_y = torch.randn(y.shape, generator=g).contiguous(memory_format=torch.channels_last)
+    return x.contiguous(memory_format=torch.channels_last), weight, d_y, stride
+
+
+@needs_native_conv
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_native_conv_weight_gradient_matches_float64(shape: tuple[int, ...]) -> None:
+    """∂W against float64's, as close as oneDNN's own float32 one, for every padding case."""
+    x, weight, d_y, stride = conv_inputs(shape)
+    got = layers._native_weight_gradient(x, d_y, weight, stride)
+    assert got is not None and got.shape == weight.shape
+    x64 = x.double().requires_grad_()
+    w64 = weight.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, stride=stride, padding=1, groups=x.shape[1] // weight.shape[1])
+    (want,) = torch.autograd.grad(y64, w64, d_y.double())
+    assert_close(got.double(), want, rtol=0.0, atol=2e-6 * want.abs().max().item())
+
+
+@needs_native_conv
+def test_native_conv_weight_gradient_is_the_same_for_any_thread_count() -> None:
+    x, weight, d_y, stride = conv_inputs((6, 32, 23, 32, 1, 1))
+    results = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        results.append(layers._native_weight_gradient(x, d_y, weight, stride))
+    torch.set_num_threads(1)
+    assert all(torch.equal(results[0], other) for other in results[1:])
+
+
+@needs_native_conv
+def test_conv3x3_takes_the_native_weight_gradient_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """conv3x3's backward: the native ∂W on float32 CPU tensors with 16, 32 or 64 filters per
+    group; oneDNN's on one thread for other filter counts, float64, and under create_graph,
+    whose ∂W is differentiable (second-order MAML)."""
+    taken = []
+    original = layers._native_weight_gradient
+
+    def spy(*args: Any) -> Tensor | None:
+        result = original(*args)
+        taken.append("n" if result is not None else "r")
+        return result
+
+    monkeypatch.setattr(layers, "_native_weight_gradient", spy)
+    for shape, dtype in [((2, 3, 8, 32, 1, 1), torch.float32), ((2, 3, 8, 24, 1, 1), torch.float32),
+                         ((2, 3, 8, 32, 1, 1), F64)]:  # fmt: skip
+        x, weight, d_y, stride = conv_inputs(shape)
+        w = weight.to(dtype).requires_grad_()
+        (d_w,) = torch.autograd.grad(layers.conv3x3(x.to(dtype), w, stride), w, d_y.to(dtype))
+        assert d_w.dtype == dtype
+    assert taken == ["n", "r", "r"]
+    x, weight, d_y, stride = conv_inputs((2, 3, 8, 32, 1, 1))
+    w = weight.requires_grad_()
+    (d_w,) = torch.autograd.grad(layers.conv3x3(x, w, stride), w, d_y, create_graph=True)
+    assert taken == ["n", "r", "r"] and d_w.requires_grad
+    assert layers.conv_kernels().startswith("native")
+    assert layers.conv_kernels(torch.device("cpu"), 24) == "eager (one thread)"
+    assert layers.conv_kernels(torch.device("cuda"), 32) == "eager"
 
 
 # -- the native block tail: batch norm, max-pool and ReLU -----------------------------------------

@@ -39,7 +39,7 @@ from .distributed import Distributed
 from .errors import ConfigError
 from .evaluation import score_episodes
 from .files import check_output, output_path, write_file
-from .layers import block_kernels
+from .layers import block_kernels, conv_kernels
 from .learner import DOWNSAMPLING, LearnerShape, conv_flops, conv_sides
 from .methods import build_method
 from .methods.base import Method, learner_shape
@@ -330,6 +330,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             "block_kernels": block_kernels(
                 device, config.filters * together, config.downsample == "pool"
             ),
+            "conv_kernels": conv_kernels(device, config.filters),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "learner_params": n,
@@ -352,7 +353,7 @@ def bench_main(args: argparse.Namespace) -> dict[str, Any]:
             f"{s['episode_batch']} episode(s) per batched pass, "
             f"{'second' if s['second_order'] else 'first'}-order, {s['device']} "
             f"({s['threads']} threads), meta-learner step: {s['step_kernels']}, learner "
-            f"block: {s['block_kernels']}; "
+            f"block: {s['block_kernels']}, convolutions' weight gradient: {s['conv_kernels']}; "
             f"first episode {result['first_episode_s']:.3f} s"
         )
         print(

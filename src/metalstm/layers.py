@@ -11,10 +11,11 @@ threads down different paths within a few updates. Two PyTorch CPU kernels did t
   gradient 1e-2): :func:`batch_norm_train` computes them in two passes with ATen's cascade sums
   instead (about 1e-7, the same bits for any thread count);
 - oneDNN's convolution weight gradient sums over the batch in a thread-dependent order:
-  :func:`conv3x3` computes it on one thread (the input gradient, the larger part, keeps all).
+  :func:`conv3x3` computes it natively on every thread in an order fixed by the shapes
+  (``learner_conv.cpp``) where a C++ compiler exists, else with oneDNN on one thread.
 
-:func:`single_threaded` is the context that weight gradient, and the meta-learner's long
-reductions over the n coordinates, run in. See README "Reproducibility" for what holds where.
+:func:`single_threaded` is the context that weight gradient's fallback, and the meta-learner's
+long reductions over the n coordinates, run in. See README "Reproducibility" for what holds where.
 
 A block's batch norm (with the batch's statistics), max-pool and ReLU run as one native kernel
 where a C++ compiler exists (:func:`batch_norm_pool_relu`, ``learner_block.cpp``): two passes
@@ -389,9 +390,52 @@ def _conv3x3_arguments(stride: int, groups: int) -> tuple[Any, ...]:
     return [stride, stride], [1, 1], [1, 1], False, [0, 0], groups
 
 
+CONV_SOURCE = native.NativeSource(
+    Path(__file__).with_name("learner_conv.cpp"),
+    constants=(("metalstm_conv_abi", 1),),
+    functions=(("metalstm_conv3x3_weight_grad", (*(ctypes.c_long,) * 9, ctypes.c_int, *[_P] * 3)),),
+)
+
+
+def conv_kernels(device: torch.device | None = None, filters: int | None = None) -> str:
+    """Which kernel computes the learner convolutions' weight gradient on float32 tensors (on
+    ``device`` with ``filters`` output channels per episode, when given) here, in words."""
+    if device is not None and device.type != "cpu":
+        return "eager"
+    if filters is not None and filters not in _NATIVE_FILTERS:
+        return "eager (one thread)"
+    return native.status(CONV_SOURCE, "native (C++, every thread, fixed order)")
+
+
+_NATIVE_FILTERS = (16, 32, 64)  # output channels per group the native weight gradient takes
+
+
+def _native_weight_gradient(x: Tensor, d_y: Tensor, weight: Tensor, stride: int) -> Tensor | None:
+    """``metalstm_conv3x3_weight_grad``: ∂W [G·C_out, C_in, 3, 3] of a 3x3 convolution of x
+    [B, G·C_in, H, W] with padding 1, for ∂y; None where the native kernel does not apply
+    (float32 CPU tensors, 16, 32 or 64 output channels per group, and a C++ compiler)."""
+    groups = x.shape[1] // weight.shape[1]
+    if (
+        not native.applies(x, d_y, weight)
+        or weight.shape[0] // groups not in _NATIVE_FILTERS
+        or not native.available(CONV_SOURCE)
+    ):
+        return None
+    x_nhwc, d_y_nhwc = _nhwc(x), _nhwc(d_y)  # no copy for the learner's channels-last tensors
+    b, _, h, w = x.shape
+    d_weight = torch.empty(weight.shape)
+    native.library(CONV_SOURCE).metalstm_conv3x3_weight_grad(
+        b, h, w, weight.shape[1], d_y.shape[2], d_y.shape[3], weight.shape[0] // groups, groups,
+        stride, torch.get_num_threads(), x_nhwc.data_ptr(), d_y_nhwc.data_ptr(),
+        d_weight.data_ptr(),
+    )  # fmt: skip
+    return d_weight
+
+
 class _Conv3x3(torch.autograd.Function):
-    """3x3 convolution, padding 1, no bias, in ``groups`` groups; the weight gradient on one
-    thread."""
+    """3x3 convolution, padding 1, no bias, in ``groups`` groups; the weight gradient in an
+    order that does not depend on the thread count: natively on every thread, else (and under
+    ``create_graph``, which differentiates it) oneDNN's on one thread."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, stride: int, groups: int) -> Tensor:
@@ -408,7 +452,9 @@ class _Conv3x3(torch.autograd.Function):
         d_x = d_weight = None
         if need_x:
             d_x = backward(d_y, x, weight, None, *arguments, [True, False, False])[0]
-        if need_weight:
+        if need_weight and not torch.is_grad_enabled():
+            d_weight = _native_weight_gradient(x, d_y, weight, ctx.stride)
+        if need_weight and d_weight is None:
             with single_threaded(x.device):
                 d_weight = backward(d_y, x, weight, None, *arguments, [False, True, False])[1]
         return d_x, d_weight, None, None

@@ -1,0 +1,200 @@
+// The weight gradient of the learner's 3x3 convolutions (padding 1, stride 1 or 2, G groups) on
+// every thread, with a summation order that does not depend on the number of threads.
+// oneDNN's weight gradient splits its sum over the batch between threads in a thread-dependent
+// order, so layers.conv3x3 ran it on one thread; here the output rows are cut into pieces fixed
+// by the shapes alone, each piece's sums are taken on whichever thread gets it, and the pieces
+// are added in order: the same bits for any thread count, and every core busy.
+// Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
+//
+// Layout: x [B, H, W, G·Ci] and dy [B, Ho, Wo, G·Co] channels-last (NHWC), Co a multiple of 16
+// (16, 32 or 64 output channels per group: one, two or four vectors); dW [G·Co, Ci, 3, 3] as
+// PyTorch stores a convolution's weight.
+//
+// ∂W[g, co, ci, kh, kw] = Σ_{b, oy, ox} dy[b, oy, ox, g·Co + co] · x[b, oy·s + kh − 1,
+// ox·s + kw − 1, g·Ci + ci] (zero outside the image). For one kernel row kh, the values a pixel
+// multiplies are a patch row of 3 input pixels: 3·Ci consecutive floats (the group's channels
+// of each of the 3 pixels when G > 1). A block of J of them times the pixel's Co gradients is
+// J x Co/16 vector multiply-adds into accumulators that stay in registers over all the pixels
+// of a piece, reading each pixel's gradient vectors once per block.
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+typedef float vf __attribute__((vector_size(64)));  // 16 output channels
+constexpr long L = 16;
+constexpr int MAX_ACCUMULATORS = 24;   // of 32 vector registers: J x V of them
+constexpr long MAX_PIECES = 16;        // pieces of the output rows (per group, at most)
+constexpr double PIECE_WORK = 1 << 21;  // multiply-adds a piece should hold at least
+constexpr long TILE_FLOATS = 1 << 16;    // x and ∂y floats of a tile of output rows (256 KB)
+
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+struct Shape {
+  long B, H, W, Ci, Ho, Wo, Co, G, stride;
+  long cin() const { return G * Ci; }
+  long cout() const { return G * Co; }
+};
+
+// A[jj][v] += x[jj] · dy[v] for `count` pixels: J patch values at xs (advancing x_step floats
+// per pixel) times V gradient vectors at ds (advancing d_step). The loops over jj and v are
+// unrolled, so that the J x V sums stay in registers through the pixels.
+template <int V, int J>
+inline void accumulate(vf (&A)[J][V], const float* xs, long x_step, const float* ds, long d_step,
+                       long count) {
+  vf a[J][V];
+#pragma GCC unroll 32
+  for (int jj = 0; jj < J; jj++)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; v++) a[jj][v] = A[jj][v];
+  for (long p = 0; p < count; p++, xs += x_step, ds += d_step) {
+    vf d[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; v++) d[v] = ld(ds + v * L);
+#pragma GCC unroll 32
+    for (int jj = 0; jj < J; jj++)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; v++) a[jj][v] += xs[jj] * d[v];
+  }
+#pragma GCC unroll 32
+  for (int jj = 0; jj < J; jj++)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; v++) A[jj][v] = a[jj][v];
+}
+
+// A tile of output rows' input rows for one kernel row kh, each padded with a zero pixel on
+// both sides ([rows, W + 2, G·Ci]): a pixel's patch row then starts at padded column ox·s, and
+// every pixel of a row takes the same code. `valid[r]` is false where the input row lies in the
+// zero padding above or below the image.
+struct Tile {
+  std::vector<float> rows;
+  std::vector<char> valid;
+  long pitch = 0;  // floats per padded row
+};
+
+void fill_tile(const Shape& S, const float* x, long t0, long t1, long kh, Tile& T) {
+  const long cin = S.cin(), n = t1 - t0;
+  T.pitch = (S.W + 2) * cin;
+  if (static_cast<long>(T.rows.size()) < n * T.pitch) T.rows.resize(n * T.pitch);
+  T.valid.assign(n, 0);
+  for (long r = 0; r < n; r++) {
+    const long row = t0 + r, b = row / S.Ho, iy = (row % S.Ho) * S.stride + kh - 1;
+    if (iy < 0 || iy >= S.H) continue;
+    float* out = T.rows.data() + r * T.pitch;
+    std::memset(out, 0, cin * sizeof(float));
+    std::memcpy(out + cin, x + (b * S.H + iy) * S.W * cin, S.W * cin * sizeof(float));
+    std::memset(out + (S.W + 1) * cin, 0, cin * sizeof(float));
+    T.valid[r] = 1;
+  }
+}
+
+// One block of J patch values (at `offset` in a pixel's patch row) over the tile's output rows
+// t0 .. t1 − 1 of group g: the sums added to out [J, Co] (set when `first`).
+template <int V, int J>
+void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0, long t1,
+                 long offset, float* out, bool first) {
+  vf A[J][V];
+  for (int jj = 0; jj < J; jj++)
+    for (int v = 0; v < V; v++) A[jj][v] = first ? vf{} : ld(out + jj * S.Co + v * L);
+  const long cout = S.cout();
+  for (long r = 0; r < t1 - t0; r++) {
+    if (!T.valid[r]) continue;  // the zero padding: no contribution
+    accumulate<V, J>(A, T.rows.data() + r * T.pitch + offset, S.stride * S.cin(),
+                     dy + (t0 + r) * S.Wo * cout + g * S.Co, cout, S.Wo);
+  }
+  for (int jj = 0; jj < J; jj++)
+    for (int v = 0; v < V; v++) st(out + jj * S.Co + v * L, A[jj][v]);
+}
+
+// patch_block with J = jn (1 .. J), the blocks' size being a compile-time constant.
+template <int V, int J>
+void patch_block_of(long jn, const Shape& S, const Tile& T, const float* dy, long g, long t0,
+                    long t1, long offset, float* out, bool first) {
+  if (jn == J)
+    patch_block<V, J>(S, T, dy, g, t0, t1, offset, out, first);
+  else if constexpr (J > 1)
+    patch_block_of<V, J - 1>(jn, S, T, dy, g, t0, t1, offset, out, first);
+}
+
+// Output rows per tile: about TILE_FLOATS of ∂y and padded x, so that the passes over a tile
+// (one per block of patch values) read them from L2.
+long tile_rows(const Shape& S) {
+  return std::max<long>(1, TILE_FLOATS / (S.Wo * S.cout() + (S.W + 2) * S.cin()));
+}
+
+// One piece: output rows r0 .. r1 − 1 of group g, every weight of the group, into P [3, 3·Ci,
+// Co] (kernel row, then kw·Ci + ci), a tile at a time, rows in order.
+template <int V>
+void piece(const Shape& S, const float* x, const float* dy, long g, long r0, long r1, Tile& T,
+           float* P) {
+  constexpr int JM = MAX_ACCUMULATORS / V;
+  // G = 1: a patch row is one run of 3·Ci floats; else three runs of Ci (one per kw)
+  const long runs = S.G == 1 ? 1 : 3, length = S.G == 1 ? 3 * S.Ci : S.Ci;
+  for (long t0 = r0; t0 < r1; t0 += tile_rows(S)) {
+    const long t1 = std::min(r1, t0 + tile_rows(S));
+    for (long kh = 0; kh < 3; kh++) {
+      fill_tile(S, x, t0, t1, kh, T);
+      for (long run = 0; run < runs; run++)
+        for (long c0 = 0; c0 < length; c0 += JM) {
+          const long jn = std::min<long>(JM, length - c0);
+          const long offset = S.G == 1 ? c0 : run * S.cin() + g * S.Ci + c0;
+          float* out = P + (kh * 3 * S.Ci + run * S.Ci + c0) * S.Co;
+          patch_block_of<V, JM>(jn, S, T, dy, g, t0, t1, offset, out, t0 == r0);
+        }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+int metalstm_conv_abi() { return 1; }
+
+// ∂W [G·Co, Ci, 3, 3] of y = conv3x3(x, W, stride, padding 1, G groups) for ∂y; Co / 16 must
+// be 1, 2 or 4 (layers.py checks).
+void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long Wo, long Co,
+                                  long G, long stride, int threads, const float* x,
+                                  const float* dy, float* dw) {
+  const Shape S{B, H, W, Ci, Ho, Wo, Co, G, stride};
+  const long rows = B * Ho, size = 9 * Ci * Co;
+  // pieces per group: enough work each, at most MAX_PIECES in all, fixed by the shapes alone
+  const double work = double(rows) * Wo * size;
+  const long most = std::max<long>(1, MAX_PIECES / G);
+  const long pieces = std::min(rows, std::clamp<long>(long(std::ceil(work / PIECE_WORK)), 1, most));
+  const long tasks = G * pieces;
+  std::vector<float> partial(tasks * size);
+#pragma omp parallel num_threads(threads)
+  {
+    Tile T;
+#pragma omp for schedule(static)
+    for (long t = 0; t < tasks; t++) {
+      const long g = t / pieces, k = t % pieces;
+      const long r0 = rows * k / pieces, r1 = rows * (k + 1) / pieces;
+      float* P = partial.data() + t * size;
+      if (Co == L)
+        piece<1>(S, x, dy, g, r0, r1, T, P);
+      else if (Co == 2 * L)
+        piece<2>(S, x, dy, g, r0, r1, T, P);
+      else
+        piece<4>(S, x, dy, g, r0, r1, T, P);
+    }
+    // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]
+#pragma omp for schedule(static)
+    for (long g = 0; g < G; g++) {
+      const float* first = partial.data() + g * pieces * size;
+      for (long i = 0; i < size; i++) {  // i = ((kh·3 + kw)·Ci + ci)·Co + co
+        float total = first[i];
+        for (long k = 1; k < pieces; k++) total += first[k * size + i];
+        const long co = i % Co, ci = (i / Co) % Ci, tap = i / (Co * Ci);
+        dw[((g * Co + co) * Ci + ci) * 9 + tap] = total;
+      }
+    }
+  }
+}
+
+}  // extern "C"
