@@ -29,6 +29,7 @@ constexpr long L = 16;
 constexpr int MAX_ACCUMULATORS = 24;   // of 32 vector registers: J x V of them
 constexpr long MAX_PIECES = 16;        // pieces of the output rows (per group, at most)
 constexpr double PIECE_WORK = 1 << 21;  // multiply-adds a piece should hold at least
+constexpr long STRETCH = 1024;           // weights per thread's share of adding the pieces
 constexpr long TILE_FLOATS = 1 << 16;    // x and ∂y floats of a tile of output rows (256 KB)
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
@@ -167,15 +168,19 @@ void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long
   const long most = std::max<long>(1, MAX_PIECES / G);
   const long pieces = std::min(rows, std::clamp<long>(long(std::ceil(work / PIECE_WORK)), 1, most));
   const long tasks = G * pieces;
-  std::vector<float> partial(tasks * size);
+  // the pieces' sums; kept from call to call (every value is written before it is read), as is
+  // each thread's tile: no allocation or zero-filling per call
+  static thread_local std::vector<float> sums;
+  if (static_cast<long>(sums.size()) < tasks * size) sums.resize(tasks * size);
+  float* const partial = sums.data();
 #pragma omp parallel num_threads(threads)
   {
-    Tile T;
+    static thread_local Tile T;
 #pragma omp for schedule(static)
     for (long t = 0; t < tasks; t++) {
       const long g = t / pieces, k = t % pieces;
       const long r0 = rows * k / pieces, r1 = rows * (k + 1) / pieces;
-      float* P = partial.data() + t * size;
+      float* P = partial + t * size;
       if (Co == L)
         piece<1>(S, x, dy, g, r0, r1, T, P);
       else if (Co == 2 * L)
@@ -183,13 +188,16 @@ void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long
       else
         piece<4>(S, x, dy, g, r0, r1, T, P);
     }
-    // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]
+    // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3], a stretch of weights at a
+    // time on each thread
+    const long stretches = (G * size + STRETCH - 1) / STRETCH;
 #pragma omp for schedule(static)
-    for (long g = 0; g < G; g++) {
-      const float* first = partial.data() + g * pieces * size;
-      for (long i = 0; i < size; i++) {  // i = ((kh·3 + kw)·Ci + ci)·Co + co
-        float total = first[i];
-        for (long k = 1; k < pieces; k++) total += first[k * size + i];
+    for (long e = 0; e < stretches; e++) {
+      for (long w = e * STRETCH; w < std::min(G * size, (e + 1) * STRETCH); w++) {
+        const long g = w / size, i = w % size;  // i = ((kh·3 + kw)·Ci + ci)·Co + co
+        const float* first = partial + g * pieces * size + i;
+        float total = first[0];
+        for (long k = 1; k < pieces; k++) total += first[k * size];
         const long co = i % Co, ci = (i / Co) % Ci, tap = i / (Co * Ci);
         dw[((g * Co + co) * Ci + ci) * 9 + tap] = total;
       }
