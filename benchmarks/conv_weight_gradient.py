@@ -17,13 +17,12 @@ the same bits. The last line names the CPU: timings compare only within one run.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import Tensor
 
+from grouped_conv import median_ms
 from metalstm import layers
 from metalstm.allocator import keep_freed_memory
 from metalstm.bench import cpu_name
@@ -40,17 +39,6 @@ SHAPES = [
     ("28x28 Omniglot, layer 1, 75 query images", 75, 1, 28, 64),
     ("28x28 Omniglot, layer 2, 75 query images", 75, 64, 14, 64),
 ]
-
-
-def milliseconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * sorted(times)[len(times) // 2]
 
 
 def onednn(x: Tensor, weight: Tensor, d_y: Tensor) -> Tensor:
@@ -92,9 +80,9 @@ def main() -> None:
         d_y = d_y.contiguous(memory_format=torch.channels_last)
         theirs, mine = partial(onednn, x, weight, d_y), partial(native, x, weight, d_y)
         with layers.single_threaded(x.device):
-            one = milliseconds(theirs, args.repeats)
-        every = milliseconds(theirs, args.repeats)
-        ours = milliseconds(mine, args.repeats)
+            one = median_ms(theirs, args.repeats)
+        every = median_ms(theirs, args.repeats)
+        ours = median_ms(mine, args.repeats)
         exact = onednn(x.double(), weight.double(), d_y.double())
         errors = (
             relative_error(native(x, weight, d_y), exact),
