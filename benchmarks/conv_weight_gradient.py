@@ -36,6 +36,8 @@ SHAPES = [
     ("84x84 RGB, layer 3, 75 query images", 75, 32, 21, 32),
     ("28x28 Omniglot, layer 1, 5 support images", 5, 1, 28, 64),
     ("28x28 Omniglot, layer 2, 5 support images", 5, 64, 14, 64),
+    ("28x28 Omniglot, layer 3, 5 support images", 5, 64, 7, 64),
+    ("28x28 Omniglot, layer 4, 5 support images", 5, 64, 3, 64),
     ("28x28 Omniglot, layer 1, 75 query images", 75, 1, 28, 64),
     ("28x28 Omniglot, layer 2, 75 query images", 75, 64, 14, 64),
 ]
