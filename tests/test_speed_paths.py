@@ -470,6 +470,33 @@ def test_native_step_is_the_same_for_any_thread_count() -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("n", [37, 1300])
+def test_native_step_skips_the_zero_state_with_the_same_numbers(n: int) -> None:
+    """At t = 1 the cell's h and c are zero_state (one expanded zero): the native step reads
+    neither and skips their products with W, giving the bits stored zeros give, forward and
+    backward; an expanded non-zero is not taken for zeros."""
+    hidden = 20
+    inputs = step_inputs(n, hidden)
+    state = MetaLearnerCell(inputs[3], hidden).initial_state()
+    assert ml.is_zero_state(state.hidden) and ml.is_zero_state(state.cell)
+    with pytest.raises(RuntimeError):
+        state.hidden.add_(1.0)  # no memory of its own to write into
+    incoming = [torch.ones(n), torch.ones(2, n), torch.ones(hidden, n), torch.ones(hidden, n), None]
+    for value in (0.0, 0.75):
+        expanded, stored = list(inputs), list(inputs)
+        for k in (1, 2):
+            expanded[k] = torch.full((1, 1), value).expand(hidden, n)
+            stored[k] = torch.full((hidden, n), value)
+        assert ml.is_zero_state(expanded[1]) == (value == 0.0) and not ml.is_zero_state(stored[1])
+        a = native.step_forward(hidden, *expanded)
+        b = native.step_forward(hidden, *stored)
+        back_a = native.step_backward(hidden, saved_for_backward(a), *incoming, (True, True))
+        back_b = native.step_backward(hidden, saved_for_backward(b), *incoming, (True, True))
+        for x, y in zip([*a[:5], *back_a], [*b[:5], *back_b]):
+            assert (x is None and y is None) or torch.equal(x, y)
+
+
+@needs_native
 def test_native_kernels_run_float32_cpu_and_leave_float64_to_eager() -> None:
     inputs = step_inputs(40, 20, dtype=F64)
     for a, b in zip(native.step_forward(20, *inputs), ml.step_forward(20, *inputs)):

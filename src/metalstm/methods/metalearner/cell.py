@@ -29,6 +29,7 @@ from .kernels import (
     compiled_kernels,
     flushing_denormals,
     preprocess_rows,
+    zero_state,
 )
 
 
@@ -78,10 +79,12 @@ class MetaLearnerCell(nn.Module):
         return self.init(self.theta0)
 
     def init(self, theta0: Tensor) -> CellState:
-        """Update-rule ``init`` (:mod:`metalstm.inner_loop`): θ_0 with zero gates and LSTM state."""
-        n, hidden = theta0.shape[0], self.hidden_size
-        zeros = theta0.new_zeros
-        return CellState(theta0, zeros(2, n), zeros(hidden, n), zeros(hidden, n))
+        """Update-rule ``init`` (:mod:`metalstm.inner_loop`): θ_0 with zero gate logits and LSTM
+        state, the latter as :func:`.kernels.zero_state` (no [2H, n] of zeros to write, and the
+        native kernels skip their products)."""
+        hidden = self.hidden_size
+        zeros = theta0.new_zeros(2, theta0.shape[0])
+        return CellState(theta0, zeros, zero_state(theta0, hidden), zero_state(theta0, hidden))
 
     def update(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
         """Update-rule ``update``: one inner step; the info is the gates σ(f_t), σ(i_t) [2, n]."""

@@ -47,6 +47,18 @@ def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
     return torch.stack(_preprocess_parts(x, p))
 
 
+def zero_state(like: Tensor, rows: int) -> Tensor:
+    """Zeros [rows, n] (n = ``like``'s length) that take no memory: one zero expanded, so that
+    nothing is written to make them, and the native step (:mod:`.native`) knows them for zeros
+    without reading them (the LSTM's state at t = 0). Writing into them in place is an error."""
+    return like.new_zeros(1, 1).expand(rows, like.shape[0])
+
+
+def is_zero_state(t: Tensor) -> bool:
+    """Whether ``t`` is a :func:`zero_state` (one stored zero, expanded)."""
+    return t.dim() == 2 and t.stride() == (0, 0) and t.numel() > 0 and not t[0, 0].item()
+
+
 # -- the fused inner step --------------------------------------------------------------------------
 # Both layers of one inner step as a single autograd node with a hand-written backward. Autograd
 # over the plain formulation records ~25 element-wise nodes per step on [H, n] tensors, each a

@@ -80,13 +80,15 @@ def step_forward(
     :func:`step_backward` needs: the step's inputs and layer 2's gates, nothing written for it
     (the backward computes layer 1's gate activations, c_t, tanh c_t and h_t again from the
     inputs, where the eager kernels keep [6H + 2, n] more per step). ``keep=False`` (evaluation)
-    returns only the five outputs. Other dtypes and devices, and large hidden sizes, run the
-    eager kernels."""
+    returns only the five outputs. h and c as :func:`.kernels.zero_state` makes them (t = 1) are not
+    read, and their products with W are skipped: the same numbers as with stored zeros. Other
+    dtypes and devices, and large hidden sizes, run the eager kernels."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not applies(*inputs) or hidden > MAX_HIDDEN:
         out = kernels.step_forward(hidden, *inputs)
         return out if keep else out[:5]
-    pointers = [t.detach().contiguous() for t in inputs]  # alive through the call; some are saved
+    # alive through the call; some are saved. contiguous() leaves a zero state as it is.
+    pointers = [t.detach() if kernels.is_zero_state(t) else t.detach().contiguous() for t in inputs]
     n = theta.shape[0]
     empty = theta.new_empty
     outputs = (empty(n), empty(2, n), empty(hidden, n), empty(hidden, n), empty(2, n))
@@ -94,7 +96,7 @@ def step_forward(
         n,
         hidden,
         torch.get_num_threads(),
-        *(t.data_ptr() for t in pointers),
+        *(None if kernels.is_zero_state(t) else t.data_ptr() for t in pointers),
         *(t.data_ptr() for t in outputs),
     )
     if not keep:

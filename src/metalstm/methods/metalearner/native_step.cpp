@@ -210,22 +210,23 @@ struct Params {
 
 // Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of one vector
 // of coordinates, from its input x = [features; h] [2 + H]: the pre-activations eight rows at a
-// time (independent FMA chains), then four (4H is a multiple of 4).
-void layer1_gates(const Params& P, const vf* x, vf* act) {
+// time (independent FMA chains), then four (4H is a multiple of 4). `width` = 2: h = 0 (the
+// initial state), whose products add exact zeros and are skipped.
+void layer1_gates(const Params& P, const vf* x, vf* act, long width) {
   const long H = P.H, X = 2 + H, R = 4 * H;
   long r = 0;
   for (; r + 8 <= R; r += 8) {
     const float* w = P.W + r * X;
     vf a[8];
     for (long q = 0; q < 8; q++) a[q] = splat(P.b[r + q]);
-    for (long k = 0; k < X; k++)
+    for (long k = 0; k < width; k++)
       for (long q = 0; q < 8; q++) a[q] += w[q * X + k] * x[k];
     for (long q = 0; q < 8; q++) act[r + q] = a[q];
   }
   for (; r < R; r += 4) {
     const float* w = P.W + r * X;
     vf a0 = splat(P.b[r]), a1 = splat(P.b[r + 1]), a2 = splat(P.b[r + 2]), a3 = splat(P.b[r + 3]);
-    for (long k = 0; k < X; k++) {
+    for (long k = 0; k < width; k++) {
       a0 += w[k] * x[k];
       a1 += w[X + k] * x[k];
       a2 += w[2 * X + k] * x[k];
@@ -249,12 +250,14 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&ou
   const long H = P.H, X = 2 + H;
   vf x[2 + MAX_H], act[4 * MAX_H];
   for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
-  for (long k = 0; k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
-  layer1_gates(P, x, act);
-  // c_t = f ⊙ c_{t-1} + i ⊙ g, h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
+  for (long k = 0; ip[F_H] && k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
+  layer1_gates(P, x, act, ip[F_H] ? X : 2);
+  // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number), h_t = o ⊙ tanh c_t;
+  // layer 2's logits from h_t on the way.
   vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
   for (long k = 0; k < H; k++) {
-    vf cn = act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k];
+    vf cn = ip[F_C] ? act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k]
+                    : act[k] * act[3 * H + k];
     vf hn = act[2 * H + k] * vtanh(cn);
     st(op[F_C_NEW] + k * s + j, cn);
     st(op[F_H_NEW] + k * s + j, hn);
@@ -332,7 +335,7 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
   vf x[2 + MAX_H], act[4 * MAX_H], dz[4 * MAX_H];
   for (long k = 0; k < 2; k++) x[k] = row(B_FEATURES, k);
   for (long k = 0; k < H; k++) x[2 + k] = row(B_H, k);
-  layer1_gates(P, x, act);
+  layer1_gates(P, x, act, X);
   for (long k = 0; k < H; k++) {
     vf i = act[k], f = act[H + k], o = act[2 * H + k], g = act[3 * H + k], c = row(B_C, k);
     vf tc = vtanh(f * c + i * g);  // tanh c_t
@@ -430,7 +433,7 @@ int metalstm_native_abi() { return 3; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
 // The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
-// what it needs again from the inputs).
+// what it needs again from the inputs). h and c null: the initial state, zeros (not read).
 void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
                            const float* c, const float* theta, const float* prev_logits,
                            const float* grad, const float* W, const float* b, const float* W2,
