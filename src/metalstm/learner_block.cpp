@@ -75,10 +75,24 @@ struct Pixels {
   }
 };
 
+// Window r = (b · Ho + i) · Wo + j of an [B, Ho, Wo] grid, followed from one window to the next
+// by counting (integer divisions, tens of cycles each, once per run of windows only).
+struct WindowCursor {
+  long Ho, Wo, b, i, j;
+  WindowCursor(long Ho, long Wo, long r) : Ho(Ho), Wo(Wo), b(r / (Ho * Wo)), i(r / Wo % Ho), j(r % Wo) {}
+  void next() {
+    if (++j < Wo) return;
+    j = 0;
+    if (++i < Ho) return;
+    i = 0, b++;
+  }
+};
+
 long blocks_of(long rows) { return (rows + ROWS - 1) / ROWS; }
 
-// total[0 .. width) = Σ over rows r of the vectors f(r, acc) adds into acc[0 .. width / 8), in
-// double: blocks of ROWS rows summed in parallel, then added in block order.
+// total[0 .. width) = Σ over rows r of the vectors f(first, last, acc) adds into
+// acc[0 .. width / 8) for rows first .. last − 1 in order, in double: blocks of ROWS rows summed
+// in parallel, then added in block order.
 template <class F>
 void channel_sums(long rows, long width, int threads, F f, double* total) {
   const long blocks = blocks_of(rows), vectors = width / LANES;
@@ -86,8 +100,7 @@ void channel_sums(long rows, long width, int threads, F f, double* total) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long blk = 0; blk < blocks; blk++) {
     vd acc[2 * MAX_VECTORS] = {};
-    const long end = std::min(rows, (blk + 1) * ROWS);
-    for (long r = blk * ROWS; r < end; r++) f(r, acc);
+    f(blk * ROWS, std::min(rows, (blk + 1) * ROWS), acc);
     std::memcpy(partial.data() + blk * width, acc, vectors * sizeof(vd));
   }
   std::fill(total, total + width, 0.0);
@@ -104,12 +117,13 @@ void batch_statistics(long pixels, long C, int threads, const float* x, float ep
   vd shift[MAX_VECTORS];
   for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
   std::vector<double> sums(2 * C);  // Σ (x − K): [0 .. C), Σ (x − K)²: [C .. 2C)
-  channel_sums(pixels, 2 * C, threads, [&](long r, vd* acc) {
-    for (long v = 0; v < V; v++) {
-      const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
-      acc[v] += d;
-      acc[V + v] += d * d;
-    }
+  channel_sums(pixels, 2 * C, threads, [&](long first, long last, vd* acc) {
+    for (long r = first; r < last; r++)
+      for (long v = 0; v < V; v++) {
+        const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
+        acc[v] += d;
+        acc[V + v] += d * d;
+      }
   }, sums.data());
   for (long c = 0; c < C; c++) {
     const double d = sums[c] / pixels, v = std::max(sums[C + c] / pixels - d * d, 0.0);
@@ -183,10 +197,9 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
     x_at = w.x[0];
     for (int q = 1; q < 4; q++) x_at = w.at == q ? w.x[q] : x_at;
   };
-  // ∂x of window r's four pixels, the constant k ∂y at its maximum and 0 elsewhere (given
-  // statistics): dx[q] + v * LANES.
-  auto window_gradients = [&](long r, float* (&dx)[4]) {
-    const long b = r / (Ho * Wo), i = (r / Wo) % Ho, j = r % Wo;
+  // ∂x of window (b, i, j)'s four pixels, the constant k ∂y at its maximum and 0 elsewhere
+  // (given statistics): dx[q] + v * LANES.
+  auto window_gradients = [&](long b, long i, long j, float* (&dx)[4]) {
     const long base = ((b * H + 2 * i) * W + 2 * j) * C;
     dx[0] = d_x + base, dx[1] = d_x + base + C, dx[2] = d_x + base + W * C;
     dx[3] = d_x + base + (W + 1) * C;
@@ -194,19 +207,22 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
   // Σ ∂y and Σ ∂y (x − μ) per channel: sums[0 .. C) and sums[C .. 2C); with given statistics
   // the windows' ∂x in the same pass.
   std::vector<double> sums(2 * C);
-  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long r, vd* acc) {
-    const float* p[4];
-    px.of(x, r / (Ho * Wo), (r / Wo) % Ho, r % Wo, p);
-    float* dx[4];
-    if (given) window_gradients(r, dx);
-    for (long v = 0; v < V; v++) {
-      const Window win = window(p, v, A);
-      vf dy, x_at;
-      pooled_gradient(win, d_out + r * C + v * LANES, dy, x_at);
-      acc[v] += wide(dy);
-      acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
-      if (given)
-        for (int q = 0; q < 4; q++) st(dx[q] + v * LANES, win.at == q ? A.k[v] * dy : vf{});
+  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
+    WindowCursor at(Ho, Wo, first);
+    for (long r = first; r < last; r++, at.next()) {
+      const float* p[4];
+      px.of(x, at.b, at.i, at.j, p);
+      float* dx[4];
+      if (given) window_gradients(at.b, at.i, at.j, dx);
+      for (long v = 0; v < V; v++) {
+        const Window win = window(p, v, A);
+        vf dy, x_at;
+        pooled_gradient(win, d_out + r * C + v * LANES, dy, x_at);
+        acc[v] += wide(dy);
+        acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
+        if (given)
+          for (int q = 0; q < 4; q++) st(dx[q] + v * LANES, win.at == q ? A.k[v] * dy : vf{});
+      }
     }
   }, sums.data());
   // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂) through the
@@ -238,7 +254,7 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
         const float* p[4];
         px.of(x, b, i, j, p);
         float* dx[4];
-        window_gradients((b * Ho + i) * Wo + j, dx);
+        window_gradients(b, i, j, dx);
         const float* d = d_out + ((b * Ho + i) * Wo + j) * C;
         for (long v = 0; v < V; v++) {
           const Window win = window(p, v, A);
