@@ -40,17 +40,13 @@ struct Shape {
   long cout() const { return G * Co; }
 };
 
-// A[jj][v] += x[jj] · dy[v] for `count` pixels: J patch values at xs (advancing x_step floats
+// a[jj][v] += x[jj] · dy[v] for `count` pixels: J patch values at xs (advancing x_step floats
 // per pixel) times V gradient vectors at ds (advancing d_step). The loops over jj and v are
-// unrolled, so that the J x V sums stay in registers through the pixels.
+// unrolled, so that the J x V sums stay in registers through the pixels, and from one call to
+// the next when inlined in a loop (patch_block's over rows).
 template <int V, int J>
-inline void accumulate(vf (&A)[J][V], const float* xs, long x_step, const float* ds, long d_step,
+inline void accumulate(vf (&a)[J][V], const float* xs, long x_step, const float* ds, long d_step,
                        long count) {
-  vf a[J][V];
-#pragma GCC unroll 32
-  for (int jj = 0; jj < J; jj++)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; v++) a[jj][v] = A[jj][v];
   for (long p = 0; p < count; p++, xs += x_step, ds += d_step) {
     vf d[V];
 #pragma GCC unroll 8
@@ -60,10 +56,6 @@ inline void accumulate(vf (&A)[J][V], const float* xs, long x_step, const float*
 #pragma GCC unroll 8
       for (int v = 0; v < V; v++) a[jj][v] += xs[jj] * d[v];
   }
-#pragma GCC unroll 32
-  for (int jj = 0; jj < J; jj++)
-#pragma GCC unroll 8
-    for (int v = 0; v < V; v++) A[jj][v] = a[jj][v];
 }
 
 // A tile of output rows' input rows for one kernel row kh, each padded with a zero pixel on
@@ -98,7 +90,9 @@ template <int V, int J>
 void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0, long t1,
                  long offset, float* out, bool first) {
   vf A[J][V];
+#pragma GCC unroll 32
   for (int jj = 0; jj < J; jj++)
+#pragma GCC unroll 8
     for (int v = 0; v < V; v++) A[jj][v] = first ? vf{} : ld(out + jj * S.Co + v * L);
   const long cout = S.cout();
   for (long r = 0; r < t1 - t0; r++) {
@@ -106,7 +100,9 @@ void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0
     accumulate<V, J>(A, T.rows.data() + r * T.pitch + offset, S.stride * S.cin(),
                      dy + (t0 + r) * S.Wo * cout + g * S.Co, cout, S.Wo);
   }
+#pragma GCC unroll 32
   for (int jj = 0; jj < J; jj++)
+#pragma GCC unroll 8
     for (int v = 0; v < V; v++) st(out + jj * S.Co + v * L, A[jj][v]);
 }
 
@@ -149,6 +145,35 @@ void piece(const Shape& S, const float* x, const float* dy, long g, long r0, lon
   }
 }
 
+constexpr long CHANNEL_BLOCK = 16;  // input channels per unit of adding the pieces
+long channel_blocks(long Ci) { return (Ci + CHANNEL_BLOCK - 1) / CHANNEL_BLOCK; }
+
+// The pieces' sums P_k [3, 3·Ci, Co] of group g added in order (k = 0, 1, ...) for the input
+// channels of block `block`, into PyTorch's dW [G·Co, Ci, 3, 3]. Through a tile [ci, tap, Co] in
+// L1, so that both the pieces' sums (contiguous in co) and dW (contiguous in ci and tap) are read
+// and written in order: scattering each sum to its place in dW cost more than the sums.
+void add_pieces(const Shape& S, const float* partial, long pieces, long g, long block,
+                float* dw) {
+  const long Ci = S.Ci, Co = S.Co, size = 9 * Ci * Co;
+  const long c0 = block * CHANNEL_BLOCK, cn = std::min(CHANNEL_BLOCK, Ci - c0);
+  float tile[CHANNEL_BLOCK * 9 * 4 * L];  // [ci, tap, Co], Co ≤ 4 L
+  const float* sums = partial + g * pieces * size;
+  for (long ci = 0; ci < cn; ci++)
+    for (long tap = 0; tap < 9; tap++) {
+      const float* first = sums + (tap * Ci + c0 + ci) * Co;
+      float* t = tile + (ci * 9 + tap) * Co;
+      for (long co = 0; co < Co; co += L) {
+        vf total = ld(first + co);
+        for (long k = 1; k < pieces; k++) total += ld(first + k * size + co);
+        st(t + co, total);
+      }
+    }
+  for (long co = 0; co < Co; co++) {
+    float* out = dw + ((g * Co + co) * Ci + c0) * 9;  // cn · 9 consecutive weights
+    for (long e = 0; e < cn * 9; e++) out[e] = tile[e * Co + co];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -187,21 +212,10 @@ void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long
       else
         piece<4>(S, x, dy, g, r0, r1, T, P);
     }
-    // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]: each thread takes runs of the
-    // Co weights of one (group, tap, input channel), contiguous in the pieces' sums; indices
-    // from a run's number once, not per weight (an integer division per index, as before, took
-    // longer than the sums for 64 filters on 5 images)
+    // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]
 #pragma omp for schedule(static)
-    for (long run = 0; run < G * 9 * Ci; run++) {
-      const long g = run / (9 * Ci), tap = run / Ci % 9, ci = run % Ci;
-      const float* first = partial + g * pieces * size + (tap * Ci + ci) * Co;
-      float* out = dw + (g * Co * Ci + ci) * 9 + tap;
-      for (long co = 0; co < Co; co++) {
-        float total = first[co];
-        for (long k = 1; k < pieces; k++) total += first[k * size + co];
-        out[co * Ci * 9] = total;
-      }
-    }
+    for (long unit = 0; unit < G * channel_blocks(Ci); unit++)
+      add_pieces(S, partial, pieces, unit / channel_blocks(Ci), unit % channel_blocks(Ci), dw);
   }
 }
 
