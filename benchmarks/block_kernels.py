@@ -16,15 +16,13 @@ last line names the CPU: timings compare only within one run.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from grouped_conv import median_ms
+from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
-from metalstm.allocator import keep_freed_memory
 from metalstm.bench import cpu_name
 
 EPS = 1e-5
@@ -94,12 +92,7 @@ def row(label: str, images: int, channels: int, side: int, repeats: int) -> list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
+    args = kernel_arguments(__doc__)
     print(f"kernels: {layers.block_kernels()}\n")
     print(
         "| block | PyTorch: forward / backward (ms) | native: forward / backward (ms) | native: "

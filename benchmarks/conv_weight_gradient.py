@@ -16,15 +16,13 @@ the same bits. The last line names the CPU: timings compare only within one run.
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
 from torch import Tensor
 
-from grouped_conv import median_ms
+from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
-from metalstm.allocator import keep_freed_memory
 from metalstm.bench import cpu_name
 
 # (label, images, C_in, side, C_out)
@@ -60,12 +58,7 @@ def relative_error(got: Tensor, exact: Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    keep_freed_memory()
-    torch.set_num_threads(args.threads)
+    args = kernel_arguments(__doc__)
     print(f"kernel: {layers.conv_kernels()}\n")
     print(
         f"| convolution | oneDNN, 1 thread | oneDNN, {args.threads} threads | native, "
