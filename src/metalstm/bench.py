@@ -142,8 +142,8 @@ class SyntheticEpisodes:
     episode as cheap as it gets, so the benchmark measures the algorithm. Each episode's images
     are a random draw from a pool of POOL episodes' worth made once, gathered from memory as
     :class:`metalstm.data.EpisodeSampler` gathers them from its in-memory arrays (drawing 2.1
-    million new random numbers for each 84x84 episode took 5 ms on the Xeon, more than the
-    gather)."""
+    million new random numbers for each 84x84 5-shot episode took 5.7 ms on the Xeon, the
+    gather 1.1 ms)."""
 
     POOL = 2  # episodes' worth of images in the pool
 

@@ -79,7 +79,8 @@ struct Pixels {
 // by counting (integer divisions, tens of cycles each, once per run of windows only).
 struct WindowCursor {
   long Ho, Wo, b, i, j;
-  WindowCursor(long Ho, long Wo, long r) : Ho(Ho), Wo(Wo), b(r / (Ho * Wo)), i(r / Wo % Ho), j(r % Wo) {}
+  WindowCursor(long Ho, long Wo, long r)
+      : Ho(Ho), Wo(Wo), b(r / (Ho * Wo)), i(r / Wo % Ho), j(r % Wo) {}
   void next() {
     if (++j < Wo) return;
     j = 0;

@@ -87,8 +87,11 @@ def step_forward(
     if not applies(*inputs) or hidden > MAX_HIDDEN:
         out = kernels.step_forward(hidden, *inputs)
         return out if keep else out[:5]
-    # alive through the call; some are saved. contiguous() leaves a zero state as it is.
-    pointers = [t.detach() if kernels.is_zero_state(t) else t.detach().contiguous() for t in inputs]
+    # Only h and c (positions 1, 2) may be passed as zeros by a null pointer; a zero state is
+    # kept as it is (contiguous() would write it out), every other input made contiguous. All
+    # stay alive through the call; some are saved.
+    zero = [k in (1, 2) and kernels.is_zero_state(t) for k, t in enumerate(inputs)]
+    pointers = [t.detach() if z else t.detach().contiguous() for t, z in zip(inputs, zero)]
     n = theta.shape[0]
     empty = theta.new_empty
     outputs = (empty(n), empty(2, n), empty(hidden, n), empty(hidden, n), empty(2, n))
@@ -96,7 +99,7 @@ def step_forward(
         n,
         hidden,
         torch.get_num_threads(),
-        *(None if kernels.is_zero_state(t) else t.data_ptr() for t in pointers),
+        *(None if z else t.data_ptr() for t, z in zip(pointers, zero)),
         *(t.data_ptr() for t in outputs),
     )
     if not keep:

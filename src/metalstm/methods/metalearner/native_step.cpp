@@ -252,8 +252,8 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&ou
   for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
   for (long k = 0; ip[F_H] && k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
   layer1_gates(P, x, act, ip[F_H] ? X : 2);
-  // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number), h_t = o ⊙ tanh c_t;
-  // layer 2's logits from h_t on the way.
+  // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number),
+  // h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
   vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
   for (long k = 0; k < H; k++) {
     vf cn = ip[F_C] ? act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k]
