@@ -46,6 +46,8 @@ OPTIMIZER = "optimizer: zero_grad, clipping, Adam"
 SAMPLING = "episode sampling"
 OTHER = "other"
 PARTS = (SUPPORT, LSTM_FORWARD, LSTM_BACKWARD, QUERY, QUERY_BACKWARD, OPTIMIZER, SAMPLING, OTHER)
+# The meta-learner's backward nodes: one per step, or one per first-order chain of steps.
+LSTM_BACKWARD_NODES = ("CellStepBackward", "ChainedStepsBackward")
 
 
 def labelled(label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -81,7 +83,7 @@ def part_of(event: FunctionEvent) -> str:
             part = node.name
         elif node.name.startswith("Optimizer."):
             part = OPTIMIZER
-        cell_backward = cell_backward or "CellStepBackward" in node.name
+        cell_backward = cell_backward or any(name in node.name for name in LSTM_BACKWARD_NODES)
         backward = backward or node.name.startswith("autograd::engine")
         node = node.cpu_parent
     if part is not None:

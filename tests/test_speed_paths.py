@@ -37,6 +37,7 @@ from metalstm.data import Episode
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
 from metalstm.methods.metalearner import CellState, MetaLearnerCell, native, preprocess
 from metalstm.methods.metalearner import kernels as ml
+from metalstm.methods.metalearner.cell import ChainedState
 
 F64 = torch.float64
 
@@ -521,6 +522,61 @@ def test_native_meta_gradient_matches_eager_in_float32(monkeypatch: pytest.Monke
     for name in eager:
         assert not torch.equal(fused[name], eager[name])  # two computations, not one twice
         assert_close(fused[name], eager[name], rtol=1e-4)
+
+
+def counting_chain(calls: list[int]) -> ml.StepKernels:
+    """The native kernels, recording the number of steps of every chain backward they run."""
+
+    def chain(hidden: int, steps: tuple[tuple[Tensor, ...], ...], d_theta: Tensor) -> Any:
+        calls.append(len(steps))
+        return native.chain_backward(hidden, steps, d_theta)
+
+    return replace(native.NATIVE_KERNELS, chain=chain)
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "changes", [{"inner_steps": 1}, {"inner_steps": 5, "head_init": "prototypes"}]
+)
+def test_first_order_steps_are_one_backward_with_the_same_bits(
+    changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """First-order, θ_T's T native steps are one autograd node whose backward keeps the
+    gradients passed between steps in cache: every meta-gradient has the bits of T nodes, one
+    per step, on 1, 2 and 3 threads (θ_0 through the prototype head included)."""
+    cfg = config(filters=8, **changes)
+    model = perturbed_model(cfg).float()
+    ep = episode(cfg, dtype=torch.float32)
+    calls: list[int] = []
+    chained, per_step = counting_chain(calls), replace(native.NATIVE_KERNELS, chain=None)
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(native, "default_kernels", lambda: chained)
+        one = grads(model, model.meta_loss(ep).loss)
+        monkeypatch.setattr(native, "default_kernels", lambda: per_step)
+        each = grads(model, model.meta_loss(ep).loss)
+        for name in one:
+            assert torch.equal(one[name], each[name]), name
+    torch.set_num_threads(1)
+    assert calls == [cfg.settings.inner_steps] * 3
+
+
+@needs_native
+def test_second_order_steps_are_not_chained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With g_t differentiated each step stays its own node (no chain backward runs), and a
+    chain of first-order steps refuses to go on with a second-order one."""
+    cfg = config(filters=8, inner_steps=2, second_order=True)
+    model = perturbed_model(cfg).float()
+    calls: list[int] = []
+    monkeypatch.setattr(native, "default_kernels", lambda: counting_chain(calls))
+    model.meta_loss(episode(cfg, dtype=torch.float32)).loss.backward()
+    assert calls == []
+    cell = model.cell
+    n = cell.theta0.shape[0]
+    state, _ = cell.update(cell.initial_state(), torch.tensor(0.5), torch.randn(n))
+    assert isinstance(state, ChainedState) and len(state.chain.steps) == 1
+    with pytest.raises(RuntimeError, match="second-order"):
+        cell.update(state, torch.tensor(0.5), torch.randn(n, requires_grad=True))
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ two-layer, coordinate-wise LSTM. At inner step t, for every coordinate independe
        θ_t = σ(f_t) ⊙ θ_{t-1} − σ(i_t) ⊙ g_t
    where f_{t-1}, i_{t-1} are the previous gate logits (0 at t = 1) and θ_0 = c_0 is learned.
 
-One step of both layers is one autograd node (:mod:`.kernels`).
+One step of both layers is one autograd node (:mod:`.kernels`); first-order, with the native
+kernels, steps 1 .. T are one node whose backward runs the T steps per block of coordinates.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from . import native
 from .kernels import (
     CellStep,
+    Chain,
+    ChainedSteps,
     StepKernels,
     compiled_kernels,
     flushing_denormals,
@@ -45,6 +48,14 @@ class CellState:
     gate_logits: Tensor  # [2, n] previous forget and input logits (f_{t-1}, i_{t-1})
     hidden: Tensor  # [H, n] layer-1 LSTM hidden state
     cell: Tensor  # [H, n] layer-1 LSTM cell state
+
+
+@dataclass
+class ChainedState(CellState):
+    """A state whose steps so far may be differentiated as one chain (MetaLearnerCell.forward):
+    what :meth:`MetaLearnerCell.init` makes when gradients are enabled."""
+
+    chain: Chain
 
 
 class MetaLearnerCell(nn.Module):
@@ -81,10 +92,14 @@ class MetaLearnerCell(nn.Module):
     def init(self, theta0: Tensor) -> CellState:
         """Update-rule ``init`` (:mod:`metalstm.inner_loop`): θ_0 with zero gate logits and LSTM
         state, the latter as :func:`.kernels.zero_state` (no [2H, n] of zeros to write, and the
-        native kernels skip their products)."""
+        native kernels skip their products). With gradients enabled the steps may form one
+        chain for the meta-gradient (:meth:`forward`)."""
         hidden = self.hidden_size
         zeros = theta0.new_zeros(2, theta0.shape[0])
-        return CellState(theta0, zeros, zero_state(theta0, hidden), zero_state(theta0, hidden))
+        h0, c0 = zero_state(theta0, hidden), zero_state(theta0, hidden)
+        if torch.is_grad_enabled():
+            return ChainedState(theta0, zeros, h0, c0, Chain(theta0))
+        return CellState(theta0, zeros, h0, c0)
 
     def update(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
         """Update-rule ``update``: one inner step; the info is the gates σ(f_t), σ(i_t) [2, n]."""
@@ -96,6 +111,9 @@ class MetaLearnerCell(nn.Module):
         Computed by :func:`step_forward` as one autograd node whose backward is
         :func:`step_backward` (the plain formulation under autograd gives the same numbers,
         several times slower); without a meta-graph (evaluation) nothing is kept for a backward.
+        First-order from a state :meth:`init` made, where the kernels have a ``chain`` (native),
+        θ_t is instead one node over steps 1 .. t (:class:`.kernels.ChainedSteps`, the same
+        numbers) and the other outputs carry no graph: nothing but θ_t is differentiated.
         """
         hidden, w = self.hidden_size, self.lstm_weight
         # Inputs of layer 1. The two loss features are the same for every coordinate, so their
@@ -106,12 +124,57 @@ class MetaLearnerCell(nn.Module):
         weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
         args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
         params = (weight, bias, self.gate_weight, self.gate_bias)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params)):
-            theta, logits, h, cell, gates = CellStep.apply(self._kernels(), hidden, *args, *params)
-        else:  # no meta-graph wanted (evaluation): the same arithmetic, nothing kept
-            with flushing_denormals():
-                theta, logits, h, cell, gates = self._kernels().inference(hidden, *args, *params)
+        kernels = self._kernels()
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params))):
+            with flushing_denormals():  # no meta-graph wanted (evaluation): nothing kept
+                theta, logits, h, cell, gates = kernels.inference(hidden, *args, *params)
+            return CellState(theta, logits, h, cell), gates
+        first_order = not (loss.requires_grad or grad.requires_grad)
+        if (
+            isinstance(state, ChainedState)
+            and kernels.chain is not None
+            and first_order
+            and native.takes(hidden, *args, *params)
+        ):
+            return self._chained_step(kernels, state, args, params)
+        if isinstance(state, ChainedState) and state.chain.steps:
+            raise RuntimeError(
+                "a chain of first-order steps cannot continue with a second-order one"
+            )
+        theta, logits, h, cell, gates = CellStep.apply(kernels, hidden, *args, *params)
         return CellState(theta, logits, h, cell), gates
+
+    def _chained_step(
+        self,
+        kernels: StepKernels,
+        state: ChainedState,
+        args: tuple[Tensor, ...],
+        params: tuple[Tensor, ...],
+    ) -> tuple[CellState, Tensor]:
+        """One first-order step as a link of the state's chain; θ_t's node covers steps 1 .. t."""
+        with torch.no_grad(), flushing_denormals():
+            theta, logits, h, cell, gates, *saved = kernels.forward(
+                self.hidden_size, *(t.detach() for t in (*args, *params))
+            )
+        weight, bias, gate_weight, gate_bias = params
+        chain = Chain(
+            state.chain.theta0,
+            (*state.chain.steps, tuple(saved)),
+            (*state.chain.weights, weight),
+            (*state.chain.biases, bias),
+        )
+        theta = ChainedSteps.apply(
+            kernels,
+            self.hidden_size,
+            chain,
+            theta,
+            chain.theta0,
+            gate_weight,
+            gate_bias,
+            *chain.weights,
+            *chain.biases,
+        )
+        return ChainedState(theta, logits, h, cell, chain), gates
 
     def _kernels(self) -> StepKernels:
         return compiled_kernels() if self.use_compile else native.default_kernels()

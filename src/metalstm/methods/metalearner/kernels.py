@@ -216,12 +216,14 @@ class StepKernels:
     versions, or native code (:mod:`.native`). ``forward`` returns (θ_t, logits_t, h_t, c_t,
     gates_t) followed by the tensors its ``backward`` takes as ``saved`` (each kernel set keeps
     what its own backward needs); ``infer``, when given, is a forward returning only the five
-    outputs that keeps nothing for a backward."""
+    outputs that keeps nothing for a backward; ``chain``, when given, is the backward of steps
+    1 .. T of a first-order meta-gradient at once (:class:`ChainedSteps`)."""
 
     name: str
     forward: Callable[..., tuple[Tensor, ...]]
     backward: Callable[..., tuple[Tensor | None, ...]]
     infer: Callable[..., tuple[Tensor, ...]] | None = None
+    chain: Callable[..., tuple[Tensor, ...]] | None = None
 
     def inference(self, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
         """The step's first five outputs without a meta-graph (evaluation)."""
@@ -261,6 +263,47 @@ class CellStep(torch.autograd.Function):
                 ctx.hidden, ctx.saved_tensors, d_theta, d_logits, d_h, d_c, d_gates, need_inputs
             )
         return (None, None, *out)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Steps 1 .. t of a first-order inner loop, for :class:`ChainedSteps`: θ_0 as the loop got
+    it (with its graph), then per step, step 1 first, its ``saved`` (what the kernels' forward
+    returned after the five outputs, without graph) and its layer-1 weight and bias (with
+    their graph)."""
+
+    theta0: Tensor
+    steps: tuple[tuple[Tensor, ...], ...] = ()
+    weights: tuple[Tensor, ...] = ()
+    biases: tuple[Tensor, ...] = ()
+
+
+class ChainedSteps(torch.autograd.Function):
+    """θ_t of a first-order inner loop as one autograd node over steps 1 .. t.
+
+    First-order, L_t and g_t are constants, so θ_T depends on the meta-learner's parameters
+    only through the chain of steps, and nothing else reads the steps' h, c and logits: the
+    backward of all T steps is one call of the kernels' ``chain``, which keeps the gradients
+    passed from step to step in cache, where T nodes would write them out and read them back.
+    Inputs: θ_t's value, θ_0, W2, b2, then each step's own layer-1 weight and bias (they are
+    built per step from the loss features), steps 1 .. t. Each step makes one such node; only
+    θ_T's is in the meta-graph.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, kernels: StepKernels, hidden: int, chain: Chain, theta: Tensor, *params: Tensor
+    ) -> Tensor:
+        ctx.kernels, ctx.hidden, ctx.chain = kernels, hidden, chain
+        return theta
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_theta: Tensor) -> tuple[Tensor | None, ...]:
+        assert ctx.kernels.chain is not None
+        with flushing_denormals():
+            d_theta0, d_w, d_b, d_w2, d_b2 = ctx.kernels.chain(ctx.hidden, ctx.chain.steps, d_theta)
+        return (None, None, None, None, d_theta0, d_w2, d_b2, *d_w.unbind(0), *d_b.unbind(0))
 
 
 _compiled: dict[str, StepKernels] = {}

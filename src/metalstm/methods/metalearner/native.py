@@ -30,10 +30,11 @@ MAX_HIDDEN = 64  # the source's MAX_H: larger hidden sizes run the eager kernels
 _HEAD = (ctypes.c_long, ctypes.c_long, ctypes.c_int)  # n, H, threads
 SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
-    constants=(("metalstm_native_abi", 3), ("metalstm_native_max_hidden", MAX_HIDDEN)),
+    constants=(("metalstm_native_abi", 4), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
         ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 15)),
         ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 25)),
+        ("metalstm_chain_backward", (*_HEAD, ctypes.c_long, *[ctypes.c_void_p] * 16)),
     ),
 )
 
@@ -62,6 +63,12 @@ def available() -> bool:
     return native.available(SOURCE)
 
 
+def takes(hidden: int, *tensors: Tensor | None) -> bool:
+    """Whether the native kernels compute a step of this hidden size on these tensors (float32,
+    CPU); others run the eager kernels."""
+    return applies(*tensors) and hidden <= MAX_HIDDEN
+
+
 def step_forward(
     hidden: int,
     grad_features: Tensor,
@@ -84,7 +91,7 @@ def step_forward(
     read, and their products with W are skipped: the same numbers as with stored zeros. Other
     dtypes and devices, and large hidden sizes, run the eager kernels."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
-    if not applies(*inputs) or hidden > MAX_HIDDEN:
+    if not takes(hidden, *inputs):
         out = kernels.step_forward(hidden, *inputs)
         return out if keep else out[:5]
     # Only h and c (positions 1, 2) may be passed as zeros by a null pointer; a zero state is
@@ -122,7 +129,7 @@ def step_backward(
     """:func:`.kernels.step_backward` fused: the same arguments, with ``saved`` what
     :func:`step_forward` returned after the five outputs, and the same results."""
     grads = (d_theta, d_logits, d_h, d_c, d_gates)
-    if not applies(*saved, *grads) or hidden > MAX_HIDDEN:  # as step_forward: eager's saved
+    if not takes(hidden, *saved, *grads):  # as step_forward: eager's saved
         return kernels.step_backward(hidden, saved, *grads, need_inputs)
     features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gates = (
         t.detach().contiguous() for t in saved
@@ -157,8 +164,47 @@ def step_backward(
     return outputs
 
 
+def chain_backward(
+    hidden: int, steps: tuple[tuple[Tensor, ...], ...], d_theta: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward of a first-order chain of steps (:class:`.kernels.ChainedSteps`) from
+    ∂ℓ/∂θ_T alone: ``steps`` holds what :func:`step_forward` returned after the five outputs, for
+    steps 1 .. T. Returns (∂θ_0 [n], ∂W [T, 4H, 2 + H], ∂b [T, 4H], ∂W2 [2, H + 2], ∂b2 [2]):
+    the numbers T calls of :func:`step_backward` and autograd's sums of their ∂W2 and ∂b2 give,
+    in one pass over the coordinates that keeps the gradients passed from step to step in cache.
+    Only for steps the native kernels computed (:func:`takes`).
+    """
+    rows: list[list[Tensor | None]] = [[] for _ in range(9)]
+    for saved in steps:
+        features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gates = saved
+        for k, t in enumerate((features, h, c, theta, prev_logits, grad, weight, bias, gates)):
+            zero = k in (1, 2) and kernels.is_zero_state(t)  # the initial state: not read
+            rows[k].append(None if zero else t.detach().contiguous())
+    gate_weight, d_theta = steps[0][8].detach().contiguous(), d_theta.contiguous()
+    count, n = len(steps), d_theta.shape[0]
+    empty = d_theta.new_empty
+    d_theta_0, d_weight, d_bias = (
+        empty(n),
+        empty(count, 4 * hidden, 2 + hidden),
+        empty(count, 4 * hidden),
+    )
+    d_gate_weight, d_gate_bias = empty(2, hidden + 2), empty(2)
+    arrays = [(ctypes.c_void_p * count)(*(_ptr(t) for t in row)) for row in rows]
+    library().metalstm_chain_backward(
+        n,
+        hidden,
+        torch.get_num_threads(),
+        count,
+        *arrays,
+        gate_weight.data_ptr(),
+        d_theta.data_ptr(),
+        *(t.data_ptr() for t in (d_theta_0, d_weight, d_bias, d_gate_weight, d_gate_bias)),
+    )
+    return d_theta_0, d_weight, d_bias, d_gate_weight, d_gate_bias
+
+
 NATIVE_KERNELS = kernels.StepKernels(
-    "native", step_forward, step_backward, partial(step_forward, keep=False)
+    "native", step_forward, step_backward, partial(step_forward, keep=False), chain_backward
 )
 
 

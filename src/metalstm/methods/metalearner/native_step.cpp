@@ -11,6 +11,11 @@
 // the forward would have written (after the learner's passes have evicted them from cache)
 // took longer, and T steps of them are not held in memory through an episode.
 //
+// A first-order meta-gradient's T steps form a chain with nothing between their backwards (L_t
+// and g_t are constants), so metalstm_chain_backward runs steps T .. 1 one block of coordinates
+// at a time: the gradients each step hands the previous one (∂h, ∂c, ∂θ, ∂logits, 2H + 3 rows)
+// stay in the block's scratch instead of being written out and read back per step.
+//
 // Determinism: the only sums over coordinates (the parameter gradients) are taken per block of
 // BLOCK coordinates and the block sums added in block order, so the result does not depend on
 // the number of threads.
@@ -411,6 +416,41 @@ void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, l
 
 long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
 
+// The 64-byte aligned start of a scratch buffer with room for `floats` (plus alignment).
+float* aligned_scratch(std::vector<float>& buffer, long floats) {
+  if (static_cast<long>(buffer.size()) < floats + L) buffer.resize(floats + L);
+  return buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
+}
+
+// Rows [rows, n] (row stride n) at columns j .. j + count − 1 into dst (row pitch `pitch`, the
+// columns up to `width` zero); src null: zeros (the LSTM's initial state).
+void copy_rows(const float* src, long rows, long n, long j, long count, long width, long pitch,
+               float* dst) {
+  for (long r = 0; r < rows; r++) {
+    float* d = dst + r * pitch;
+    if (src) std::memcpy(d, src + r * n + j, count * sizeof(float));
+    std::memset(d + (src ? count : 0), 0, (width - (src ? count : 0)) * sizeof(float));
+  }
+}
+
+// The per-block parameter sums of one step's backward (∂W, ∂b, ∂W2, ∂b2, `per_block` floats),
+// from a block's BlockSums and its copy of layer 1's input rows x = [features; h].
+void block_parameter_sums(long H, const BlockSums& sums, const float* x_rows, long pitch,
+                          long columns, float* part) {
+  const long X = 2 + H, R = 4 * H;
+  block_weight_gradient(H, sums, x_rows, pitch, columns, part);
+  for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
+  for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
+  for (long k = 0; k < 2; k++) part[R * X + R + 2 * X + k] = hsum(sums.d_b2[k]);
+}
+
+// total[0 .. per_block) = Σ over blocks, in block order, of partial [blocks, per_block].
+void add_blocks(const float* partial, long blocks, long per_block, float* total) {
+  std::fill(total, total + per_block, 0.0f);
+  for (long blk = 0; blk < blocks; blk++)
+    for (long k = 0; k < per_block; k++) total[k] += partial[blk * per_block + k];
+}
+
 // Each thread's scratch, kept from call to call (OpenMP's threads persist): no allocation or
 // zero-filling of a few hundred KB per thread and step.
 std::vector<float>& thread_buffer() {
@@ -429,7 +469,7 @@ BlockSums& thread_sums(long H) {
 
 extern "C" {
 
-int metalstm_native_abi() { return 3; }
+int metalstm_native_abi() { return 4; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
 // The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
@@ -501,24 +541,110 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
             backward_vector(P, need_params, i, o, pitch, column, sums, column);
           },
           [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
-            if (!need_params) return;
-            float* part = partial_sums + blk * per_block;
-            block_weight_gradient(H, sums, i[B_FEATURES].p, pitch, columns, part);
-            for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
-            for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
-            for (long k = 0; k < 2; k++) part[R * X + R + 2 * X + k] = hsum(sums.d_b2[k]);
+            if (need_params)
+              block_parameter_sums(H, sums, i[B_FEATURES].p, pitch, columns,
+                                   partial_sums + blk * per_block);
           });
     }
   }
   if (!need_params) return;
   // Block sums added in block order: the same result for any number of threads.
-  std::vector<float> total(per_block, 0.0f);
-  for (long blk = 0; blk < blocks; blk++)
-    for (long k = 0; k < per_block; k++) total[k] += partial_sums[blk * per_block + k];
+  std::vector<float> total(per_block);
+  add_blocks(partial_sums, blocks, per_block, total.data());
   std::memcpy(d_W, total.data(), R * X * sizeof(float));
   std::memcpy(d_b, total.data() + R * X, R * sizeof(float));
   std::memcpy(d_W2, total.data() + R * X + R, 2 * X * sizeof(float));
   std::memcpy(d_b2, total.data() + R * X + R + 2 * X, 2 * sizeof(float));
+}
+
+// The backward of steps 1 .. T of a first-order meta-gradient, from ∂θ_T alone (nothing else of
+// step T is used): per step t (index s = t − 1) the inputs step_backward takes, as arrays of T
+// pointers; h[0] and c[0] may be null (the initial state, zeros). Per block of coordinates it
+// runs steps T .. 1 with each step's outgoing gradients (∂h_{t-1}, ∂c_{t-1}, ∂θ_{t-1},
+// ∂logits_{t-1}) kept in the block's scratch as the next one's incoming. Writes ∂θ_0 [n], each
+// step's ∂W [T, 4H, 2 + H] and ∂b [T, 4H] (separate inputs per step), and ∂W2, ∂b2 summed over
+// the steps in the order autograd adds T separate steps' (T first): the same numbers as T calls
+// of metalstm_step_backward.
+void metalstm_chain_backward(long n, long H, int threads, long T, const float* const* features,
+                             const float* const* h, const float* const* c,
+                             const float* const* theta, const float* const* prev_logits,
+                             const float* const* grad, const float* const* W,
+                             const float* const* b, const float* const* gates, const float* W2,
+                             const float* d_theta_T, float* d_theta_0, float* d_W, float* d_b,
+                             float* d_W2, float* d_b2) {
+  const long X = 2 + H, R = 4 * H, blocks = blocks_of(n);
+  const long per_block = R * X + R + 2 * X + 2;
+  std::vector<float> partial(T * blocks * per_block);  // [T, blocks, per_block]
+  float* const partial_sums = partial.data();
+  // Scratch rows of a block: the step's inputs (features, h, c, θ, logits, g, gates), then two
+  // sets of the gradients passed between steps (∂θ, ∂logits, ∂h, ∂c), incoming and outgoing.
+  const long input_rows = 2 + 2 * H + 6, passed_rows = 3 + 2 * H;
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals flush;
+    BlockSums& sums = thread_sums(H);
+    std::vector<float>& buffer = thread_buffer();
+#pragma omp for schedule(static)
+    for (long blk = 0; blk < blocks; blk++) {
+      const long j = blk * BLOCK, count = std::min(BLOCK, n - j);
+      const long width = (count + L - 1) / L * L, pitch = width + L;
+      float* const rows = aligned_scratch(buffer, (input_rows + 2 * passed_rows) * pitch);
+      float *x = rows, *h_rows = x + 2 * pitch, *c_rows = h_rows + H * pitch;
+      float *theta_row = c_rows + H * pitch, *logit_rows = theta_row + pitch;
+      float *grad_row = logit_rows + 2 * pitch, *gate_rows = grad_row + pitch;
+      float* incoming = gate_rows + 2 * pitch;
+      float* outgoing = incoming + passed_rows * pitch;
+      copy_rows(d_theta_T, 1, n, j, count, width, pitch, incoming);
+      for (long s = T - 1; s >= 0; s--) {
+        copy_rows(features[s], 2, n, j, count, width, pitch, x);
+        copy_rows(h[s], H, n, j, count, width, pitch, h_rows);
+        copy_rows(c[s], H, n, j, count, width, pitch, c_rows);
+        copy_rows(theta[s], 1, n, j, count, width, pitch, theta_row);
+        copy_rows(prev_logits[s], 2, n, j, count, width, pitch, logit_rows);
+        copy_rows(grad[s], 1, n, j, count, width, pitch, grad_row);
+        copy_rows(gates[s], 2, n, j, count, width, pitch, gate_rows);
+        const bool last = s == T - 1;  // step T: only ∂θ_T comes in
+        const Rows in[B_NIN] = {{x, 2},
+                                {h_rows, H},
+                                {c_rows, H},
+                                {theta_row, 1},
+                                {logit_rows, 2},
+                                {grad_row, 1},
+                                {gate_rows, 2},
+                                {incoming, 1},
+                                {last ? nullptr : incoming + pitch, 2},
+                                {last ? nullptr : incoming + 3 * pitch, H},
+                                {last ? nullptr : incoming + (3 + H) * pitch, H},
+                                {nullptr, 2}};
+        const OutRows out[B_NOUT] = {{nullptr, 2},
+                                     {outgoing + 3 * pitch, H},
+                                     {outgoing + (3 + H) * pitch, H},
+                                     {outgoing, 1},
+                                     {outgoing + pitch, 2},
+                                     {nullptr, 1}};
+        const Params P{H, W[s], b[s], W2, nullptr};
+        sums.clear();
+        for (long col = 0; col < width; col += L)
+          backward_vector(P, true, in, out, pitch, col, sums, col);
+        block_parameter_sums(H, sums, x, pitch, width,
+                             partial_sums + (s * blocks + blk) * per_block);
+        std::swap(incoming, outgoing);
+      }
+      std::memcpy(d_theta_0 + j, incoming, count * sizeof(float));  // ∂θ_0: step 1's ∂θ_{t-1}
+    }
+  }
+  // Per step, the block sums in block order (as metalstm_step_backward); ∂W2 and ∂b2 then added
+  // over the steps from T down, as autograd adds the T steps' as they arrive.
+  std::vector<float> total(per_block);
+  for (long s = T - 1; s >= 0; s--) {
+    add_blocks(partial_sums + s * blocks * per_block, blocks, per_block, total.data());
+    std::memcpy(d_W + s * R * X, total.data(), R * X * sizeof(float));
+    std::memcpy(d_b + s * R, total.data() + R * X, R * sizeof(float));
+    for (long k = 0; k < 2 * X; k++)
+      d_W2[k] = s == T - 1 ? total[R * X + R + k] : d_W2[k] + total[R * X + R + k];
+    for (long k = 0; k < 2; k++)
+      d_b2[k] = s == T - 1 ? total[R * X + R + 2 * X + k] : d_b2[k] + total[R * X + R + 2 * X + k];
+  }
 }
 
 }  // extern "C"
