@@ -14,7 +14,9 @@ warm-up, then profiles ``--episodes`` episodes and prints
    episode sampling, and the rest;
 2. the ``--top`` operators by self time.
 
-Each operator's self time is charged to the outermost labelled region it ran in. The labels are
+Each operator's self time is charged to the outermost labelled region it ran in, and so is a
+region's own time outside operators (Python, and native kernels the library calls without an
+operator, such as the meta-learner step's forward; one row of the operator table). The labels are
 ``torch.profiler.record_function`` wrappers this script puts around the library's functions at
 run time; the library itself carries no profiling code. Times are those of the calling thread
 (intra-op worker threads are inside their operator's time), so the parts add up to the wall time.
@@ -46,6 +48,7 @@ OPTIMIZER = "optimizer: zero_grad, clipping, Adam"
 SAMPLING = "episode sampling"
 OTHER = "other"
 PARTS = (SUPPORT, LSTM_FORWARD, LSTM_BACKWARD, QUERY, QUERY_BACKWARD, OPTIMIZER, SAMPLING, OTHER)
+OUTSIDE_OPERATORS = "(in a part, outside operators: Python, native kernels called directly)"
 # The meta-learner's backward nodes: one per step, or one per first-order chain of steps.
 LSTM_BACKWARD_NODES = ("CellStepBackward", "ChainedStepsBackward")
 
@@ -115,10 +118,11 @@ def main() -> int:
     per_part: dict[str, float] = defaultdict(float)
     per_op: dict[str, float] = defaultdict(float)
     for event in prof.events():
-        if event.name in PARTS:  # the labels themselves: their time is their children's
-            continue
+        # a label's own time: what ran in it outside any operator (Python, native kernels called
+        # directly: the meta-learner step's forward)
+        name = OUTSIDE_OPERATORS if event.name in PARTS else event.name
         per_part[part_of(event)] += event.self_cpu_time_total
-        per_op[event.name] += event.self_cpu_time_total
+        per_op[name] += event.self_cpu_time_total
     total = sum(per_part.values())
     s, threads = work.config, torch.get_num_threads()
     print(
