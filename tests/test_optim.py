@@ -182,9 +182,11 @@ class TransposedCell(MetaLearnerCell):
         s = super().initial_state()
         return CellState(s.theta, s.gate_logits.T.clone(), s.hidden.T.clone(), s.cell.T.clone())
 
-    def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+    def forward(
+        self, state: CellState, loss: Tensor, grad: Tensor, last: bool = False
+    ) -> tuple[CellState, Tensor]:
         inner = CellState(state.theta, state.gate_logits.T, state.hidden.T, state.cell.T)
-        new, gates = super().forward(inner, loss, grad)
+        new, gates = super().forward(inner, loss, grad, last)
         return CellState(new.theta, new.gate_logits.T, new.hidden.T, new.cell.T), gates
 
 

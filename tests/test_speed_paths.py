@@ -453,6 +453,27 @@ def test_native_step_matches_eager(n: int, hidden: int) -> None:
 
 
 @needs_native
+def test_the_last_step_at_evaluation_writes_only_theta_and_the_gates() -> None:
+    """The inner loop's last step without a meta-graph leaves h_T, c_T and the logits unwritten
+    (zero-size): θ_T and the gates have the bits of a full step, and that state takes no more."""
+    n, hidden = 1300, 20
+    inputs = step_inputs(n, hidden)
+    full = native.step_forward(hidden, *inputs, keep=False)
+    last = native.step_forward(hidden, *inputs, keep=False, last=True)
+    assert torch.equal(last[0], full[0]) and torch.equal(last[4], full[4])
+    assert [t.numel() for t in last[1:4]] == [0, 0, 0]
+    cell = MetaLearnerCell(inputs[3], hidden)
+    grad = inputs[5]
+    with torch.no_grad():
+        first, _ = cell.update(cell.initial_state(), torch.tensor(0.5), grad)
+        final, gates = cell.update(first, torch.tensor(0.4), 0.5 * grad, last=True)
+        other, other_gates = cell.update(first, torch.tensor(0.4), 0.5 * grad)
+        assert torch.equal(final.theta, other.theta) and torch.equal(gates, other_gates)
+        with pytest.raises(ValueError, match="last step"):
+            cell.update(final, torch.tensor(0.3), grad)
+
+
+@needs_native
 def test_native_step_is_the_same_for_any_thread_count() -> None:
     """The sums over coordinates are taken in fixed blocks added in order: bit for bit."""
     n, hidden = 3000, 20

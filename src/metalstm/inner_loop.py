@@ -3,7 +3,8 @@
 An update rule is an ``(init, update)`` pair (as in torchopt / optax):
 
     state_0 = rule.init(θ_0)
-    state_t, info_t = rule.update(state_{t-1}, L_t, g_t)      t = 1..T,   θ_t = state_t.theta
+    state_t, info_t = rule.update(state_{t-1}, L_t, g_t, last=t == T)   t = 1..T
+    θ_t = state_t.theta
 
 where L_t and g_t = ∇θ L_t are the learner's support loss and gradient at θ_{t-1}
 (:func:`learner_loss_and_grad`). Plain SGD (:class:`SGD`: MAML's inner loop, fine-tuning, the
@@ -46,15 +47,19 @@ S = TypeVar("S", bound=HasTheta)
 
 
 class UpdateRule(Protocol[S]):
-    """``init(θ_0) → state``; ``update(state, L_t, g_t) → (state, info)``; ``state.theta`` = θ_t.
+    """``init(θ_0) → state``; ``update(state, L_t, g_t, last) → (state, info)``; ``state.theta``
+    = θ_t.
 
     ``info`` is what the rule wants to report about the step (the meta-learner's gates
-    σ(f_t), σ(i_t) [2, n]), or None.
+    σ(f_t), σ(i_t) [2, n]), or None. ``last``: the loop's last step, after which only θ_t and
+    the info are read (a rule may skip the rest of its state then).
     """
 
     def init(self, theta0: Tensor) -> S: ...
 
-    def update(self, state: S, loss: Tensor, grad: Tensor) -> tuple[S, Tensor | None]: ...
+    def update(
+        self, state: S, loss: Tensor, grad: Tensor, last: bool = False
+    ) -> tuple[S, Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,9 @@ class SGD:
     def init(self, theta0: Tensor) -> SGDState:
         return SGDState(theta0)
 
-    def update(self, state: SGDState, loss: Tensor, grad: Tensor) -> tuple[SGDState, None]:
+    def update(
+        self, state: SGDState, loss: Tensor, grad: Tensor, last: bool = False
+    ) -> tuple[SGDState, None]:
         return SGDState(state.theta - self.lr * grad), None
 
 
@@ -97,10 +104,10 @@ class PerEpisode:
         return PerEpisodeState(tuple(self.rule.init(theta) for theta in theta0.unbind(0)))
 
     def update(
-        self, state: PerEpisodeState, loss: Tensor, grad: Tensor
+        self, state: PerEpisodeState, loss: Tensor, grad: Tensor, last: bool = False
     ) -> tuple[PerEpisodeState, Tensor | None]:
         steps = [
-            self.rule.update(s, l_e, g_e)
+            self.rule.update(s, l_e, g_e, last)
             for s, l_e, g_e in zip(state.states, loss.unbind(0), grad.unbind(0), strict=True)
         ]
         infos = [info for _, info in steps if info is not None]
@@ -189,7 +196,8 @@ def run_inner_loop(
         loss, grad = learner_loss_and_grad(
             learner, state.theta, support_x, support_y, bn, second_order, batch_stats
         )
-        state, info = rule.update(state, loss, grad * grad_scale if grad_scale != 1.0 else grad)
+        scaled = grad * grad_scale if grad_scale != 1.0 else grad
+        state, info = rule.update(state, loss, scaled, last=step == steps)
         losses.append(loss.detach())
         if record_info and info is not None:
             infos.append(info.detach())

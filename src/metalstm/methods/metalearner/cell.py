@@ -101,11 +101,15 @@ class MetaLearnerCell(nn.Module):
             return ChainedState(theta0, zeros, h0, c0, Chain(theta0))
         return CellState(theta0, zeros, h0, c0)
 
-    def update(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+    def update(
+        self, state: CellState, loss: Tensor, grad: Tensor, last: bool = False
+    ) -> tuple[CellState, Tensor]:
         """Update-rule ``update``: one inner step; the info is the gates σ(f_t), σ(i_t) [2, n]."""
-        return self(state, loss, grad)
+        return self(state, loss, grad, last)
 
-    def forward(self, state: CellState, loss: Tensor, grad: Tensor) -> tuple[CellState, Tensor]:
+    def forward(
+        self, state: CellState, loss: Tensor, grad: Tensor, last: bool = False
+    ) -> tuple[CellState, Tensor]:
         """One inner step: (state_{t-1}, L_t, g_t [n]) → (state_t, gates σ(f_t), σ(i_t) [2, n]).
 
         Computed by :func:`step_forward` as one autograd node whose backward is
@@ -114,7 +118,11 @@ class MetaLearnerCell(nn.Module):
         First-order from a state :meth:`init` made, where the kernels have a ``chain`` (native),
         θ_t is instead one node over steps 1 .. t (:class:`.kernels.ChainedSteps`, the same
         numbers) and the other outputs carry no graph: nothing but θ_t is differentiated.
+        ``last`` (the inner loop's last step): without a meta-graph the kernels may leave the
+        state's h_t, c_t and logits unwritten (zero-size; such a state takes no further step).
         """
+        if state.hidden.shape[-1] != state.theta.shape[-1]:
+            raise ValueError("this state came from an inner loop's last step: it takes no more")
         hidden, w = self.hidden_size, self.lstm_weight
         # Inputs of layer 1. The two loss features are the same for every coordinate, so their
         # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
@@ -127,7 +135,7 @@ class MetaLearnerCell(nn.Module):
         kernels = self._kernels()
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params))):
             with flushing_denormals():  # no meta-graph wanted (evaluation): nothing kept
-                theta, logits, h, cell, gates = kernels.inference(hidden, *args, *params)
+                theta, logits, h, cell, gates = kernels.inference(hidden, *args, *params, last=last)
             return CellState(theta, logits, h, cell), gates
         first_order = not (loss.requires_grad or grad.requires_grad)
         if (

@@ -216,7 +216,8 @@ class StepKernels:
     versions, or native code (:mod:`.native`). ``forward`` returns (θ_t, logits_t, h_t, c_t,
     gates_t) followed by the tensors its ``backward`` takes as ``saved`` (each kernel set keeps
     what its own backward needs); ``infer``, when given, is a forward returning only the five
-    outputs that keeps nothing for a backward; ``chain``, when given, is the backward of steps
+    outputs that keeps nothing for a backward (and may skip all but θ_t and the gates at the
+    last step); ``chain``, when given, is the backward of steps
     1 .. T of a first-order meta-gradient at once (:class:`ChainedSteps`)."""
 
     name: str
@@ -225,10 +226,12 @@ class StepKernels:
     infer: Callable[..., tuple[Tensor, ...]] | None = None
     chain: Callable[..., tuple[Tensor, ...]] | None = None
 
-    def inference(self, hidden: int, *inputs: Tensor) -> tuple[Tensor, ...]:
-        """The step's first five outputs without a meta-graph (evaluation)."""
+    def inference(self, hidden: int, *inputs: Tensor, last: bool = False) -> tuple[Tensor, ...]:
+        """The step's first five outputs without a meta-graph (evaluation). ``last``: the inner
+        loop's last step, of which only θ_t and the gates are read; ``infer`` may then skip
+        logits_t, h_t and c_t (zero-size tensors in their place)."""
         if self.infer is not None:
-            return self.infer(hidden, *inputs)
+            return self.infer(hidden, *inputs, last=last)
         return self.forward(hidden, *inputs)[:5]
 
 

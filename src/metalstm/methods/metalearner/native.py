@@ -82,14 +82,17 @@ def step_forward(
     gate_weight: Tensor,
     gate_bias: Tensor,
     keep: bool = True,
+    last: bool = False,
 ) -> tuple[Tensor, ...]:
     """:func:`.kernels.step_forward` fused: the step's five outputs, then what
     :func:`step_backward` needs: the step's inputs and layer 2's gates, nothing written for it
     (the backward computes layer 1's gate activations, c_t, tanh c_t and h_t again from the
     inputs, where the eager kernels keep [6H + 2, n] more per step). ``keep=False`` (evaluation)
-    returns only the five outputs. h and c as :func:`.kernels.zero_state` makes them (t = 1) are not
-    read, and their products with W are skipped: the same numbers as with stored zeros. Other
-    dtypes and devices, and large hidden sizes, run the eager kernels."""
+    returns only the five outputs, and with ``last`` too (the inner loop's last step, of which
+    only θ_t and the gates are read) logits_t, h_t and c_t as zero-size tensors, not written.
+    h and c as :func:`.kernels.zero_state` makes them (t = 1) are not read, and their products
+    with W are skipped: the same numbers as with stored zeros. Other dtypes and devices, and
+    large hidden sizes, run the eager kernels (which write every output)."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not takes(hidden, *inputs):
         out = kernels.step_forward(hidden, *inputs)
@@ -101,13 +104,14 @@ def step_forward(
     pointers = [t.detach() if z else t.detach().contiguous() for t, z in zip(inputs, zero)]
     n = theta.shape[0]
     empty = theta.new_empty
-    outputs = (empty(n), empty(2, n), empty(hidden, n), empty(hidden, n), empty(2, n))
+    skipped = last and not keep  # logits_t, h_t, c_t: not written
+    outputs = (empty(n), *(empty(r, 0 if skipped else n) for r in (2, hidden, hidden)), empty(2, n))
     library().metalstm_step_forward(
         n,
         hidden,
         torch.get_num_threads(),
         *(None if z else t.data_ptr() for t, z in zip(pointers, zero)),
-        *(t.data_ptr() for t in outputs),
+        *(None if t.numel() == 0 else t.data_ptr() for t in outputs),
     )
     if not keep:
         return outputs

@@ -259,13 +259,17 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&ou
   layer1_gates(P, x, act, ip[F_H] ? X : 2);
   // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number),
   // h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
+  // Null h_t, c_t and logits outputs: not wanted (the inner loop's last step at evaluation).
+  const bool state = op[F_H_NEW] != nullptr;
   vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
   for (long k = 0; k < H; k++) {
     vf cn = ip[F_C] ? act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k]
                     : act[k] * act[3 * H + k];
     vf hn = act[2 * H + k] * vtanh(cn);
-    st(op[F_C_NEW] + k * s + j, cn);
-    st(op[F_H_NEW] + k * s + j, hn);
+    if (state) {
+      st(op[F_C_NEW] + k * s + j, cn);
+      st(op[F_H_NEW] + k * s + j, hn);
+    }
     l0 += P.W2[k] * hn;
     l1 += P.W2[X + k] * hn;
   }
@@ -273,8 +277,10 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&ou
   l0 += P.W2[H] * theta + P.W2[H + 1] * ld(ip[F_PREV] + j);
   l1 += P.W2[X + H] * theta + P.W2[X + H + 1] * ld(ip[F_PREV] + s + j);
   vf g0 = vsigmoid(l0), g1 = vsigmoid(l1);
-  st(op[F_LOGITS] + j, l0);
-  st(op[F_LOGITS] + s + j, l1);
+  if (state) {
+    st(op[F_LOGITS] + j, l0);
+    st(op[F_LOGITS] + s + j, l1);
+  }
   st(op[F_GATES] + j, g0);
   st(op[F_GATES] + s + j, g1);
   st(op[F_THETA_NEW] + j, g0 * theta - g1 * ld(ip[F_GRAD] + j));  // θ_t
@@ -473,7 +479,8 @@ int metalstm_native_abi() { return 4; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
 // The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
-// what it needs again from the inputs). h and c null: the initial state, zeros (not read).
+// what it needs again from the inputs). h and c null: the initial state, zeros (not read);
+// h_new, c_new and logits null (together): not written, only θ_t and the gates.
 void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
                            const float* c, const float* theta, const float* prev_logits,
                            const float* grad, const float* W, const float* b, const float* W2,
