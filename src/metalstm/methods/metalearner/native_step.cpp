@@ -471,6 +471,23 @@ BlockSums& thread_sums(long H) {
   return sums.emplace_back(H);
 }
 
+// f(blk, j, count, sums, buffer) for every block of BLOCK coordinates (the block's first
+// coordinate j and its count), on `threads` threads with their own sums and scratch.
+template <class F>
+void for_each_block(long n, long H, int threads, F f) {
+#pragma omp parallel num_threads(threads)
+  {
+    FlushDenormals flush;
+    BlockSums& sums = thread_sums(H);
+    std::vector<float>& buffer = thread_buffer();
+#pragma omp for schedule(static)
+    for (long blk = 0; blk < blocks_of(n); blk++) {
+      const long j = blk * BLOCK;
+      f(blk, j, std::min(BLOCK, n - j), sums, buffer);
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -532,28 +549,21 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
   static thread_local std::vector<float> partial;
   if (need_params) partial.resize(std::max<std::size_t>(partial.size(), blocks * per_block));
   float* const partial_sums = partial.data();
-#pragma omp parallel num_threads(threads)
-  {
-    FlushDenormals flush;
-    BlockSums& sums = thread_sums(H);
-    std::vector<float>& buffer = thread_buffer();
-#pragma omp for schedule(static)
-    for (long blk = 0; blk < blocks; blk++) {
-      sums.clear();
-      const long j = blk * BLOCK, count = std::min(BLOCK, n - j);
-      const long columns = (count + L - 1) / L * L;
-      run_block(
-          in, out, n, j, count, buffer,
-          [&](auto& i, auto& o, long pitch, long column) {
-            backward_vector(P, need_params, i, o, pitch, column, sums, column);
-          },
-          [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
-            if (need_params)
-              block_parameter_sums(H, sums, i[B_FEATURES].p, pitch, columns,
-                                   partial_sums + blk * per_block);
-          });
-    }
-  }
+  for_each_block(n, H, threads, [&](long blk, long j, long count, BlockSums& sums,
+                                    std::vector<float>& buffer) {
+    sums.clear();
+    const long columns = (count + L - 1) / L * L;
+    run_block(
+        in, out, n, j, count, buffer,
+        [&](auto& i, auto& o, long pitch, long column) {
+          backward_vector(P, need_params, i, o, pitch, column, sums, column);
+        },
+        [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
+          if (need_params)
+            block_parameter_sums(H, sums, i[B_FEATURES].p, pitch, columns,
+                                 partial_sums + blk * per_block);
+        });
+  });
   if (!need_params) return;
   // Block sums added in block order: the same result for any number of threads.
   std::vector<float> total(per_block);
@@ -586,60 +596,53 @@ void metalstm_chain_backward(long n, long H, int threads, long T, const float* c
   // Scratch rows of a block: the step's inputs (features, h, c, θ, logits, g, gates), then two
   // sets of the gradients passed between steps (∂θ, ∂logits, ∂h, ∂c), incoming and outgoing.
   const long input_rows = 2 + 2 * H + 6, passed_rows = 3 + 2 * H;
-#pragma omp parallel num_threads(threads)
-  {
-    FlushDenormals flush;
-    BlockSums& sums = thread_sums(H);
-    std::vector<float>& buffer = thread_buffer();
-#pragma omp for schedule(static)
-    for (long blk = 0; blk < blocks; blk++) {
-      const long j = blk * BLOCK, count = std::min(BLOCK, n - j);
-      const long width = (count + L - 1) / L * L, pitch = width + L;
-      float* const rows = aligned_scratch(buffer, (input_rows + 2 * passed_rows) * pitch);
-      float *x = rows, *h_rows = x + 2 * pitch, *c_rows = h_rows + H * pitch;
-      float *theta_row = c_rows + H * pitch, *logit_rows = theta_row + pitch;
-      float *grad_row = logit_rows + 2 * pitch, *gate_rows = grad_row + pitch;
-      float* incoming = gate_rows + 2 * pitch;
-      float* outgoing = incoming + passed_rows * pitch;
-      copy_rows(d_theta_T, 1, n, j, count, width, pitch, incoming);
-      for (long s = T - 1; s >= 0; s--) {
-        copy_rows(features[s], 2, n, j, count, width, pitch, x);
-        copy_rows(h[s], H, n, j, count, width, pitch, h_rows);
-        copy_rows(c[s], H, n, j, count, width, pitch, c_rows);
-        copy_rows(theta[s], 1, n, j, count, width, pitch, theta_row);
-        copy_rows(prev_logits[s], 2, n, j, count, width, pitch, logit_rows);
-        copy_rows(grad[s], 1, n, j, count, width, pitch, grad_row);
-        copy_rows(gates[s], 2, n, j, count, width, pitch, gate_rows);
-        const bool last = s == T - 1;  // step T: only ∂θ_T comes in
-        const Rows in[B_NIN] = {{x, 2},
-                                {h_rows, H},
-                                {c_rows, H},
-                                {theta_row, 1},
-                                {logit_rows, 2},
-                                {grad_row, 1},
-                                {gate_rows, 2},
-                                {incoming, 1},
-                                {last ? nullptr : incoming + pitch, 2},
-                                {last ? nullptr : incoming + 3 * pitch, H},
-                                {last ? nullptr : incoming + (3 + H) * pitch, H},
-                                {nullptr, 2}};
-        const OutRows out[B_NOUT] = {{nullptr, 2},
-                                     {outgoing + 3 * pitch, H},
-                                     {outgoing + (3 + H) * pitch, H},
-                                     {outgoing, 1},
-                                     {outgoing + pitch, 2},
-                                     {nullptr, 1}};
-        const Params P{H, W[s], b[s], W2, nullptr};
-        sums.clear();
-        for (long col = 0; col < width; col += L)
-          backward_vector(P, true, in, out, pitch, col, sums, col);
-        block_parameter_sums(H, sums, x, pitch, width,
-                             partial_sums + (s * blocks + blk) * per_block);
-        std::swap(incoming, outgoing);
-      }
-      std::memcpy(d_theta_0 + j, incoming, count * sizeof(float));  // ∂θ_0: step 1's ∂θ_{t-1}
+  for_each_block(n, H, threads, [&](long blk, long j, long count, BlockSums& sums,
+                                    std::vector<float>& buffer) {
+    const long width = (count + L - 1) / L * L, pitch = width + L;
+    float* const rows = aligned_scratch(buffer, (input_rows + 2 * passed_rows) * pitch);
+    float *x = rows, *h_rows = x + 2 * pitch, *c_rows = h_rows + H * pitch;
+    float *theta_row = c_rows + H * pitch, *logit_rows = theta_row + pitch;
+    float *grad_row = logit_rows + 2 * pitch, *gate_rows = grad_row + pitch;
+    float* incoming = gate_rows + 2 * pitch;
+    float* outgoing = incoming + passed_rows * pitch;
+    copy_rows(d_theta_T, 1, n, j, count, width, pitch, incoming);
+    for (long s = T - 1; s >= 0; s--) {
+      copy_rows(features[s], 2, n, j, count, width, pitch, x);
+      copy_rows(h[s], H, n, j, count, width, pitch, h_rows);
+      copy_rows(c[s], H, n, j, count, width, pitch, c_rows);
+      copy_rows(theta[s], 1, n, j, count, width, pitch, theta_row);
+      copy_rows(prev_logits[s], 2, n, j, count, width, pitch, logit_rows);
+      copy_rows(grad[s], 1, n, j, count, width, pitch, grad_row);
+      copy_rows(gates[s], 2, n, j, count, width, pitch, gate_rows);
+      const bool last = s == T - 1;  // step T: only ∂θ_T comes in
+      const Rows in[B_NIN] = {{x, 2},
+                              {h_rows, H},
+                              {c_rows, H},
+                              {theta_row, 1},
+                              {logit_rows, 2},
+                              {grad_row, 1},
+                              {gate_rows, 2},
+                              {incoming, 1},
+                              {last ? nullptr : incoming + pitch, 2},
+                              {last ? nullptr : incoming + 3 * pitch, H},
+                              {last ? nullptr : incoming + (3 + H) * pitch, H},
+                              {nullptr, 2}};
+      const OutRows out[B_NOUT] = {{nullptr, 2},
+                                   {outgoing + 3 * pitch, H},
+                                   {outgoing + (3 + H) * pitch, H},
+                                   {outgoing, 1},
+                                   {outgoing + pitch, 2},
+                                   {nullptr, 1}};
+      const Params P{H, W[s], b[s], W2, nullptr};
+      sums.clear();
+      for (long col = 0; col < width; col += L)
+        backward_vector(P, true, in, out, pitch, col, sums, col);
+      block_parameter_sums(H, sums, x, pitch, width,
+                           partial_sums + (s * blocks + blk) * per_block);
+      std::swap(incoming, outgoing);
     }
-  }
+    std::memcpy(d_theta_0 + j, incoming, count * sizeof(float));  // ∂θ_0: step 1's ∂θ_{t-1}
+  });
   // Per step, the block sums in block order (as metalstm_step_backward); ∂W2 and ∂b2 then added
   // over the steps from T down, as autograd adds the T steps' as they arrive.
   std::vector<float> total(per_block);
