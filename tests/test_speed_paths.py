@@ -34,6 +34,7 @@ from metalstm import Config, MetaLSTM, build_method, layers, override
 from metalstm import native as metalstm_native
 from metalstm.bench import add_bench_arguments, bench_config, bench_main, episode_flops
 from metalstm.data import Episode
+from metalstm.inner_loop import SGD, run_inner_loop
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
 from metalstm.methods.metalearner import CellState, MetaLearnerCell, native, preprocess
 from metalstm.methods.metalearner import kernels as ml
@@ -226,6 +227,32 @@ def test_evaluation_logits_match_plain_reference(transductive: bool) -> None:
     ep = episode(cfg, seed=3)
     fast = model.predict(ep.support_x, ep.support_y, ep.query_x)
     assert_close(fast, reference_predict(model, ep), rtol=1e-11)
+
+
+@pytest.mark.parametrize("method", ["lstm", "maml"])
+@pytest.mark.parametrize("episodes", [1, 2])
+def test_evaluation_shares_the_prototype_heads_forward_with_the_first_step(
+    method: str, episodes: int
+) -> None:
+    """At evaluation with the prototype head, θ_0's head and the first support pass come from
+    one forward of the body (inner_loop.prototype_start): θ_T and the statistics have the bits of
+    the head's own pass followed by the first step, for one episode and a batch of two."""
+    cfg = config(method=method, filters=8, head_init="prototypes", episode_batch=episodes)
+    model = build_method(cfg)
+    eps = [episode(cfg, seed=seed, dtype=torch.float32) for seed in range(episodes)]
+    x, y = eps[0].support_x, eps[0].support_y
+    if episodes > 1:
+        x, y = torch.stack([e.support_x for e in eps]), torch.stack([e.support_y for e in eps])
+    theta0 = model.theta0.detach()
+    rule = model.cell if isinstance(model, MetaLSTM) else SGD(model.settings.inner_lr)
+    with torch.no_grad():
+        shared = model.inner_loop(x, y, 3)
+        plain = run_inner_loop(model.learner, rule, model.episode_theta0(theta0, x, y), x, y, 3)
+        assert model.episode_start(theta0, x, y)[1]  # the shared start is what ran
+    assert torch.equal(shared.theta, plain.theta)
+    assert shared.support_losses == plain.support_losses
+    for name in plain.bn:
+        assert torch.equal(shared.bn[name], plain.bn[name])
 
 
 def test_evaluation_keeps_no_meta_graph() -> None:

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .learner import BatchNormState, Learner
+from .learner import BatchNormState, Learner, linear_head
 from .registry import MethodSettings
 
 
@@ -173,6 +173,7 @@ def run_inner_loop(
     grad_scale: float = 1.0,
     record_info: bool = False,
     keep_steps: tuple[int, ...] = (),
+    first_pass: tuple[Tensor, Tensor] | None = None,
 ) -> InnerLoopResult:
     """``steps`` updates of the learner by ``rule`` from θ_0 on the support set.
 
@@ -180,8 +181,9 @@ def run_inner_loop(
     for this episode, the authors' protocol); ``batch_stats=False`` normalises with ``bn`` as it
     is (fine-tuning with a pre-trained network's statistics). ``second_order``: the meta-gradient
     flows through g_t (only when gradients are enabled). ``grad_scale`` multiplies g_t before the
-    rule sees it. ``keep_steps``: also return θ_t after those steps (0: θ_0). θ_0 [E, n] runs a
-    batch of E episodes (see the module's docstring).
+    rule sees it. ``keep_steps``: also return θ_t after those steps (0: θ_0). ``first_pass``:
+    L_1 and g_1, already computed at θ_0 with ``bn`` (:func:`prototype_start`). θ_0 [E, n] runs
+    a batch of E episodes (see the module's docstring).
     """
     if theta0.dim() == 2:
         rule = PerEpisode(rule)
@@ -193,9 +195,12 @@ def run_inner_loop(
     thetas = {0: theta0} if 0 in keep_steps else {}
     losses, infos = [], []
     for step in range(1, steps + 1):
-        loss, grad = learner_loss_and_grad(
-            learner, state.theta, support_x, support_y, bn, second_order, batch_stats
-        )
+        if step == 1 and first_pass is not None:
+            loss, grad = first_pass
+        else:
+            loss, grad = learner_loss_and_grad(
+                learner, state.theta, support_x, support_y, bn, second_order, batch_stats
+            )
         scaled = grad * grad_scale if grad_scale != 1.0 else grad
         state, info = rule.update(state, loss, scaled, last=step == steps)
         losses.append(loss.detach())
@@ -282,6 +287,37 @@ def episode_theta0(
     else:
         means = torch.stack([class_means(f, y, ways) for f, y in zip(features, support_y)])
     return learner.with_head(theta0, 2 * means, -means.pow(2).sum(-1))
+
+
+def prototype_start(
+    learner: Learner, theta0: Tensor, support_x: Tensor, support_y: Tensor, bn: BatchNormState
+) -> tuple[Tensor, Tensor, Tensor]:
+    """θ_0 with the prototype head (:func:`episode_theta0`, ``prototypes``) and the first support
+    pass there, (θ_0, L_1, g_1), from one forward of the conv body, which both need: at
+    evaluation (no meta-graph) the head's pass and the first step's are the same forward at θ_0's
+    body. ``bn`` (the episode's fresh running statistics) is updated as the first support pass
+    updates it. The same numbers as :func:`episode_theta0` then :func:`learner_loss_and_grad`.
+    """
+    episodes = support_x.shape[0] if support_x.dim() == 5 else None
+    if episodes is not None:
+        theta0 = theta0.expand(episodes, -1)
+    with torch.enable_grad():
+        body = theta0[..., : learner.n_body].detach().contiguous().requires_grad_(True)
+        features = learner.features(body, support_x, bn, batch_stats=True)  # [(E,) S, D]
+        ways = episode_ways(support_y)
+        if episodes is None:
+            means = class_means(features.detach(), support_y, ways)  # [N, D]
+        else:
+            means = torch.stack(
+                [class_means(f, y, ways) for f, y in zip(features.detach(), support_y)]
+            )
+        weight = (2 * means).requires_grad_(True)
+        bias = (-means.pow(2).sum(-1)).requires_grad_(True)
+        logits = linear_head(features, weight.flatten(0, -2), bias.flatten(), episodes)
+        loss = episode_loss(logits, support_y)
+        d_body, d_weight, d_bias = torch.autograd.grad(loss.sum(), (body, weight, bias))
+    theta = learner.with_head(theta0, weight.detach(), bias.detach())
+    return theta, loss.detach(), torch.cat([d_body, d_weight.flatten(-2), d_bias], dim=-1)
 
 
 def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

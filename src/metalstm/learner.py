@@ -23,6 +23,7 @@ import itertools
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -136,11 +137,19 @@ class ConvNet(nn.Module):
         features = self.features(x, batch_stats, episodes)
         if not head:
             return features
-        if episodes is None:
-            return self.head(features)
-        weight = self.head.weight.unflatten(0, (episodes, -1))  # [E, N, D]
-        bias = self.head.bias.view(episodes, 1, -1)  # [E, 1, N]
-        return torch.baddbmm(bias, features, weight.transpose(1, 2))
+        return linear_head(features, self.head.weight, self.head.bias, episodes)
+
+
+def linear_head(
+    features: Tensor, weight: Tensor, bias: Tensor, episodes: int | None = None
+) -> Tensor:
+    """The learner's output layer: logits [B, N] of ``features`` [B, D] with ``weight`` [N, D] and
+    ``bias`` [N]; for a batch of ``episodes`` E, logits [E, B, N] of features [E, B, D] with one
+    layer per episode, weight [E·N, D] and bias [E·N]."""
+    if episodes is None:
+        return F.linear(features, weight, bias)
+    weight = weight.unflatten(0, (episodes, -1))  # [E, N, D]
+    return torch.baddbmm(bias.view(episodes, 1, -1), features, weight.transpose(1, 2))
 
 
 def feature_side(image_size: int, downsample: str = "pool") -> int:

@@ -35,6 +35,7 @@ from ..inner_loop import (
     InnerLoopSettings,
     episode_loss,
     episode_theta0,
+    prototype_start,
     query_statistics,
 )
 from ..learner import (
@@ -253,6 +254,20 @@ class InnerLoopMethod(Method):
         """θ_0 for this support set: ``theta0`` with the head of ``head_init``
         (:func:`metalstm.inner_loop.episode_theta0`)."""
         return episode_theta0(self.learner, theta0, support_x, support_y, self.settings.head_init)
+
+    def episode_start(
+        self, theta0: Tensor, support_x: Tensor, support_y: Tensor
+    ) -> tuple[Tensor, dict[str, Any]]:
+        """θ_0 for this support set (:meth:`episode_theta0`) and the keywords that start
+        :func:`~metalstm.inner_loop.run_inner_loop` from it: at evaluation with the prototype
+        head, the episode's statistics and first support pass, computed with the head from one
+        forward of the body (:func:`~metalstm.inner_loop.prototype_start`); else none."""
+        if torch.is_grad_enabled() or self.settings.head_init != "prototypes":
+            return self.episode_theta0(theta0, support_x, support_y), {}
+        episodes = support_x.shape[0] if support_x.dim() == 5 else 1
+        bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype, episodes)
+        theta, loss, grad = prototype_start(self.learner, theta0, support_x, support_y, bn)
+        return theta, {"bn": bn, "first_pass": (loss, grad)}
 
     @abstractmethod
     def inner_loop(self, support_x: Tensor, support_y: Tensor, steps: int) -> InnerLoopResult:

@@ -139,14 +139,16 @@ class MAML(InnerLoopMethod):
         inner gradients keep their own graph only for second-order MAML.
         """
         rule = SGD(self.settings.inner_lr)
+        theta0, start = self.episode_start(self.theta, support_x, support_y)
         return run_inner_loop(
             self.learner,
             rule,
-            self.episode_theta0(self.theta, support_x, support_y),
+            theta0,
             support_x,
             support_y,
             steps,
             second_order=self.second_order,
+            **start,
         )
 
 

@@ -104,16 +104,18 @@ class MetaLSTM(InnerLoopMethod):
         """
         settings = self.settings
         scale = 1.0 / support_y.shape[-1] if settings.grad_divide_batch else 1.0
+        theta0, start = self.episode_start(self.cell.theta0, support_x, support_y)
         return run_inner_loop(
             self.learner,
             self.cell,
-            self.episode_theta0(self.cell.theta0, support_x, support_y),
+            theta0,
             support_x,
             support_y,
             steps,
             second_order=settings.second_order,
             grad_scale=scale,
             record_info=record_gates,
+            **start,
         )
 
     def adaptation(self) -> str:
