@@ -282,42 +282,45 @@ def episode_theta0(
         return learner.with_head(
             theta0, zeros(*batch, ways, features.shape[-1]), zeros(*batch, ways)
         )
+    return learner.with_head(theta0, *prototype_head(features, support_y))
+
+
+def prototype_head(features: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+    """The head that makes the learner a Prototypical Network on these support embeddings
+    (:func:`episode_theta0`): W_k = 2 μ_k [N, D], b_k = −||μ_k||² [N] for the mean embedding μ_k
+    of class k; [E, N, D] and [E, N] for a batch of episodes' features [E, S, D]."""
+    ways = episode_ways(support_y)
     if features.dim() == 2:
         means = class_means(features, support_y, ways)  # [N, D]
     else:
         means = torch.stack([class_means(f, y, ways) for f, y in zip(features, support_y)])
-    return learner.with_head(theta0, 2 * means, -means.pow(2).sum(-1))
+    return 2 * means, -means.pow(2).sum(-1)
 
 
 def prototype_start(
-    learner: Learner, theta0: Tensor, support_x: Tensor, support_y: Tensor, bn: BatchNormState
-) -> tuple[Tensor, Tensor, Tensor]:
+    learner: Learner, theta0: Tensor, support_x: Tensor, support_y: Tensor
+) -> tuple[Tensor, BatchNormState, Tensor, Tensor]:
     """θ_0 with the prototype head (:func:`episode_theta0`, ``prototypes``) and the first support
-    pass there, (θ_0, L_1, g_1), from one forward of the conv body, which both need: at
+    pass there, (θ_0, bn, L_1, g_1), from one forward of the conv body, which both need: at
     evaluation (no meta-graph) the head's pass and the first step's are the same forward at θ_0's
-    body. ``bn`` (the episode's fresh running statistics) is updated as the first support pass
-    updates it. The same numbers as :func:`episode_theta0` then :func:`learner_loss_and_grad`.
+    body. ``bn`` is the episode's running statistics as the first support pass leaves them. The
+    same numbers as :func:`episode_theta0` then :func:`learner_loss_and_grad`.
     """
     episodes = support_x.shape[0] if support_x.dim() == 5 else None
     if episodes is not None:
         theta0 = theta0.expand(episodes, -1)
+    bn = learner.fresh_batchnorm_state(support_x.device, support_x.dtype, episodes or 1)
     with torch.enable_grad():
         body = theta0[..., : learner.n_body].detach().contiguous().requires_grad_(True)
         features = learner.features(body, support_x, bn, batch_stats=True)  # [(E,) S, D]
-        ways = episode_ways(support_y)
-        if episodes is None:
-            means = class_means(features.detach(), support_y, ways)  # [N, D]
-        else:
-            means = torch.stack(
-                [class_means(f, y, ways) for f, y in zip(features.detach(), support_y)]
-            )
-        weight = (2 * means).requires_grad_(True)
-        bias = (-means.pow(2).sum(-1)).requires_grad_(True)
+        weight, bias = (
+            t.requires_grad_(True) for t in prototype_head(features.detach(), support_y)
+        )
         logits = linear_head(features, weight.flatten(0, -2), bias.flatten(), episodes)
         loss = episode_loss(logits, support_y)
         d_body, d_weight, d_bias = torch.autograd.grad(loss.sum(), (body, weight, bias))
     theta = learner.with_head(theta0, weight.detach(), bias.detach())
-    return theta, loss.detach(), torch.cat([d_body, d_weight.flatten(-2), d_bias], dim=-1)
+    return theta, bn, loss.detach(), torch.cat([d_body, d_weight.flatten(-2), d_bias], dim=-1)
 
 
 def class_means(embeddings: Tensor, labels: Tensor, n_way: int) -> Tensor:

@@ -264,9 +264,7 @@ class InnerLoopMethod(Method):
         forward of the body (:func:`~metalstm.inner_loop.prototype_start`); else none."""
         if torch.is_grad_enabled() or self.settings.head_init != "prototypes":
             return self.episode_theta0(theta0, support_x, support_y), {}
-        episodes = support_x.shape[0] if support_x.dim() == 5 else 1
-        bn = self.learner.fresh_batchnorm_state(support_x.device, support_x.dtype, episodes)
-        theta, loss, grad = prototype_start(self.learner, theta0, support_x, support_y, bn)
+        theta, bn, loss, grad = prototype_start(self.learner, theta0, support_x, support_y)
         return theta, {"bn": bn, "first_pass": (loss, grad)}
 
     @abstractmethod

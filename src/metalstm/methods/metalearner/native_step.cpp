@@ -164,6 +164,23 @@ struct OutRows {
   long rows;
 };
 
+// The 64-byte aligned start of a scratch buffer with room for `floats` (plus alignment).
+float* aligned_scratch(std::vector<float>& buffer, long floats) {
+  if (static_cast<long>(buffer.size()) < floats + L) buffer.resize(floats + L);
+  return buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
+}
+
+// Rows [rows, n] (row stride n) at columns j .. j + count − 1 into dst (row pitch `pitch`, the
+// columns up to `width` zero); src null: zeros (the LSTM's initial state).
+void copy_rows(const float* src, long rows, long n, long j, long count, long width, long pitch,
+               float* dst) {
+  for (long r = 0; r < rows; r++) {
+    float* d = dst + r * pitch;
+    if (src) std::memcpy(d, src + r * n + j, count * sizeof(float));
+    std::memset(d + (src ? count : 0), 0, (width - (src ? count : 0)) * sizeof(float));
+  }
+}
+
 // Runs body(in, out, pitch, column) on every vector of the block of `count` coordinates that
 // starts at column j of rows with stride `stride`, through a private copy: the block's rows are
 // copied into `buffer` (row pitch a multiple of L plus L, zero-padded), and the outputs copied
@@ -176,18 +193,13 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
   long total = 0;
   for (const Rows& r : in) total += r.p ? r.rows : 0;
   for (const OutRows& r : out) total += r.p ? r.rows : 0;
-  if (static_cast<long>(buffer.size()) < total * pitch + L) buffer.resize(total * pitch + L);
-  // 64-byte aligned start inside the buffer
-  float* next = buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
+  float* next = aligned_scratch(buffer, total * pitch);
   Rows in_local[NI];
   OutRows out_local[NO];
   for (long t = 0; t < NI; t++) {
     in_local[t] = {in[t].p ? next : nullptr, in[t].rows};
     if (!in[t].p) continue;
-    for (long r = 0; r < in[t].rows; r++) {
-      std::memcpy(next + r * pitch, in[t].p + r * stride + j, count * sizeof(float));
-      std::memset(next + r * pitch + count, 0, (width - count) * sizeof(float));
-    }
+    copy_rows(in[t].p, in[t].rows, stride, j, count, width, pitch, next);
     next += in[t].rows * pitch;
   }
   for (long t = 0; t < NO; t++) {
@@ -421,23 +433,6 @@ void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, l
 }
 
 long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
-
-// The 64-byte aligned start of a scratch buffer with room for `floats` (plus alignment).
-float* aligned_scratch(std::vector<float>& buffer, long floats) {
-  if (static_cast<long>(buffer.size()) < floats + L) buffer.resize(floats + L);
-  return buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
-}
-
-// Rows [rows, n] (row stride n) at columns j .. j + count − 1 into dst (row pitch `pitch`, the
-// columns up to `width` zero); src null: zeros (the LSTM's initial state).
-void copy_rows(const float* src, long rows, long n, long j, long count, long width, long pitch,
-               float* dst) {
-  for (long r = 0; r < rows; r++) {
-    float* d = dst + r * pitch;
-    if (src) std::memcpy(d, src + r * n + j, count * sizeof(float));
-    std::memset(d + (src ? count : 0), 0, (width - (src ? count : 0)) * sizeof(float));
-  }
-}
 
 // The per-block parameter sums of one step's backward (∂W, ∂b, ∂W2, ∂b2, `per_block` floats),
 // from a block's BlockSums and its copy of layer 1's input rows x = [features; h].
