@@ -501,6 +501,22 @@ def test_the_last_step_at_evaluation_writes_only_theta_and_the_gates() -> None:
 
 
 @needs_native
+def test_native_step_writes_large_outputs_with_the_same_bits() -> None:
+    """A step whose outputs exceed the native source's STREAM_BYTES (32 MB: here 45 rows of
+    200,003 coordinates) writes them with streaming stores, at row starts that are not 64-byte
+    aligned: every coordinate gets the bits a small step over its own slice gives."""
+    n, hidden = 200_003, 20
+    inputs = step_inputs(n, hidden)
+    assert (2 + 2 * hidden + 3) * n * 4 > 32 << 20
+    large = native.step_forward(hidden, *inputs, keep=False)
+    for start, stop in [(0, 1300), (99_990, 101_037), (n - 700, n)]:
+        part = [t[..., start:stop] if t.shape[-1] == n else t for t in inputs]
+        small = native.step_forward(hidden, *part, keep=False)
+        for a, b in zip(large, small):
+            assert torch.equal(a[..., start:stop], b)
+
+
+@needs_native
 def test_native_step_is_the_same_for_any_thread_count() -> None:
     """The sums over coordinates are taken in fixed blocks added in order: bit for bit."""
     n, hidden = 3000, 20

@@ -36,6 +36,11 @@ typedef int vi __attribute__((vector_size(64)));
 constexpr long L = 16;        // coordinates per vector
 constexpr long BLOCK = 512;   // coordinates per block (threads' unit; reduction unit)
 constexpr long MAX_H = 64;    // largest hidden size with a native kernel
+// A step forward whose outputs take more bytes than this writes them with streaming stores
+// (stream_row). On the AVX-512 Xeon, 8 Omniglot episodes at once (41 MB of outputs) gained
+// 2-4 % with them, one evaluation episode of 64 filters (20 MB) lost as much: the next step found
+// fewer of them in the cache.
+constexpr long STREAM_BYTES = 32L << 20;
 constexpr long PITCH = BLOCK + L;  // row stride of a block's scratch rows: not a multiple of
                                    // 4 KB, so one column's rows do not share a few cache sets
 
@@ -84,9 +89,19 @@ inline vf times_pow2(vf p, vf k) {
 #endif
 }
 
+// x clamped to [−bound, bound], NaN to bound: `x < bound ? x : bound`, then `x > −bound ? x : −bound`;
+// on AVX-512 one min and one max, which return their second operand where the comparison fails.
+inline vf clamp_to(vf x, float bound) {
+#if defined(__AVX512F__)
+  return _mm512_max_ps(_mm512_min_ps(x, splat(bound)), splat(-bound));
+#else
+  x = x < bound ? x : splat(bound);
+  return x > -bound ? x : splat(-bound);
+#endif
+}
+
 inline vf vexp(vf x) {
-  x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
-  x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+  x = clamp_to(x, 88.3762626647949f);
   vf k = round_log2(x);
   return times_pow2(exp_polynomial(reduced(x, k)), k);
 }
@@ -121,8 +136,7 @@ inline vf expm1_polynomial(vf r) {
 // 2x is clamped to ±20, beyond which tanh rounds to ±1 in float32.
 inline vf vtanh(vf x) {
   vf y = x + x;
-  y = y < 20.0f ? y : splat(20.0f);
-  y = y > -20.0f ? y : splat(-20.0f);
+  y = clamp_to(y, 20.0f);
   vf k = round_log2(y), scale = times_pow2(splat(1.0f), k);
   vf e = scale * expm1_polynomial(reduced(y, k)) + (scale - 1.0f);
   return e * reciprocal(e + 2.0f);
@@ -131,8 +145,16 @@ inline vf vtanh(vf x) {
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 
-// The sum of a vector's 16 lanes, by halves (a fixed order: the same result on every run).
+// The sum of a vector's 16 lanes, by halves (a fixed order: the same result on every run). On
+// AVX-512 the halves are taken in registers (through memory, the 32-byte reloads of a 64-byte
+// store could not be forwarded from it, a stall per sum).
 inline float hsum(vf v) {
+#if defined(__AVX512F__)
+  const __m512 m = v;
+  const __m256 high = _mm512_castps512_ps256(_mm512_shuffle_f32x4(m, m, 0xEE));  // lanes 8-15
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(m), high);
+  const vf4 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+#else
   vf8 a, b;
   std::memcpy(&a, &v, sizeof a);
   std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
@@ -141,6 +163,7 @@ inline float hsum(vf v) {
   std::memcpy(&c, &a, sizeof c);
   std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
   c += d;
+#endif
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
@@ -181,14 +204,33 @@ void copy_rows(const float* src, long rows, long n, long j, long count, long wid
   }
 }
 
+// dst[0 .. count) = src[0 .. count), on AVX-512 with streaming stores where dst is 64-byte
+// aligned: they write whole lines to memory without reading them into the cache first (the
+// forward's outputs are read again only at the next step, after the learner's passes have
+// evicted them). The caller orders them with an sfence.
+inline void stream_row(const float* src, long count, float* dst) {
+#if defined(__AVX512F__)
+  const auto address = reinterpret_cast<std::uintptr_t>(dst);
+  const long to_line = static_cast<long>((64 - address % 64) % 64 / 4);  // floats
+  const long head = address % 4 ? count : std::min(count, to_line);
+  std::memcpy(dst, src, head * sizeof(float));
+  long i = head;
+  for (; i + L <= count; i += L) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  std::memcpy(dst + i, src + i, (count - i) * sizeof(float));
+#else
+  std::memcpy(dst, src, count * sizeof(float));
+#endif
+}
+
 // Runs body(in, out, pitch, column) on every vector of the block of `count` coordinates that
 // starts at column j of rows with stride `stride`, through a private copy: the block's rows are
 // copied into `buffer` (row pitch a multiple of L plus L, zero-padded), and the outputs copied
-// back. The vector code then reads rows that are aligned, a known pitch apart and in L1/L2 (row
-// strides of the whole tensors slowed it several-fold for some n), and needs no tail case.
+// back (`stream`: with streaming stores, stream_row). The vector code then reads rows that
+// are aligned, a known pitch apart and in L1/L2 (row strides of the whole tensors slowed it
+// several-fold for some n), and needs no tail case.
 template <long NI, long NO, class Body, class Finish>
 void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long j, long count,
-               std::vector<float>& buffer, Body body, Finish finish) {
+               std::vector<float>& buffer, bool stream, Body body, Finish finish) {
   const long width = (count + L - 1) / L * L, pitch = width + L;
   long total = 0;
   for (const Rows& r : in) total += r.p ? r.rows : 0;
@@ -210,9 +252,18 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
   finish(in_local, pitch);
   for (long t = 0; t < NO; t++) {
     if (!out[t].p) continue;
-    for (long r = 0; r < out[t].rows; r++)
-      std::memcpy(out[t].p + r * stride + j, out_local[t].p + r * pitch, count * sizeof(float));
+    for (long r = 0; r < out[t].rows; r++) {
+      const float* src = out_local[t].p + r * pitch;
+      float* dst = out[t].p + r * stride + j;
+      if (stream)
+        stream_row(src, count, dst);
+      else
+        std::memcpy(dst, src, count * sizeof(float));
+    }
   }
+#if defined(__AVX512F__)
+  if (stream) _mm_sfence();  // the streaming stores ordered before what follows
+#endif
 }
 
 // -- forward --------------------------------------------------------------------------------------
@@ -228,8 +279,9 @@ struct Params {
 // Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of one vector
 // of coordinates, from its input x = [features; h] [2 + H]: the pre-activations eight rows at a
 // time (independent FMA chains), then four (4H is a multiple of 4). `width` = 2: h = 0 (the
-// initial state), whose products add exact zeros and are skipped.
-void layer1_gates(const Params& P, const vf* x, vf* act, long width) {
+// initial state), whose products add exact zeros and are skipped. `forget` false: σ(f) is not
+// wanted (c_{t-1} = 0, where c_t = i ⊙ g) and is left uncomputed.
+void layer1_gates(const Params& P, const vf* x, vf* act, long width, bool forget = true) {
   const long H = P.H, X = 2 + H, R = 4 * H;
   long r = 0;
   for (; r + 8 <= R; r += 8) {
@@ -251,8 +303,10 @@ void layer1_gates(const Params& P, const vf* x, vf* act, long width) {
     }
     act[r] = a0, act[r + 1] = a1, act[r + 2] = a2, act[r + 3] = a3;
   }
-  for (long r = 0; r < 3 * H; r++) act[r] = vsigmoid(act[r]);  // i, f, o
-  for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);     // g
+  for (long r = 0; r < H; r++) act[r] = vsigmoid(act[r]);                 // i
+  for (long r = H; forget && r < 2 * H; r++) act[r] = vsigmoid(act[r]);  // f
+  for (long r = 2 * H; r < 3 * H; r++) act[r] = vsigmoid(act[r]);         // o
+  for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);                // g
 }
 
 // One vector of coordinates (columns j .. j + 15 of rows with stride s) through the whole step.
@@ -268,7 +322,7 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&ou
   vf x[2 + MAX_H], act[4 * MAX_H];
   for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
   for (long k = 0; ip[F_H] && k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
-  layer1_gates(P, x, act, ip[F_H] ? X : 2);
+  layer1_gates(P, x, act, ip[F_H] ? X : 2, ip[F_C] != nullptr);
   // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number),
   // h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
   // Null h_t, c_t and logits outputs: not wanted (the inner loop's last step at evaluation).
@@ -319,6 +373,18 @@ struct BlockSums {
       for (vf& a : *v) a = vf{};
   }
 };
+
+// Rows k .. k + K − 1 of ∂x = Wᵀ ∂z for one vector (W's columns from `w`, row stride X): K
+// independent FMA chains, each summed over r = 0 .. R − 1 in order; store(q, ∂x_{k+q}).
+template <long K, class Store>
+inline void input_gradient_rows(const float* w, long X, long R, const vf* dz, Store store) {
+  vf a[K] = {};
+  for (long r = 0; r < R; r++)
+#pragma GCC unroll 8
+    for (long q = 0; q < K; q++) a[q] += w[r * X + q] * dz[r];
+#pragma GCC unroll 8
+  for (long q = 0; q < K; q++) store(q, a[q]);
+}
 
 void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
                      const OutRows (&out)[B_NOUT], long s, long j, BlockSums& sums, long column) {
@@ -383,7 +449,8 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
       st(sum_dz + r * PITCH + column, dz[r]);
     }
   }
-  // ∂x = Wᵀ ∂z, four input rows at a time; rows 0, 1 (the gradient's features) when asked.
+  // ∂x = Wᵀ ∂z, eight input rows at a time (eight FMA chains over r), then four, then one;
+  // rows 0, 1 (the gradient's features) when asked.
   const long first = op[B_D_FEATURES] ? 0 : 2;
   auto store_dx = [&](long k, vf v) {
     if (k < 2)
@@ -391,44 +458,46 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
     else
       st(op[B_D_H_PREV] + (k - 2) * s + j, v);
   };
+  auto store_from = [&](long k) { return [&, k](long q, vf v) { store_dx(k + q, v); }; };
   long k = first;
-  for (; k + 4 <= X; k += 4) {
-    vf a0{}, a1{}, a2{}, a3{};
-    for (long r = 0; r < R; r++) {
-      const float* w = P.W + r * X + k;
-      a0 += w[0] * dz[r], a1 += w[1] * dz[r], a2 += w[2] * dz[r], a3 += w[3] * dz[r];
-    }
-    store_dx(k, a0), store_dx(k + 1, a1), store_dx(k + 2, a2), store_dx(k + 3, a3);
-  }
-  for (; k < X; k++) {
-    vf a{};
-    for (long r = 0; r < R; r++) a += P.W[r * X + k] * dz[r];
-    store_dx(k, a);
-  }
+  for (; k + 8 <= X; k += 8) input_gradient_rows<8>(P.W + k, X, R, dz, store_from(k));
+  for (; k + 4 <= X; k += 4) input_gradient_rows<4>(P.W + k, X, R, dz, store_from(k));
+  for (; k < X; k++) input_gradient_rows<1>(P.W + k, X, R, dz, store_from(k));
 }
 
-// The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by two of x at a time (eight
-// independent FMA chains), then four by one for an odd 2 + H.
+// The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by KX rows of x at a time (4 KX
+// independent FMA chains, each (r, k) summed over the columns in order, then across lanes).
+template <long KX>
+void weight_gradient_tile(long X, const float* dz, const float* x, long pitch, long columns,
+                          float* d_W) {
+  vf a[4][KX] = {};
+  for (long c = 0; c < columns; c += L) {
+    vf xv[KX];
+#pragma GCC unroll 4
+    for (long e = 0; e < KX; e++) xv[e] = ld(x + e * pitch + c);
+#pragma GCC unroll 4
+    for (long q = 0; q < 4; q++) {
+      vf d = ld(dz + q * PITCH + c);
+#pragma GCC unroll 4
+      for (long e = 0; e < KX; e++) a[q][e] += d * xv[e];
+    }
+  }
+  for (long q = 0; q < 4; q++)
+    for (long e = 0; e < KX; e++) d_W[q * X + e] = hsum(a[q][e]);
+}
+
 void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, long pitch,
                            long columns, float* d_W) {
   const long X = 2 + H, R = 4 * H;
   for (long r = 0; r < R; r += 4) {
     const float* dz = sums.dz.data() + r * PITCH;
-    for (long k = 0; k < X; k += 2) {
-      const long kk = std::min(X - k, 2L);  // x rows in this step
-      const float* x = x_rows + k * pitch;
-      vf a[4][2] = {};
-      for (long c = 0; c < columns; c += L) {
-        vf x0 = ld(x + c), x1 = kk == 2 ? ld(x + pitch + c) : vf{};
-        for (long q = 0; q < 4; q++) {
-          vf d = ld(dz + q * PITCH + c);
-          a[q][0] += d * x0;
-          a[q][1] += d * x1;
-        }
-      }
-      for (long q = 0; q < 4; q++)
-        for (long e = 0; e < kk; e++) d_W[(r + q) * X + k + e] = hsum(a[q][e]);
-    }
+    long k = 0;
+    for (; k + 4 <= X; k += 4)
+      weight_gradient_tile<4>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
+    for (; k + 2 <= X; k += 2)
+      weight_gradient_tile<2>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
+    for (; k < X; k++)
+      weight_gradient_tile<1>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
   }
 }
 
@@ -501,6 +570,9 @@ void metalstm_step_forward(long n, long H, int threads, const float* features, c
   const Params P{H, W, b, W2, b2};
   const Rows in[F_NIN] = {{features, 2}, {h, H}, {c, H}, {theta, 1}, {prev_logits, 2}, {grad, 1}};
   const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H}, {gates, 2}};
+  long out_rows = 0;
+  for (const OutRows& r : out) out_rows += r.p ? r.rows : 0;
+  const bool stream = out_rows * n * static_cast<long>(sizeof(float)) > STREAM_BYTES;
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
@@ -508,7 +580,7 @@ void metalstm_step_forward(long n, long H, int threads, const float* features, c
 #pragma omp for schedule(static)
     for (long blk = 0; blk < blocks_of(n); blk++) {
       const long j = blk * BLOCK;
-      run_block(in, out, n, j, std::min(BLOCK, n - j), buffer,
+      run_block(in, out, n, j, std::min(BLOCK, n - j), buffer, stream,
                 [&](auto& i, auto& o, long pitch, long column) {
                   forward_vector(P, i, o, pitch, column);
                 },
@@ -549,7 +621,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
     sums.clear();
     const long columns = (count + L - 1) / L * L;
     run_block(
-        in, out, n, j, count, buffer,
+        in, out, n, j, count, buffer, false,
         [&](auto& i, auto& o, long pitch, long column) {
           backward_vector(P, need_params, i, o, pitch, column, sums, column);
         },
