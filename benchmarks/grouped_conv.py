@@ -32,13 +32,17 @@ SHAPES = [  # (images per episode, input channels, side, filters)
 ]  # fmt: skip
 
 
-def kernel_arguments(doc: str) -> argparse.Namespace:
+def kernel_arguments(
+    doc: str, more: Callable[[argparse.ArgumentParser], object] | None = None
+) -> argparse.Namespace:
     """``--repeats`` and ``--threads`` of a script that times kernels called alone (its
-    docstring's first paragraph as the description); keeps freed memory, as every metalstm
-    command does, and sets the thread count."""
+    docstring's first paragraph as the description), and any that ``more`` adds; keeps freed
+    memory, as every metalstm command does, and sets the thread count."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed calls (default 20)")
     parser.add_argument("--threads", type=int, default=2, help="threads (default 2)")
+    if more is not None:
+        more(parser)
     args = parser.parse_args()
     keep_freed_memory()
     torch.set_num_threads(args.threads)
