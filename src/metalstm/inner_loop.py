@@ -270,8 +270,7 @@ def episode_theta0(
     meta-training episodes may have more ways than test episodes. For a batch of episodes
     (support images [E, S, C, H, W]) θ_0 is [E, n], each row its episode's.
     """
-    if support_x.dim() == 5:
-        theta0 = theta0.expand(support_x.shape[0], -1)
+    theta0 = per_episode(theta0, support_x)
     if head_init == "learned":
         return theta0
     ways = episode_ways(support_y)
@@ -283,6 +282,12 @@ def episode_theta0(
             theta0, zeros(*batch, ways, features.shape[-1]), zeros(*batch, ways)
         )
     return learner.with_head(theta0, *prototype_head(features, support_y))
+
+
+def per_episode(theta0: Tensor, support_x: Tensor) -> Tensor:
+    """θ_0 [n] as one row per episode [E, n] for a batch of episodes' support images
+    [E, S, C, H, W] (a view, nothing copied); as it is for one episode's."""
+    return theta0.expand(support_x.shape[0], -1) if support_x.dim() == 5 else theta0
 
 
 def prototype_head(features: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
@@ -307,8 +312,7 @@ def prototype_start(
     same numbers as :func:`episode_theta0` then :func:`learner_loss_and_grad`.
     """
     episodes = support_x.shape[0] if support_x.dim() == 5 else None
-    if episodes is not None:
-        theta0 = theta0.expand(episodes, -1)
+    theta0 = per_episode(theta0, support_x)
     bn = learner.fresh_batchnorm_state(support_x.device, support_x.dtype, episodes or 1)
     with torch.enable_grad():
         body = theta0[..., : learner.n_body].detach().contiguous().requires_grad_(True)
