@@ -31,6 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import small_config
 from metalstm import Config, MetaLSTM, build_method, layers, override
+from metalstm import learner as learner_module
 from metalstm import native as metalstm_native
 from metalstm.bench import add_bench_arguments, bench_config, bench_main, episode_flops
 from metalstm.data import Episode
@@ -936,7 +937,99 @@ def test_given_statistics_take_the_native_kernels_where_they_apply(
     learner = Learner(LearnerShape(1, 28, 5, 16))
     bn = learner.fresh_batchnorm_state()
     learner(learner.initial_theta(), torch.rand(5, 1, 28, 28), bn, batch_stats=False)
-    assert taken == ["n"] * 4
+    assert taken == ["n"] * 3  # the first block's tail runs fused with its convolution
+
+
+def first_block_inputs(
+    images: int, inputs: int, filters: int, side: tuple[int, int], groups: int = 1
+) -> list[Tensor]:
+    """x [B, G·C_in, H, W] (channels-last), a conv weight [G·C_out, C_in, 3, 3], running mean and
+    variance, γ and β [G·C_out]: a first block at evaluation, nothing requiring a gradient."""
+    g = torch.Generator().manual_seed(images + 7 * filters + side[1])
+    x = to_channels_last(torch.rand(images, groups * inputs, *side, generator=g))
+    weight = torch.randn(groups * filters, inputs, 3, 3, generator=g) / 3
+    channels = groups * filters
+    mean, var = 0.1 * torch.randn(channels, generator=g), torch.rand(channels, generator=g) / 4
+    gamma, beta = torch.randn(channels, generator=g), torch.linspace(-0.5, 0.5, channels)
+    return [x, weight, mean, var + 0.01, gamma, beta]
+
+
+def reference_first_block(
+    x: Tensor, weight: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor
+) -> Tensor:
+    """conv → BN with the given statistics → max-pool → ReLU by PyTorch operators in float64."""
+    groups = x.shape[1] // weight.shape[1]
+    y = F.conv2d(x.double(), weight.double(), padding=1, groups=groups)
+    y = F.batch_norm(y, mean.double(), var.double(), gamma.double(), beta.double(), eps=1e-5)
+    return F.relu(F.max_pool2d(y, 2))
+
+
+@needs_native_block
+@pytest.mark.parametrize(
+    "shape",
+    [(75, 1, 64, (28, 28), 1), (5, 3, 32, (84, 84), 1), (4, 1, 16, (28, 28), 8),
+     (3, 3, 32, (13, 10), 2), (2, 4, 48, (7, 9), 1), (1, 2, 16, (2, 3), 1)],
+)  # fmt: skip
+def test_first_block_fused_with_its_convolution_matches_pytorch(
+    shape: tuple[int, int, int, tuple[int, int], int],
+) -> None:
+    """The first block at evaluation in one native pass (convolution included): its output
+    against PyTorch's operators in float64, and against the convolution then the native tail
+    (what runs otherwise) in float32, for 1-4 channels, groups (batches of episodes) and odd
+    sides; the same bits for any thread count."""
+    inputs = first_block_inputs(*shape)
+    x, weight, *given = inputs
+    assert layers.fuses_conv(*inputs)
+    fused = layers.conv_normalise_pool_relu(*inputs, 1e-5)
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    assert_close(fused.double(), reference_first_block(*inputs), rtol=1e-5, atol=1e-5)
+    conv = to_channels_last(layers.conv3x3(x, weight))
+    assert_close(fused, layers.normalise_pool_relu(conv, *given, 1e-5), rtol=1e-6, atol=1e-6)
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        assert torch.equal(layers.conv_normalise_pool_relu(*inputs, 1e-5), fused)
+    torch.set_num_threads(1)
+
+
+@needs_native_block
+def test_first_block_fused_with_its_convolution_keeps_nan() -> None:
+    """A NaN pixel makes NaN every window whose convolutions read it, as the PyTorch operators
+    do, and nothing else."""
+    x, *rest = first_block_inputs(2, 1, 16, (8, 8))
+    x = x.clone()
+    x[1, 0, 3, 4] = float("nan")
+    inputs = [to_channels_last(x), *rest]
+    fused, want = layers.conv_normalise_pool_relu(*inputs, 1e-5), reference_first_block(*inputs)
+    assert torch.equal(fused.isnan(), want.isnan()) and fused.isnan().any()
+    assert_close(fused.nan_to_num().double(), want.nan_to_num(), rtol=1e-5, atol=1e-5)
+
+
+@needs_native_block
+def test_only_a_first_block_without_gradients_fuses_its_convolution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The learner's passes with running statistics fuse the first block's convolution where no
+    gradient is needed (evaluation's query pass) and only there: not with θ requiring a
+    gradient, not in float64, not in passes with the batch's statistics, not past the first
+    block; and they give the same logits either way."""
+    fused: list[tuple[int, ...]] = []
+    fuse = layers.conv_normalise_pool_relu
+    monkeypatch.setattr(
+        learner_module, "conv_normalise_pool_relu", lambda *a: fused.append(a[0].shape) or fuse(*a)
+    )
+    learner = Learner(LearnerShape(1, 28, 5, 32))
+    theta, x = learner.initial_theta(), torch.rand(6, 1, 28, 28)
+    bn = learner.fresh_batchnorm_state()
+    learner(theta, x, bn, batch_stats=True)  # statistics of a support pass
+    with torch.no_grad():
+        logits = learner(theta, x, bn, batch_stats=False)
+    assert fused == [(6, 1, 28, 28)]
+    graph = learner(theta.clone().requires_grad_(), x, bn, batch_stats=False)
+    learner(theta.double(), x.double(), {k: v.double() for k, v in bn.items()}, False)
+    assert fused == [(6, 1, 28, 28)]
+    assert_close(logits, graph.detach(), rtol=1e-5, atol=1e-5)
+    assert not layers.fuses_conv(*first_block_inputs(2, 5, 16, (8, 8)))  # 5 channels
+    assert not layers.fuses_conv(*first_block_inputs(2, 1, 24, (8, 8)))  # 24 filters
 
 
 @needs_native_block

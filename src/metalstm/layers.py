@@ -20,7 +20,9 @@ long reductions over the n coordinates, run in. See README "Reproducibility" for
 A block's batch norm (with the batch's statistics), max-pool and ReLU run as one native kernel
 where a C++ compiler exists (:func:`batch_norm_pool_relu`, ``learner_block.cpp``): two passes
 over the activations forward and two back instead of about ten, its sums in double over fixed
-blocks, so it too gives the same bits for any thread count.
+blocks, so it too gives the same bits for any thread count. At evaluation a first block (an
+image's few channels in) takes its convolution into that kernel too
+(:func:`conv_normalise_pool_relu`), so its full-resolution output is never written.
 """
 
 from __future__ import annotations
@@ -134,10 +136,14 @@ _DIMS = (ctypes.c_long,) * 4 + (ctypes.c_int,)  # B, H, W, C, threads
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
-    constants=(("metalstm_block_abi", 4),),
+    constants=(("metalstm_block_abi", 5),),
     functions=(
         ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P, ctypes.c_int)),
         ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P, ctypes.c_int)),
+        (
+            "metalstm_conv_block_forward",
+            ((ctypes.c_long,) * 6 + (ctypes.c_int,) + (_P,) * 6 + (_EPS, _P)),
+        ),
     ),
 )
 
@@ -348,6 +354,61 @@ def normalise_pool_relu(
     if fits and constants and native.applies(*tensors) and native.available(BLOCK_SOURCE):
         return _NativeGivenTail.apply(x, mean, var, weight, bias, eps)
     return _reference_given_tail(x, mean, var, weight, bias, eps)
+
+
+#: Input channels per group up to which a pooled block's convolution runs inside its native tail
+#: at evaluation (:func:`conv_normalise_pool_relu`): a first block's, on an image's 1 or 3.
+FUSED_CONV_INPUTS = 4
+
+
+def fuses_conv(
+    x: Tensor, conv_weight: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor
+) -> bool:
+    """Whether :func:`conv_normalise_pool_relu` runs natively on these tensors: a pooled block with
+    at most :data:`FUSED_CONV_INPUTS` input channels per group (a first block) and a multiple of
+    16 filters per group (up to 512 in all), float32 CPU tensors of which none needs a gradient,
+    and a C++ compiler."""
+    groups = x.shape[1] // conv_weight.shape[1]
+    filters = conv_weight.shape[0]
+    tensors = (x, conv_weight, mean, var, weight, bias)
+    return (
+        conv_weight.shape[1] <= FUSED_CONV_INPUTS
+        and _native_channels(filters)
+        and (filters // groups) % 16 == 0
+        and min(x.shape[2:]) >= 2
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        and native.applies(*tensors)
+        and native.available(BLOCK_SOURCE)
+    )
+
+
+def conv_normalise_pool_relu(
+    x: Tensor,
+    conv_weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+) -> Tensor:
+    """:func:`normalise_pool_relu` of :func:`conv3x3` (x, ``conv_weight``) in one native pass
+    (``metalstm_conv_block_forward``) where :func:`fuses_conv` holds: x [B, G·C_in, H, W] →
+    [B, G·C_out, H/2, W/2] (channels-last). A first block's convolution on an image's few
+    channels is a few multiply-adds per output, so its [B, C_out, H, W] output, written by the
+    convolution and read back by the tail, cost most of the block: at evaluation of an Omniglot
+    episode, 75 query images write 15 MB there. The same bits as the two steps (tests compare)."""
+    b, _, h, w = x.shape
+    filters, inputs = conv_weight.shape[:2]
+    x_nhwc = _nhwc(x)
+    out = torch.empty((b, filters, h // 2, w // 2), memory_format=torch.channels_last)
+    kernel, mean, var = conv_weight.detach().contiguous(), mean.contiguous(), var.contiguous()
+    weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+    native.library(BLOCK_SOURCE).metalstm_conv_block_forward(
+        b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
+        x_nhwc.data_ptr(), kernel.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
+        mean.data_ptr(), var.data_ptr(), eps, out.data_ptr(),
+    )  # fmt: skip
+    return out
 
 
 def batch_norm_relu(

@@ -31,6 +31,8 @@ from .layers import (
     batch_norm_pool_relu,
     batch_norm_relu,
     conv3x3,
+    conv_normalise_pool_relu,
+    fuses_conv,
     normalise_pool_relu,
     normalise_relu,
     update_running_stats,
@@ -86,22 +88,27 @@ class Block(nn.Module):
             self.tails = (batch_norm_relu, normalise_relu)
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
+        norm, b = self.norm, self.conv.bias
+        assert norm.running_mean is not None and norm.running_var is not None and b is not None
+        if not batch_stats:
+            # the running statistics collected on this episode's support set:
+            # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
+            shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
+            given = (norm.running_mean, norm.running_var, norm.weight, shift)
+            if self.stride == 1 and fuses_conv(x, self.conv.weight, *given):  # a first block
+                return conv_normalise_pool_relu(x, self.conv.weight, *given, norm.eps)
         x = conv3x3(x, self.conv.weight, self.stride)  # without the bias b: see above
         if x.device.type == "cpu":  # keep NHWC: the next conv and max-pool run much faster
             x = x.contiguous(memory_format=torch.channels_last)
-        norm, b = self.norm, self.conv.bias
-        assert norm.running_mean is not None and norm.running_var is not None and b is not None
         batch_tail, given_tail = self.tails
-        if batch_stats:  # this batch's statistics; the episode's running ones are updated
-            count = x.numel() // x.shape[1]
-            x, mean, var = batch_tail(x, b, norm.weight, norm.bias, norm.eps)
-            momentum = norm.momentum if norm.momentum is not None else 0.1
-            update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
-            return x
-        # the running statistics collected on this episode's support set:
-        # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
-        shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
-        return given_tail(x, norm.running_mean, norm.running_var, norm.weight, shift, norm.eps)
+        if not batch_stats:
+            return given_tail(x, *given, norm.eps)
+        # this batch's statistics; the episode's running ones are updated
+        count = x.numel() // x.shape[1]
+        x, mean, var = batch_tail(x, b, norm.weight, norm.bias, norm.eps)
+        momentum = norm.momentum if norm.momentum is not None else 0.1
+        update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
+        return x
 
 
 class ConvNet(nn.Module):

@@ -7,7 +7,10 @@
 // mean and variance, then normalise-and-pool) and writes only the pooled output, and the
 // backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
 // storing it. With given statistics each reads x once: no statistics to sum forward, and ∂x,
-// which does not depend on the sums then, written in the same pass as them.
+// which does not depend on the sums then, written in the same pass as them. At evaluation a
+// first block (1-4 input channels) computes its 3x3 convolution inside the given-statistics
+// forward (metalstm_conv_block_forward, layers.conv_normalise_pool_relu): its [B, H, W, C] output
+// is never written.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
@@ -22,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -38,6 +42,10 @@ inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vd wide(vf v) { return __builtin_convertvector(v, vd); }
 
+typedef float vf2 __attribute__((vector_size(64)));  // two vectors of 8 channels
+inline vf2 ld2(const void* p) { vf2 v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st2(float* p, vf2 v) { std::memcpy(p, &v, sizeof v); }
+
 // Per-channel constants of the normalisation y = (x − μ) k + β, as vectors.
 struct Affine {
   vf mu[MAX_VECTORS], k[MAX_VECTORS], beta[MAX_VECTORS];
@@ -51,10 +59,9 @@ struct Window {
   vf x[4];
 };
 
-inline Window window(const float* const (&p)[4], long v, const Affine& A) {
+inline Window window(const vf (&x)[4], long v, const Affine& A) {
   Window w;
-  const long c = v * LANES;
-  for (int q = 0; q < 4; q++) w.x[q] = ld(p[q] + c);
+  for (int q = 0; q < 4; q++) w.x[q] = x[q];
   w.best = (w.x[0] - A.mu[v]) * A.k[v] + A.beta[v];
   w.at = vi{} + 0;
   for (int q = 1; q < 4; q++) {
@@ -64,6 +71,25 @@ inline Window window(const float* const (&p)[4], long v, const Affine& A) {
     w.at = wins ? vi{} + q : w.at;
   }
   return w;
+}
+
+// The same for the window whose four pixels' channels start at p[0..3].
+inline Window window(const float* const (&p)[4], long v, const Affine& A) {
+  const long c = v * LANES;
+  const vf x[4] = {ld(p[0] + c), ld(p[1] + c), ld(p[2] + c), ld(p[3] + c)};
+  return window(x, v, A);
+}
+
+// ReLU(window(x, v, A).best) for channel vectors v and v + 1 at once: the same operations, on 16
+// lanes (the forward's output, for a window whose four inputs are in registers).
+inline vf2 pooled_relu(const vf2 (&x)[4], long v, const Affine& A) {
+  const vf2 mu = ld2(&A.mu[v]), k = ld2(&A.k[v]), beta = ld2(&A.beta[v]);
+  vf2 best = (x[0] - mu) * k + beta;
+  for (int q = 1; q < 4; q++) {
+    const vf2 y = (x[q] - mu) * k + beta;
+    best = (y > best) | (y != y) ? y : best;
+  }
+  return best <= 0.0f ? vf2{} : best;  // ReLU (NaN stays NaN)
 }
 
 // The four pixels of window (b, i, j) of x [B, H, W, C].
@@ -134,11 +160,72 @@ void batch_statistics(long pixels, long C, int threads, const float* x, float ep
   }
 }
 
+// The first block at evaluation (given statistics) in one pass over its input: the 3x3
+// convolution (padding 1, stride 1, no bias) of x [B, H, W, G·Cin] by weight [C, Cin, 3, 3] in G
+// groups, then the forward above with given = 1, writing out [B, H/2, W/2, C]. Each window's four
+// convolution outputs stay in registers: for the few input channels of a first block (an image's
+// 1 or 3) the convolution is a few multiply-adds per output, and writing its [B, H, W, C] output
+// and reading it back cost more. Each output sums its taps in the order kh, kw, ci, one fused
+// multiply-add each, over a zero-padded copy of x (oneDNN sums a single channel's taps in the
+// order kw, kh: the two differ in the last bit of some outputs). C / G is a multiple of 16, so
+// each pair of channel vectors lies in one group.
+template <int CIN>
+void conv_block_forward(long B, long H, long W, long C, long G, int threads, const float* x,
+                        const float* weight, const Affine& A, float* out) {
+  const long Ho = H / 2, Wo = W / 2, V = C / LANES, Cx = G * CIN, Cg = C / G;
+  const long Hp = H + 2, Wp = W + 2;
+  std::unique_ptr<float[]> padded(new float[B * Hp * Wp * Cx]);  // x with a border of zeros
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long b = 0; b < B; b++) {
+    float* image = padded.get() + b * Hp * Wp * Cx;
+    std::fill(image, image + Wp * Cx, 0.0f);
+    for (long h = 0; h < H; h++) {
+      float* row = image + (h + 1) * Wp * Cx;
+      std::fill(row, row + Cx, 0.0f);
+      std::memcpy(row + Cx, x + (b * H + h) * W * Cx, W * Cx * sizeof(float));
+      std::fill(row + (W + 1) * Cx, row + Wp * Cx, 0.0f);
+    }
+    std::fill(image + (H + 1) * Wp * Cx, image + Hp * Wp * Cx, 0.0f);
+  }
+  std::vector<float> taps(9 * CIN * C);  // [kh, kw, ci, C]: a tap's weights for every channel
+  for (long c = 0; c < C; c++)
+    for (long ci = 0; ci < CIN; ci++)
+      for (long t = 0; t < 9; t++) taps[(t * CIN + ci) * C + c] = weight[(c * CIN + ci) * 9 + t];
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+  for (long b = 0; b < B; b++)
+    for (long i = 0; i < Ho; i++)
+      for (long j = 0; j < Wo; j++) {
+        // the window's 4 x 4 padded input pixels: rows 2i .. 2i + 3, columns 2j .. 2j + 3
+        const float* patch = padded.get() + ((b * Hp + 2 * i) * Wp + 2 * j) * Cx;
+        float* o = out + ((b * Ho + i) * Wo + j) * C;
+        long g = -1;
+        float p[4][4][CIN];  // this group's patch
+        for (long v = 0; v < V; v += 2) {  // two vectors of channels at a time
+          if (v * LANES / Cg != g) {
+            g = v * LANES / Cg;
+            for (int r = 0; r < 4; r++)
+              for (int s = 0; s < 4; s++)
+                for (int ci = 0; ci < CIN; ci++)
+                  p[r][s][ci] = patch[(r * Wp + s) * Cx + g * CIN + ci];
+          }
+          vf2 acc[4] = {};  // the window's pixels (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)
+          const float* wv = taps.data() + v * LANES;
+          for (int kh = 0; kh < 3; kh++)
+            for (int kw = 0; kw < 3; kw++)
+              for (int ci = 0; ci < CIN; ci++) {
+                const vf2 w = ld2(wv + ((kh * 3 + kw) * CIN + ci) * C);
+                for (int q = 0; q < 4; q++) acc[q] += w * p[kh + q / 2][kw + q % 2][ci];
+              }
+          st2(o + v * LANES, pooled_relu(acc, v, A));
+        }
+      }
+}
+
 }  // namespace
 
 extern "C" {
 
-int metalstm_block_abi() { return 4; }
+int metalstm_block_abi() { return 5; }
 
 // Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) per channel, writing out
 // [B, H/2, W/2, C]. given = 0: μ and σ² are the batch's mean and biased variance, written to
@@ -269,6 +356,27 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
         }
       }
     }
+}
+
+// The first block at evaluation, its convolution fused with the tail: conv_block_forward for
+// Cin = 1 .. 4 input channels per group (layers.FUSED_CONV_INPUTS).
+void metalstm_conv_block_forward(long B, long H, long W, long Cin, long C, long G, int threads,
+                                 const float* x, const float* weight, const float* gamma,
+                                 const float* beta, const float* mean, const float* var,
+                                 float eps, float* out) {
+  Affine A;
+  for (long c = 0; c < C; c++) {
+    const float invstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+    A.mu[c / LANES][c % LANES] = mean[c];
+    A.k[c / LANES][c % LANES] = gamma[c] * invstd;
+    A.beta[c / LANES][c % LANES] = beta[c];
+  }
+  switch (Cin) {
+    case 1: return conv_block_forward<1>(B, H, W, C, G, threads, x, weight, A, out);
+    case 2: return conv_block_forward<2>(B, H, W, C, G, threads, x, weight, A, out);
+    case 3: return conv_block_forward<3>(B, H, W, C, G, threads, x, weight, A, out);
+    case 4: return conv_block_forward<4>(B, H, W, C, G, threads, x, weight, A, out);
+  }
 }
 
 }  // extern "C"
