@@ -10,8 +10,12 @@ milliseconds per call, forward and backward, with the batch's statistics (suppor
 with given ones (the query pass; evaluation): ``learner_block.cpp`` (``layers._NativeTail``,
 ``layers._NativeGivenTail``) against the PyTorch composition it replaces, both on every thread,
 and the memory the native kernels read and write per call at the rate they reach (x twice each
-way with the batch's statistics, once with given ones; the pooled tensors a quarter of x). The
-last line names the CPU: timings compare only within one run.
+way with the batch's statistics, once with given ones; the pooled tensors a quarter of x).
+Then a first block whole, its convolution included (1 or 3 input channels, 32 or 64 filters,
+one episode or 8 at once as groups): the native kernels with the convolution fused
+(``layers.conv_batch_norm_pool_relu`` and ``conv_normalise_pool_relu``, FirstConv) against the
+convolution (oneDNN, and the native weight gradient) then the native tail, what ran before.
+The last line names the CPU: timings compare only within one run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor
 from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
 from metalstm.bench import cpu_name
+from metalstm.learner import to_channels_last
 
 EPS = 1e-5
 
@@ -91,6 +96,77 @@ def row(label: str, images: int, channels: int, side: int, repeats: int) -> list
     return lines
 
 
+# (label, images, input channels, filters, side, episodes as groups)
+FIRST_BLOCKS = [
+    ("84x84 RGB, 5 support images", 5, 3, 32, 84, 1),
+    ("84x84 RGB, 25 support images", 25, 3, 32, 84, 1),
+    ("84x84 RGB, 75 query images", 75, 3, 32, 84, 1),
+    ("28x28 gray, 5 support images", 5, 1, 32, 28, 1),
+    ("28x28 gray, 75 query images", 75, 1, 32, 28, 1),
+    ("28x28 gray, 5 support images, 8 episodes", 5, 1, 32, 28, 8),
+    ("28x28 gray, 75 query images, 8 episodes", 75, 1, 32, 28, 8),
+    ("Omniglot evaluation, 5 support images, 64 filters", 5, 1, 64, 28, 1),
+    ("Omniglot evaluation, 75 query images, 64 filters", 75, 1, 64, 28, 1),
+]
+
+
+def first_block_row(
+    label: str, images: int, inputs: int, filters: int, side: int, groups: int, repeats: int
+) -> str:
+    """Milliseconds of a first block with the batch's statistics, forward and backward (into the
+    conv weight, γ and β), and of its forward with given statistics: the convolution then the
+    native tail, and fused."""
+    generator = torch.Generator().manual_seed(0)
+    channels = groups * filters
+    x = to_channels_last(torch.rand(images, groups * inputs, side, side, generator=generator))
+    conv = (torch.randn(channels, inputs, 3, 3, generator=generator) / 3).requires_grad_()
+    weight = (torch.rand(channels, generator=generator) + 0.5).requires_grad_()
+    bias = (0.1 * torch.randn(channels, generator=generator)).requires_grad_()
+    shift = torch.zeros(channels)
+    mean, var = torch.zeros(channels), torch.ones(channels)
+    assert layers.fuses_conv(x, conv, shift, weight, bias, batch_stats=True)
+
+    def two_step(x: Tensor) -> Tensor:
+        return layers.batch_norm_pool_relu(
+            layers._conv_channels_last(x, conv), shift, weight, bias, EPS
+        )[0]
+
+    def two_step_given(x: Tensor) -> Tensor:
+        y = layers._conv_channels_last(x, conv)
+        return layers.normalise_pool_relu(y, mean, var, weight, bias, EPS)
+
+    def fused(x: Tensor) -> Tensor:
+        return layers._NativeConvTail.apply(x, conv, shift, weight, bias, EPS)[0]
+
+    def fused_given(x: Tensor) -> Tensor:
+        return layers.conv_normalise_pool_relu(x, conv, mean, var, weight, bias, EPS)
+
+    cells = [
+        timed_block(batch, given, x, (conv, weight, bias), repeats)
+        for batch, given in ((two_step, two_step_given), (fused, fused_given))
+    ]
+    return f"| {label} | {cells[0]} | {cells[1]} |"
+
+
+def timed_block(
+    batch: Callable[[Tensor], Tensor],
+    given: Callable[[Tensor], Tensor],
+    x: Tensor,
+    params: tuple[Tensor, ...],
+    repeats: int,
+) -> str:
+    """ "forward / backward / forward with given statistics" in milliseconds."""
+    out = batch(x)
+    d_out = torch.randn_like(out)
+    forward = median_ms(lambda: batch(x), repeats)
+    backward = median_ms(
+        lambda: torch.autograd.grad(out, params, d_out, retain_graph=True), repeats
+    )
+    with torch.no_grad():
+        evaluation = median_ms(lambda: given(x), repeats)
+    return f"{forward:.2f} / {backward:.2f} / {evaluation:.2f}"
+
+
 def main() -> None:
     args = kernel_arguments(__doc__)
     print(f"kernels: {layers.block_kernels()}\n")
@@ -102,6 +178,13 @@ def main() -> None:
     for label, images, channels, side in SHAPES:
         for line in row(label, images, channels, side, args.repeats):
             print(line)
+    print(
+        "\n| first block, convolution included | convolution then native tail: forward / "
+        "backward / forward with given statistics (ms) | convolution fused: the same (ms) |"
+    )
+    print("| --- | --- | --- |")
+    for shape in FIRST_BLOCKS:
+        print(first_block_row(*shape, args.repeats))
     print(f"\nmachine: {cpu_name()}, {args.threads} threads")
 
 

@@ -31,7 +31,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from conftest import small_config
 from metalstm import Config, MetaLSTM, build_method, layers, override
-from metalstm import learner as learner_module
 from metalstm import native as metalstm_native
 from metalstm.bench import add_bench_arguments, bench_config, bench_main, episode_flops
 from metalstm.data import Episode
@@ -944,7 +943,7 @@ def first_block_inputs(
     images: int, inputs: int, filters: int, side: tuple[int, int], groups: int = 1
 ) -> list[Tensor]:
     """x [B, G·C_in, H, W] (channels-last), a conv weight [G·C_out, C_in, 3, 3], running mean and
-    variance, γ and β [G·C_out]: a first block at evaluation, nothing requiring a gradient."""
+    variance, γ and β [G·C_out]: a first block, nothing requiring a gradient."""
     g = torch.Generator().manual_seed(images + 7 * filters + side[1])
     x = to_channels_last(torch.rand(images, groups * inputs, *side, generator=g))
     weight = torch.randn(groups * filters, inputs, 3, 3, generator=g) / 3
@@ -955,31 +954,48 @@ def first_block_inputs(
 
 
 def reference_first_block(
-    x: Tensor, weight: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor
+    x: Tensor,
+    weight: Tensor,
+    mean: Tensor | None,
+    var: Tensor | None,
+    gamma: Tensor,
+    beta: Tensor,
+    shift: Tensor | None = None,
 ) -> Tensor:
-    """conv → BN with the given statistics → max-pool → ReLU by PyTorch operators in float64."""
+    """conv (+ ``shift``) → BN with the given statistics (None: the batch's) → max-pool → ReLU
+    by PyTorch operators in float64."""
     groups = x.shape[1] // weight.shape[1]
     y = F.conv2d(x.double(), weight.double(), padding=1, groups=groups)
-    y = F.batch_norm(y, mean.double(), var.double(), gamma.double(), beta.double(), eps=1e-5)
+    if shift is not None:
+        y = y + shift.double().view(1, -1, 1, 1)
+    given = mean is not None and var is not None
+    statistics = (mean.double(), var.double()) if given else (None, None)
+    y = F.batch_norm(y, *statistics, gamma.double(), beta.double(), not given, eps=1e-5)
     return F.relu(F.max_pool2d(y, 2))
 
 
+FIRST_BLOCKS = [
+    (75, 1, 64, (28, 28), 1),
+    (5, 3, 32, (84, 84), 1),
+    (4, 1, 16, (28, 28), 8),
+    (3, 3, 32, (13, 10), 2),
+    (2, 4, 48, (7, 9), 1),
+    (2, 2, 64, (2, 3), 1),
+]
+
+
 @needs_native_block
-@pytest.mark.parametrize(
-    "shape",
-    [(75, 1, 64, (28, 28), 1), (5, 3, 32, (84, 84), 1), (4, 1, 16, (28, 28), 8),
-     (3, 3, 32, (13, 10), 2), (2, 4, 48, (7, 9), 1), (1, 2, 16, (2, 3), 1)],
-)  # fmt: skip
+@pytest.mark.parametrize("shape", FIRST_BLOCKS)
 def test_first_block_fused_with_its_convolution_matches_pytorch(
     shape: tuple[int, int, int, tuple[int, int], int],
 ) -> None:
     """The first block at evaluation in one native pass (convolution included): its output
     against PyTorch's operators in float64, and against the convolution then the native tail
-    (what runs otherwise) in float32, for 1-4 channels, groups (batches of episodes) and odd
-    sides; the same bits for any thread count."""
+    (what runs otherwise) in float32, for 1-4 channels, groups (batches of episodes), 16 to 64
+    filters per group and odd sides; the same bits for any thread count."""
     inputs = first_block_inputs(*shape)
     x, weight, *given = inputs
-    assert layers.fuses_conv(*inputs)
+    assert layers.fuses_conv(*inputs, batch_stats=False)
     fused = layers.conv_normalise_pool_relu(*inputs, 1e-5)
     assert fused.is_contiguous(memory_format=torch.channels_last)
     assert_close(fused.double(), reference_first_block(*inputs), rtol=1e-5, atol=1e-5)
@@ -991,10 +1007,72 @@ def test_first_block_fused_with_its_convolution_matches_pytorch(
     torch.set_num_threads(1)
 
 
+def first_block_gradients(
+    block: Any, x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor
+) -> list[Tensor]:
+    """The output, mean and variance of ``block`` (a first block with the batch's statistics)
+    and the gradients of a fixed function of its output w.r.t. the conv weight, the shift, γ, β."""
+    params = [t.detach().clone().requires_grad_() for t in (weight, shift, gamma, beta)]
+    out, *statistics = block(x, params[0], params[1], params[2], params[3], 1e-5)
+    d_out = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view(out.shape)
+    return [out, *statistics, *torch.autograd.grad(out, params, d_out)]
+
+
+@needs_native_block
+@pytest.mark.parametrize("shape", FIRST_BLOCKS)
+def test_first_block_with_batch_statistics_fused_matches_pytorch(
+    shape: tuple[int, int, int, tuple[int, int], int],
+) -> None:
+    """The first block with the batch's statistics, its convolution computed again in each pass
+    of the native kernels: output, mean, variance and the gradients of the conv weight, the
+    conv bias (exactly zero), γ and β against PyTorch's operators in float64 (the batch's
+    statistics through F.batch_norm, a conv bias that cancels); the same bits for any thread
+    count."""
+    x, weight, _, _, gamma, beta = first_block_inputs(*shape)
+    shift = torch.linspace(-0.3, 0.3, weight.shape[0])
+    got = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
+
+    def reference(x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, _: float):
+        y = F.conv2d(x.double(), weight.double(), padding=1, groups=x.shape[1] // weight.shape[1])
+        y = y + shift.double().view(1, -1, 1, 1)
+        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        return reference_first_block(x, weight, None, None, gamma, beta, shift), mean, var
+
+    want = first_block_gradients(reference, x, weight, shift, gamma, beta)
+    for name, a, b in zip(["out", "mean", "var", "weight", "shift", "γ", "β"], got, want):
+        if name == "shift":  # the bias cancels: exactly zero here, rounding noise in float64
+            assert torch.equal(a, torch.zeros_like(a)) and b.abs().max() < 1e-9
+        else:
+            assert_close(a.double(), b, rtol=2e-5), name
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        again = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
+        assert all(torch.equal(a, b) for a, b in zip(got, again))
+    torch.set_num_threads(1)
+
+
+@needs_native_block
+def test_first_block_with_batch_statistics_has_second_derivatives() -> None:
+    """Under create_graph (second-order MAML) the fused block's backward differentiates the
+    PyTorch composition: the same second derivatives."""
+    x, weight, _, _, gamma, beta = first_block_inputs(3, 1, 16, (10, 10))
+    shift = torch.zeros(16)
+    second = []
+    for block in (layers._NativeConvTail.apply, layers._reference_conv_tail):
+        params = [t.clone().requires_grad_() for t in (weight, gamma, beta)]
+        out = block(x, params[0], shift, params[1], params[2], 1e-5)
+        out = out[0] if isinstance(out, tuple) else out
+        (d_weight,) = torch.autograd.grad(out.square().sum(), params[0], create_graph=True)
+        second.append(torch.autograd.grad(d_weight.square().sum(), params))
+    for a, b in zip(*second):
+        assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 @needs_native_block
 def test_first_block_fused_with_its_convolution_keeps_nan() -> None:
     """A NaN pixel makes NaN every window whose convolutions read it, as the PyTorch operators
-    do, and nothing else."""
+    do, and nothing else (given statistics)."""
     x, *rest = first_block_inputs(2, 1, 16, (8, 8))
     x = x.clone()
     x[1, 0, 3, 4] = float("nan")
@@ -1005,31 +1083,45 @@ def test_first_block_fused_with_its_convolution_keeps_nan() -> None:
 
 
 @needs_native_block
-def test_only_a_first_block_without_gradients_fuses_its_convolution(
+def test_only_a_first_block_of_images_fuses_its_convolution(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The learner's passes with running statistics fuse the first block's convolution where no
-    gradient is needed (evaluation's query pass) and only there: not with θ requiring a
-    gradient, not in float64, not in passes with the batch's statistics, not past the first
-    block; and they give the same logits either way."""
-    fused: list[tuple[int, ...]] = []
-    fuse = layers.conv_normalise_pool_relu
+    """The learner's passes fuse the first block's convolution (with the batch's statistics, and
+    with running ones where no gradient is needed: evaluation's query pass) and only there: not
+    with running statistics and θ requiring a gradient, not for images requiring one, not in
+    float64, not past the first block, not for 5 input channels or 24 filters; the logits and
+    θ's gradient are the same either way."""
+    fused: list[str] = []  # g: with given statistics, b: with the batch's
+    forward = layers._native_conv_forward
     monkeypatch.setattr(
-        learner_module, "conv_normalise_pool_relu", lambda *a: fused.append(a[0].shape) or fuse(*a)
+        layers,
+        "_native_conv_forward",
+        lambda *a, given: fused.append("g" if given else "b") or forward(*a, given=given),
     )
     learner = Learner(LearnerShape(1, 28, 5, 32))
-    theta, x = learner.initial_theta(), torch.rand(6, 1, 28, 28)
+    theta, x = learner.initial_theta().requires_grad_(), torch.rand(6, 1, 28, 28)
+    y = torch.arange(6) % 5
     bn = learner.fresh_batchnorm_state()
-    learner(theta, x, bn, batch_stats=True)  # statistics of a support pass
+    loss = F.cross_entropy(learner(theta, x, bn, batch_stats=True), y)  # a support pass
+    (grad,) = torch.autograd.grad(loss, theta)
+    assert fused == ["b"]
     with torch.no_grad():
         logits = learner(theta, x, bn, batch_stats=False)
-    assert fused == [(6, 1, 28, 28)]
-    graph = learner(theta.clone().requires_grad_(), x, bn, batch_stats=False)
-    learner(theta.double(), x.double(), {k: v.double() for k, v in bn.items()}, False)
-    assert fused == [(6, 1, 28, 28)]
+    assert fused == ["b", "g"]
+    fused.clear()
+    graph = learner(theta, x, bn, batch_stats=False)
+    learner(theta, x.clone().requires_grad_(), learner.fresh_batchnorm_state(), batch_stats=True)
+    bn64 = {k: v.double() for k, v in bn.items()}
+    learner(theta.detach().double(), x.double(), bn64, batch_stats=False)
+    assert fused == []
     assert_close(logits, graph.detach(), rtol=1e-5, atol=1e-5)
-    assert not layers.fuses_conv(*first_block_inputs(2, 5, 16, (8, 8)))  # 5 channels
-    assert not layers.fuses_conv(*first_block_inputs(2, 1, 24, (8, 8)))  # 24 filters
+    monkeypatch.setattr(layers, "fuses_conv", lambda *a, **k: False)  # the two-step path
+    (unfused,) = torch.autograd.grad(
+        F.cross_entropy(learner(theta, x, learner.fresh_batchnorm_state(), True), y), theta
+    )
+    assert_close(grad, unfused, rtol=1e-4, atol=1e-7)
+    for inputs in (first_block_inputs(2, 5, 16, (8, 8)), first_block_inputs(2, 1, 24, (8, 8))):
+        assert not layers.fuses_conv(*inputs, batch_stats=True)
 
 
 @needs_native_block

@@ -133,6 +133,7 @@ def batch_norm_train(
 # -- batch norm, max-pool and ReLU: a block's tail, natively where possible ----------------------
 
 _DIMS = (ctypes.c_long,) * 4 + (ctypes.c_int,)  # B, H, W, C, threads
+_CONV_DIMS = (ctypes.c_long,) * 6 + (ctypes.c_int,)  # B, H, W, C_in, C, G, threads
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
@@ -140,10 +141,8 @@ BLOCK_SOURCE = native.NativeSource(
     functions=(
         ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P, ctypes.c_int)),
         ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P, ctypes.c_int)),
-        (
-            "metalstm_conv_block_forward",
-            ((ctypes.c_long,) * 6 + (ctypes.c_int,) + (_P,) * 6 + (_EPS, _P)),
-        ),
+        ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 3, ctypes.c_int)),
+        ("metalstm_conv_block_backward", (*_CONV_DIMS, *[_P] * 7, _EPS, *[_P] * 3)),
     ),
 )
 
@@ -356,61 +355,6 @@ def normalise_pool_relu(
     return _reference_given_tail(x, mean, var, weight, bias, eps)
 
 
-#: Input channels per group up to which a pooled block's convolution runs inside its native tail
-#: at evaluation (:func:`conv_normalise_pool_relu`): a first block's, on an image's 1 or 3.
-FUSED_CONV_INPUTS = 4
-
-
-def fuses_conv(
-    x: Tensor, conv_weight: Tensor, mean: Tensor, var: Tensor, weight: Tensor, bias: Tensor
-) -> bool:
-    """Whether :func:`conv_normalise_pool_relu` runs natively on these tensors: a pooled block with
-    at most :data:`FUSED_CONV_INPUTS` input channels per group (a first block) and a multiple of
-    16 filters per group (up to 512 in all), float32 CPU tensors of which none needs a gradient,
-    and a C++ compiler."""
-    groups = x.shape[1] // conv_weight.shape[1]
-    filters = conv_weight.shape[0]
-    tensors = (x, conv_weight, mean, var, weight, bias)
-    return (
-        conv_weight.shape[1] <= FUSED_CONV_INPUTS
-        and _native_channels(filters)
-        and (filters // groups) % 16 == 0
-        and min(x.shape[2:]) >= 2
-        and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-        and native.applies(*tensors)
-        and native.available(BLOCK_SOURCE)
-    )
-
-
-def conv_normalise_pool_relu(
-    x: Tensor,
-    conv_weight: Tensor,
-    mean: Tensor,
-    var: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    eps: float,
-) -> Tensor:
-    """:func:`normalise_pool_relu` of :func:`conv3x3` (x, ``conv_weight``) in one native pass
-    (``metalstm_conv_block_forward``) where :func:`fuses_conv` holds: x [B, G·C_in, H, W] →
-    [B, G·C_out, H/2, W/2] (channels-last). A first block's convolution on an image's few
-    channels is a few multiply-adds per output, so its [B, C_out, H, W] output, written by the
-    convolution and read back by the tail, cost most of the block: at evaluation of an Omniglot
-    episode, 75 query images write 15 MB there. The same bits as the two steps (tests compare)."""
-    b, _, h, w = x.shape
-    filters, inputs = conv_weight.shape[:2]
-    x_nhwc = _nhwc(x)
-    out = torch.empty((b, filters, h // 2, w // 2), memory_format=torch.channels_last)
-    kernel, mean, var = conv_weight.detach().contiguous(), mean.contiguous(), var.contiguous()
-    weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
-    native.library(BLOCK_SOURCE).metalstm_conv_block_forward(
-        b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
-        x_nhwc.data_ptr(), kernel.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
-        mean.data_ptr(), var.data_ptr(), eps, out.data_ptr(),
-    )  # fmt: skip
-    return out
-
-
 def batch_norm_relu(
     x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -528,3 +472,180 @@ def conv3x3(x: Tensor, weight: Tensor, stride: int = 1) -> Tensor:
     episodes, each its own group (:mod:`metalstm.learner`)."""
     groups = x.shape[1] // weight.shape[1]
     return _Conv3x3.apply(x, weight, stride, groups)
+
+
+# -- a whole block: 3x3 convolution, batch norm, ReLU and down-sampling --------------------------
+
+
+#: Input channels per group up to which a pooled block's convolution runs inside its native
+#: kernels (:func:`conv_batch_norm_pool_relu`, :func:`conv_normalise_pool_relu`): a first
+#: block's, on an image's 1 or 3.
+FUSED_CONV_INPUTS = 4
+
+
+def fuses_conv(x: Tensor, conv_weight: Tensor, *params: Tensor, batch_stats: bool) -> bool:
+    """Whether a pooled block's convolution of x by ``conv_weight`` runs inside its native tail
+    here (``params``: the tail's other tensors): at most :data:`FUSED_CONV_INPUTS` input channels
+    per group (a first block) and a multiple of 16 filters per group (up to 512 in all), float32
+    CPU tensors, a C++ compiler, and x without a gradient (images); with given statistics
+    (``batch_stats`` false: evaluation), no tensor needing one."""
+    groups = x.shape[1] // conv_weight.shape[1]
+    filters = conv_weight.shape[0]
+    tensors = (x, conv_weight, *params)
+    differentiated = tensors if not batch_stats else (x,)
+    return (
+        conv_weight.shape[1] <= FUSED_CONV_INPUTS
+        and _native_channels(filters)
+        and (filters // groups) % 16 == 0
+        and min(x.shape[2:]) >= 2
+        and not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiated))
+        and native.applies(*tensors)
+        and native.available(BLOCK_SOURCE)
+    )
+
+
+def _conv_channels_last(x: Tensor, conv_weight: Tensor, stride: int = 1) -> Tensor:
+    """:func:`conv3x3`, its output in NHWC memory order on the CPU (where the next convolution,
+    the native tails and max-pool run much faster)."""
+    y = conv3x3(x, conv_weight, stride)
+    return y.contiguous(memory_format=torch.channels_last) if y.device.type == "cpu" else y
+
+
+def _native_conv_forward(
+    x: Tensor,
+    conv_weight: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    mean: Tensor,
+    var: Tensor,
+    given: bool,
+) -> Tensor:
+    """``metalstm_conv_block_forward``: the pooled output [B, G·C_out, H/2, W/2] (channels-last)
+    of the block whose convolution is fused; the statistics read from ``mean`` and ``var`` when
+    ``given``, else written there."""
+    b, _, h, w = x.shape
+    filters, inputs = conv_weight.shape[:2]
+    out = torch.empty((b, filters, h // 2, w // 2), memory_format=torch.channels_last)
+    x_nhwc, kernel = _nhwc(x).detach(), conv_weight.detach().contiguous()
+    weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
+    native.library(BLOCK_SOURCE).metalstm_conv_block_forward(
+        b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
+        x_nhwc.data_ptr(), kernel.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
+        out.data_ptr(), mean.data_ptr(), var.data_ptr(), int(given),
+    )  # fmt: skip
+    return out
+
+
+def _reference_conv_tail(
+    x: Tensor, conv_weight: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> Tensor:
+    """:func:`_reference_tail` of :func:`conv3x3` (x, ``conv_weight``) by PyTorch operators."""
+    return _reference_tail(conv3x3(x, conv_weight), shift, weight, bias, eps)[0]
+
+
+class _NativeConvTail(torch.autograd.Function):
+    """:func:`_reference_conv_tail` in ``learner_block.cpp``, the convolution fused: computed
+    again in each pass (two forward, two back) rather than written out, the backward giving its
+    weight's gradient instead of the convolution output's. Under ``create_graph`` the backward
+    differentiates the PyTorch composition, as :class:`_NativeTail` does."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        conv_weight: Tensor,
+        shift: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        eps: float,
+    ) -> Any:
+        mean, var = x.new_empty(conv_weight.shape[0]), x.new_empty(conv_weight.shape[0])
+        out = _native_conv_forward(x, conv_weight, weight, bias, eps, mean, var, given=False)
+        ctx.save_for_backward(x, conv_weight, shift, weight, bias, mean, var)
+        ctx.eps = eps
+        return out, *_graph_constants(ctx, mean + shift, var)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
+        x, conv_weight, shift, weight, bias, mean, var = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: through the PyTorch composition
+            grads = _composition_backward(
+                lambda: _reference_conv_tail(x, conv_weight, shift, weight, bias, ctx.eps),
+                (x, conv_weight, shift, weight, bias),
+                ctx.needs_input_grad[:5],
+                d_out,
+            )
+            return (*grads, None)
+        b, _, h, w = x.shape
+        filters, inputs = conv_weight.shape[:2]
+        d_conv = torch.empty(conv_weight.shape)
+        d_weight, d_bias = x.new_empty(filters), x.new_empty(filters)
+        x_nhwc, kernel, d_out = _nhwc(x), conv_weight.contiguous(), _nhwc(d_out)
+        native.library(BLOCK_SOURCE).metalstm_conv_block_backward(
+            b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
+            x_nhwc.data_ptr(), kernel.data_ptr(), d_out.data_ptr(), weight.contiguous().data_ptr(),
+            bias.contiguous().data_ptr(), mean.data_ptr(), var.data_ptr(), ctx.eps,
+            d_conv.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(),
+        )  # fmt: skip
+        return None, d_conv, torch.zeros_like(d_bias), d_weight, d_bias, None
+
+
+def conv_batch_norm_pool_relu(
+    x: Tensor, conv_weight: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_pool_relu` of :func:`conv3x3` (x, ``conv_weight``): a pooled learner
+    block with the batch's statistics, x [B, G·C_in, H, W] → [B, G·C_out, H/2, W/2], and the
+    batch's mean and biased variance [G·C_out].
+
+    Where :func:`fuses_conv` holds (a first block: an image's few channels in), the convolution
+    runs inside the native kernels, computed again in each of their passes rather than written:
+    at 84x84 its output for 75 query images is 68 MB, which oneDNN wrote and the tail read twice
+    forward, twice back, writing its gradient for the weight gradient to read. The same
+    mathematics (tests compare); float32 rounding differs in the last bits.
+    """
+    if fuses_conv(x, conv_weight, shift, weight, bias, batch_stats=True):
+        return _NativeConvTail.apply(x, conv_weight, shift, weight, bias, eps)
+    return batch_norm_pool_relu(_conv_channels_last(x, conv_weight), shift, weight, bias, eps)
+
+
+def conv_normalise_pool_relu(
+    x: Tensor,
+    conv_weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+) -> Tensor:
+    """:func:`normalise_pool_relu` of :func:`conv3x3` (x, ``conv_weight``): a pooled learner
+    block with given statistics (evaluation), x [B, G·C_in, H, W] → [B, G·C_out, H/2, W/2].
+    Where :func:`fuses_conv` holds, in one native pass: at evaluation of an Omniglot episode the
+    query pass no longer writes the first convolution's 15 MB output and reads it back."""
+    given = (mean, var, weight, bias)
+    if fuses_conv(x, conv_weight, *given, batch_stats=False):
+        mean_c, var_c = mean.detach().contiguous(), var.detach().contiguous()
+        return _native_conv_forward(x, conv_weight, weight, bias, eps, mean_c, var_c, given=True)
+    return normalise_pool_relu(_conv_channels_last(x, conv_weight), *given, eps)
+
+
+def conv_batch_norm_relu(
+    x: Tensor, conv_weight: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`batch_norm_relu` of a stride-2 :func:`conv3x3` (x, ``conv_weight``): a strided
+    learner block with the batch's statistics (Finn et al.'s)."""
+    return batch_norm_relu(_conv_channels_last(x, conv_weight, 2), shift, weight, bias, eps)
+
+
+def conv_normalise_relu(
+    x: Tensor,
+    conv_weight: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+) -> Tensor:
+    """:func:`normalise_relu` of a stride-2 :func:`conv3x3` (x, ``conv_weight``): a strided
+    learner block with given statistics."""
+    return normalise_relu(_conv_channels_last(x, conv_weight, 2), mean, var, weight, bias, eps)

@@ -28,13 +28,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .layers import (
-    batch_norm_pool_relu,
-    batch_norm_relu,
-    conv3x3,
+    conv_batch_norm_pool_relu,
+    conv_batch_norm_relu,
     conv_normalise_pool_relu,
-    fuses_conv,
-    normalise_pool_relu,
-    normalise_relu,
+    conv_normalise_relu,
     update_running_stats,
 )
 
@@ -82,33 +79,28 @@ class Block(nn.Module):
         self.conv = nn.Conv2d(in_channels, filters, kernel_size=3, padding=1)
         self.norm = nn.BatchNorm2d(filters, momentum=momentum, eps=eps)
         self.stride = 1 if pool else 2
-        # the tail with the batch's statistics, and with given (running) ones
-        self.tails = (batch_norm_pool_relu, normalise_pool_relu)
+        # the block with the batch's statistics, and with given (running) ones
+        self.functions = (conv_batch_norm_pool_relu, conv_normalise_pool_relu)
         if not pool:
-            self.tails = (batch_norm_relu, normalise_relu)
+            self.functions = (conv_batch_norm_relu, conv_normalise_relu)
 
     def forward(self, x: Tensor, batch_stats: bool) -> Tensor:
-        norm, b = self.norm, self.conv.bias
+        norm, b, weight = self.norm, self.conv.bias, self.conv.weight
         assert norm.running_mean is not None and norm.running_var is not None and b is not None
+        batch_block, given_block = self.functions
         if not batch_stats:
             # the running statistics collected on this episode's support set:
             # BN(x + b) = γ (x − μ_r) / σ_r + (β + γ b / σ_r)
             shift = norm.bias + norm.weight * b * torch.rsqrt(norm.running_var + norm.eps)
-            given = (norm.running_mean, norm.running_var, norm.weight, shift)
-            if self.stride == 1 and fuses_conv(x, self.conv.weight, *given):  # a first block
-                return conv_normalise_pool_relu(x, self.conv.weight, *given, norm.eps)
-        x = conv3x3(x, self.conv.weight, self.stride)  # without the bias b: see above
-        if x.device.type == "cpu":  # keep NHWC: the next conv and max-pool run much faster
-            x = x.contiguous(memory_format=torch.channels_last)
-        batch_tail, given_tail = self.tails
-        if not batch_stats:
-            return given_tail(x, *given, norm.eps)
-        # this batch's statistics; the episode's running ones are updated
-        count = x.numel() // x.shape[1]
-        x, mean, var = batch_tail(x, b, norm.weight, norm.bias, norm.eps)
+            mean, var = norm.running_mean, norm.running_var
+            return given_block(x, weight, mean, var, norm.weight, shift, norm.eps)
+        # this batch's statistics (b enters as a shift, which cancels: see above); the
+        # episode's running ones are updated
+        y, mean, var = batch_block(x, weight, b, norm.weight, norm.bias, norm.eps)
+        count = x.shape[0] * -(-x.shape[2] // self.stride) * -(-x.shape[3] // self.stride)
         momentum = norm.momentum if norm.momentum is not None else 0.1
         update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
-        return x
+        return y
 
 
 class ConvNet(nn.Module):

@@ -7,10 +7,11 @@
 // mean and variance, then normalise-and-pool) and writes only the pooled output, and the
 // backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
 // storing it. With given statistics each reads x once: no statistics to sum forward, and ∂x,
-// which does not depend on the sums then, written in the same pass as them. At evaluation a
-// first block (1-4 input channels) computes its 3x3 convolution inside the given-statistics
-// forward (metalstm_conv_block_forward, layers.conv_normalise_pool_relu): its [B, H, W, C] output
-// is never written.
+// which does not depend on the sums then, written in the same pass as them. A first block (1-4
+// input channels: an image's) computes its 3x3 convolution inside these passes, again in each
+// (FirstConv; metalstm_conv_block_forward and _backward, layers.conv_batch_norm_pool_relu and
+// conv_normalise_pool_relu): its [B, H, W, C] output is never written, and the backward gives the
+// convolution's weight gradient instead of that output's.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
@@ -26,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -135,23 +137,10 @@ void channel_sums(long rows, long width, int threads, F f, double* total) {
     for (long c = 0; c < width; c++) total[c] += partial[blk * width + c];
 }
 
-// The batch's mean and biased variance σ² [C] of x [pixels, C], in one pass of shifted sums about
-// K = the first pixel's values (no cancellation to speak of in double when the mean is far
-// from 0), and 1 / sqrt(σ² + ε) from the variance in double.
-void batch_statistics(long pixels, long C, int threads, const float* x, float eps, float* mean,
-                      float* var, float* invstd) {
-  const long V = C / LANES;
-  vd shift[MAX_VECTORS];
-  for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
-  std::vector<double> sums(2 * C);  // Σ (x − K): [0 .. C), Σ (x − K)²: [C .. 2C)
-  channel_sums(pixels, 2 * C, threads, [&](long first, long last, vd* acc) {
-    for (long r = first; r < last; r++)
-      for (long v = 0; v < V; v++) {
-        const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
-        acc[v] += d;
-        acc[V + v] += d * d;
-      }
-  }, sums.data());
+// The mean, biased variance σ² [C] and 1 / sqrt(σ² + ε) of `pixels` values per channel from
+// their sums about K = `shift` (Σ (x − K): sums[0 .. C), Σ (x − K)²: sums[C .. 2C)), in double.
+void moments(long pixels, long C, const vd* shift, const double* sums, float eps, float* mean,
+             float* var, float* invstd) {
   for (long c = 0; c < C; c++) {
     const double d = sums[c] / pixels, v = std::max(sums[C + c] / pixels - d * d, 0.0);
     mean[c] = static_cast<float>(shift[c / LANES][c % LANES] + d);
@@ -160,65 +149,324 @@ void batch_statistics(long pixels, long C, int threads, const float* x, float ep
   }
 }
 
-// The first block at evaluation (given statistics) in one pass over its input: the 3x3
-// convolution (padding 1, stride 1, no bias) of x [B, H, W, G·Cin] by weight [C, Cin, 3, 3] in G
-// groups, then the forward above with given = 1, writing out [B, H/2, W/2, C]. Each window's four
-// convolution outputs stay in registers: for the few input channels of a first block (an image's
-// 1 or 3) the convolution is a few multiply-adds per output, and writing its [B, H, W, C] output
-// and reading it back cost more. Each output sums its taps in the order kh, kw, ci, one fused
-// multiply-add each, over a zero-padded copy of x (oneDNN sums a single channel's taps in the
-// order kw, kh: the two differ in the last bit of some outputs). C / G is a multiple of 16, so
-// each pair of channel vectors lies in one group.
-template <int CIN>
-void conv_block_forward(long B, long H, long W, long C, long G, int threads, const float* x,
-                        const float* weight, const Affine& A, float* out) {
-  const long Ho = H / 2, Wo = W / 2, V = C / LANES, Cx = G * CIN, Cg = C / G;
-  const long Hp = H + 2, Wp = W + 2;
-  std::unique_ptr<float[]> padded(new float[B * Hp * Wp * Cx]);  // x with a border of zeros
+// The batch's mean and biased variance σ² [C] of x [pixels, C], in one pass of shifted sums about
+// K = the first pixel's values (no cancellation to speak of in double when the mean is far
+// from 0), and 1 / sqrt(σ² + ε) from the variance in double.
+void batch_statistics(long pixels, long C, int threads, const float* x, float eps, float* mean,
+                      float* var, float* invstd) {
+  const long V = C / LANES;
+  vd shift[MAX_VECTORS];
+  for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
+  std::vector<double> sums(2 * C);
+  channel_sums(pixels, 2 * C, threads, [&](long first, long last, vd* acc) {
+    for (long r = first; r < last; r++)
+      for (long v = 0; v < V; v++) {
+        const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
+        acc[v] += d;
+        acc[V + v] += d * d;
+      }
+  }, sums.data());
+  moments(pixels, C, shift, sums.data(), eps, mean, var, invstd);
+}
+
+// A first block's 3x3 convolution (padding 1, stride 1, no bias) of x [B, H, W, G·Cin] (NHWC) by
+// weight [C, Cin, 3, 3] in G groups, computed where it is needed rather than written out: for
+// the few input channels of a first block (an image's 1 or 3) it is a few multiply-adds per
+// output, and writing its [B, H, W, C] output and reading it back in every pass cost more.
+// Each output sums its taps in the order kh, kw, ci, one fused multiply-add each, over a
+// zero-padded copy of x (oneDNN sums a single channel's taps in the order kw, kh: the two differ
+// in the last bit of some outputs). Channels go K pairs of vectors (16 K channels) at a time, so
+// that each weight vector loaded serves a window's four pixels and each input value K pairs;
+// C / G is a multiple of 16 K, so they lie in one group.
+template <int CIN, int K>
+struct FirstConv {
+  long B, H, W, C, G, Hp, Wp, Cx;
+  std::unique_ptr<float[]> padded;  // x [B, H + 2, W + 2, G·Cin] with a border of zeros
+  std::vector<float> taps;          // [kh, kw, ci, C]: a tap's weights for every channel
+
+  FirstConv(long B, long H, long W, long C, long G, int threads, const float* x,
+            const float* weight)
+      : B(B), H(H), W(W), C(C), G(G), Hp(H + 2), Wp(W + 2), Cx(G * CIN),
+        padded(new float[B * (H + 2) * (W + 2) * G * CIN]), taps(9 * CIN * C) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (long b = 0; b < B; b++) {
-    float* image = padded.get() + b * Hp * Wp * Cx;
-    std::fill(image, image + Wp * Cx, 0.0f);
-    for (long h = 0; h < H; h++) {
-      float* row = image + (h + 1) * Wp * Cx;
-      std::fill(row, row + Cx, 0.0f);
-      std::memcpy(row + Cx, x + (b * H + h) * W * Cx, W * Cx * sizeof(float));
-      std::fill(row + (W + 1) * Cx, row + Wp * Cx, 0.0f);
+    for (long b = 0; b < B; b++) {
+      float* image = padded.get() + b * Hp * Wp * Cx;
+      std::fill(image, image + Wp * Cx, 0.0f);
+      for (long h = 0; h < H; h++) {
+        float* row = image + (h + 1) * Wp * Cx;
+        std::fill(row, row + Cx, 0.0f);
+        std::memcpy(row + Cx, x + (b * H + h) * W * Cx, W * Cx * sizeof(float));
+        std::fill(row + (W + 1) * Cx, row + Wp * Cx, 0.0f);
+      }
+      std::fill(image + (H + 1) * Wp * Cx, image + Hp * Wp * Cx, 0.0f);
     }
-    std::fill(image + (H + 1) * Wp * Cx, image + Hp * Wp * Cx, 0.0f);
+    for (long c = 0; c < C; c++)
+      for (long ci = 0; ci < CIN; ci++)
+        for (long t = 0; t < 9; t++) taps[(t * CIN + ci) * C + c] = weight[(c * CIN + ci) * 9 + t];
   }
-  std::vector<float> taps(9 * CIN * C);  // [kh, kw, ci, C]: a tap's weights for every channel
-  for (long c = 0; c < C; c++)
-    for (long ci = 0; ci < CIN; ci++)
-      for (long t = 0; t < 9; t++) taps[(t * CIN + ci) * C + c] = weight[(c * CIN + ci) * 9 + t];
+
+  // The padded input of pixel (b, h, w)'s tap (0, 0), at the group of channel vector v.
+  const float* input(long b, long h, long w, long v) const {
+    const long group = G == 1 ? 0 : v * LANES / (C / G);  // no division for one episode
+    return padded.get() + ((b * Hp + h) * Wp + w) * Cx + group * CIN;
+  }
+
+  // y[q][k]: the outputs of channel vectors v + 2k, v + 2k + 1 at the pixels q = (dy, dx) of
+  // (h + dy, w + dx) for dy < DY, dx < DX (a window's four: DY = DX = 2; one pixel: 1, 1).
+  template <int DY, int DX>
+  void outputs(long b, long h, long w, long v, vf2 (&y)[DY * DX][K]) const {
+    const float* xs = input(b, h, w, v);
+    const float* ws = taps.data() + v * LANES;
+    for (int q = 0; q < DY * DX; q++)
+      for (int k = 0; k < K; k++) y[q][k] = vf2{};
+    for (int kh = 0; kh < 3; kh++)
+      for (int kw = 0; kw < 3; kw++)
+        for (int ci = 0; ci < CIN; ci++) {
+          vf2 wt[K];
+          for (int k = 0; k < K; k++) wt[k] = ld2(ws + ((kh * 3 + kw) * CIN + ci) * C + k * 16);
+          for (int q = 0; q < DY * DX; q++) {
+            const float xv = xs[((kh + q / DX) * Wp + kw + q % DX) * Cx + ci];
+            for (int k = 0; k < K; k++) y[q][k] += wt[k] * xv;
+          }
+        }
+  }
+
+  // dw [kh, kw, ci, C] += Σ over the W·R pixels (h + r, w), r < R, of ∂y[r][w][c] times the
+  // pixel's inputs, for the channels of vectors v .. v + 2K − 1 (∂y [R, W, C]): taps in blocks
+  // whose sums over the pixels stay in registers.
+  template <int R>
+  void add_weight_gradient(long b, long h, long v, const float* dy, float* dw) const {
+    constexpr int J = K <= 2 ? 9 : 3;  // taps per block (dividing 9 CIN): J x K accumulators
+    for (int t0 = 0; t0 < 9 * CIN; t0 += J) {
+      vf2 acc[J][K] = {};
+      for (int r = 0; r < R; r++)
+        for (long w = 0; w < W; w++) {
+          const float* xs = input(b, h + r, w, v);
+          vf2 d[K];
+          for (int k = 0; k < K; k++) d[k] = ld2(dy + (r * W + w) * C + v * LANES + k * 16);
+          for (int jj = 0; jj < J; jj++) {
+            const int t = t0 + jj, tap = t / CIN, ci = t % CIN;
+            const float xv = xs[((tap / 3) * Wp + tap % 3) * Cx + ci];
+            for (int k = 0; k < K; k++) acc[jj][k] += d[k] * xv;
+          }
+        }
+      for (int jj = 0; jj < J; jj++)
+        for (int k = 0; k < K; k++) {
+          float* out = dw + (t0 + jj) * C + v * LANES + k * 16;
+          st2(out, ld2(out) + acc[jj][k]);
+        }
+    }
+  }
+};
+
+// The 8 channels of vector u of a pair of channel vectors whose first is even.
+inline vf half(vf2 y, long u) {
+  return u % 2 ? __builtin_shufflevector(y, y, 8, 9, 10, 11, 12, 13, 14, 15)
+               : __builtin_shufflevector(y, y, 0, 1, 2, 3, 4, 5, 6, 7);
+}
+
+// The affine map y = (x − μ) k + β of channel statistics μ, 1 / sqrt(σ² + ε) and γ, β.
+Affine affine(long C, const float* mean, const float* invstd, const float* gamma,
+              const float* beta) {
+  Affine A;
+  for (long c = 0; c < C; c++) {
+    A.mu[c / LANES][c % LANES] = mean[c];
+    A.k[c / LANES][c % LANES] = gamma[c] * invstd[c];
+    A.beta[c / LANES][c % LANES] = beta[c];
+  }
+  return A;
+}
+
+// ReLU(max-pool(A(conv))) of every window: out [B, H/2, W/2, C].
+template <int CIN, int K>
+void conv_pool_relu(const FirstConv<CIN, K>& conv, int threads, const Affine& A, float* out) {
+  const long Ho = conv.H / 2, Wo = conv.W / 2, C = conv.C;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
-  for (long b = 0; b < B; b++)
+  for (long b = 0; b < conv.B; b++)
     for (long i = 0; i < Ho; i++)
       for (long j = 0; j < Wo; j++) {
-        // the window's 4 x 4 padded input pixels: rows 2i .. 2i + 3, columns 2j .. 2j + 3
-        const float* patch = padded.get() + ((b * Hp + 2 * i) * Wp + 2 * j) * Cx;
         float* o = out + ((b * Ho + i) * Wo + j) * C;
-        long g = -1;
-        float p[4][4][CIN];  // this group's patch
-        for (long v = 0; v < V; v += 2) {  // two vectors of channels at a time
-          if (v * LANES / Cg != g) {
-            g = v * LANES / Cg;
-            for (int r = 0; r < 4; r++)
-              for (int s = 0; s < 4; s++)
-                for (int ci = 0; ci < CIN; ci++)
-                  p[r][s][ci] = patch[(r * Wp + s) * Cx + g * CIN + ci];
+        for (long v = 0; v < C / LANES; v += 2 * K) {
+          vf2 y[4][K];
+          conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
+          for (int k = 0; k < K; k++) {
+            const vf2 x[4] = {y[0][k], y[1][k], y[2][k], y[3][k]};
+            st2(o + (v + 2 * k) * LANES, pooled_relu(x, v + 2 * k, A));
           }
-          vf2 acc[4] = {};  // the window's pixels (dy, dx) = (0, 0), (0, 1), (1, 0), (1, 1)
-          const float* wv = taps.data() + v * LANES;
-          for (int kh = 0; kh < 3; kh++)
-            for (int kw = 0; kw < 3; kw++)
-              for (int ci = 0; ci < CIN; ci++) {
-                const vf2 w = ld2(wv + ((kh * 3 + kw) * CIN + ci) * C);
-                for (int q = 0; q < 4; q++) acc[q] += w * p[kh + q / 2][kw + q % 2][ci];
-              }
-          st2(o + v * LANES, pooled_relu(acc, v, A));
         }
       }
+}
+
+// The batch's statistics of the convolution's outputs, as batch_statistics takes them of x.
+template <int CIN, int K>
+void conv_statistics(const FirstConv<CIN, K>& conv, int threads, float eps, float* mean,
+                     float* var, float* invstd) {
+  const long C = conv.C, V = C / LANES;
+  vd shift[MAX_VECTORS];
+  for (long v = 0; v < V; v += 2 * K) {
+    vf2 y[1][K];
+    conv.template outputs<1, 1>(0, 0, 0, v, y);
+    for (long u = v; u < v + 2 * K; u++) shift[u] = wide(half(y[0][(u - v) / 2], u));
+  }
+  std::vector<double> sums(2 * C);
+  channel_sums(conv.B * conv.H * conv.W, 2 * C, threads, [&](long first, long last, vd* acc) {
+    // pixels r = (b · H + h) · W + w in order, four of a row at a time where they are
+    auto add = [&](const auto& y, int pixels, long v) {
+      for (int q = 0; q < pixels; q++)
+        for (long u = v; u < v + 2 * K; u++) {
+          const vd d = wide(half(y[q][(u - v) / 2], u)) - shift[u];
+          acc[u] += d;
+          acc[V + u] += d * d;
+        }
+    };
+    WindowCursor px(conv.H, conv.W, first);
+    for (long r = first; r < last;) {
+      const int pixels = px.j + 4 <= conv.W && r + 4 <= last ? 4 : 1;
+      for (long v = 0; v < V; v += 2 * K) {
+        if (pixels == 4) {
+          vf2 y[4][K];
+          conv.template outputs<1, 4>(px.b, px.i, px.j, v, y);
+          add(y, 4, v);
+        } else {
+          vf2 y[1][K];
+          conv.template outputs<1, 1>(px.b, px.i, px.j, v, y);
+          add(y, 1, v);
+        }
+      }
+      for (int q = 0; q < pixels; q++, r++) px.next();
+    }
+  }, sums.data());
+  moments(conv.B * conv.H * conv.W, C, shift, sums.data(), eps, mean, var, invstd);
+}
+
+// Pieces of a first block's weight gradient: rows of windows (b, i) cut into pieces fixed by the
+// shape alone, each piece's sums taken in float on whichever thread gets it, the pieces then
+// added in order in double: the same bits for any thread count.
+constexpr long MAX_GRADIENT_PIECES = 128;
+
+// The first block's backward with the batch's statistics, as metalstm_block_backward computes
+// it from x = the convolution's outputs, computed again in each of its two passes; instead of
+// ∂x, the convolution's weight gradient dW [C, Cin, 3, 3] from the ∂x each pixel gets.
+template <int CIN, int K>
+void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float* d_out,
+                         const float* gamma, const float* beta, const float* mean,
+                         const float* var, float eps, float* d_weight, float* d_gamma,
+                         float* d_beta) {
+  const long B = conv.B, H = conv.H, W = conv.W, C = conv.C, V = C / LANES;
+  const long Ho = H / 2, Wo = W / 2, pixels = B * H * W;
+  std::vector<float> invstd(C);
+  for (long c = 0; c < C; c++)
+    invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+  const Affine A = affine(C, mean, invstd.data(), gamma, beta);
+  // the window's maximum found again, as the forward found it: dy (0 where the ReLU is off)
+  // and the input there, for vector u of the window's outputs y[q][(u − v) / 2]
+  auto at_maximum = [&](const vf2 (&y)[4][K], long v, long u, const float* d, Window& win,
+                        vf& dy) {
+    const long k = (u - v) / 2;
+    const vf x[4] = {half(y[0][k], u), half(y[1][k], u), half(y[2][k], u), half(y[3][k], u)};
+    win = window(x, u, A);
+    dy = win.best > 0.0f ? ld(d + u * LANES) : vf{};
+  };
+  // Σ ∂y and Σ ∂y (x − μ) per channel, x at each window's maximum
+  std::vector<double> sums(2 * C);
+  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
+    WindowCursor at(Ho, Wo, first);
+    for (long r = first; r < last; r++, at.next())
+      for (long v = 0; v < V; v += 2 * K) {
+        vf2 y[4][K];
+        conv.template outputs<2, 2>(at.b, 2 * at.i, 2 * at.j, v, y);
+        for (long u = v; u < v + 2 * K; u++) {
+          Window win;
+          vf dy;
+          at_maximum(y, v, u, d_out + r * C, win, dy);
+          vf x_at = win.x[0];
+          for (int q = 1; q < 4; q++) x_at = win.at == q ? win.x[q] : x_at;
+          acc[u] += wide(dy);
+          acc[V + u] += wide(dy) * wide(x_at - A.mu[u]);
+        }
+      }
+  }, sums.data());
+  // ∂x = k ∂y + a + s (x − μ) at each pixel of the convolution's output (as
+  // metalstm_block_backward computes it), row pair by row pair, then into dW
+  vf a[MAX_VECTORS], s[MAX_VECTORS];
+  for (long c = 0; c < C; c++) {
+    d_beta[c] = static_cast<float>(sums[c]);
+    d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
+    const float k = A.k[c / LANES][c % LANES];
+    a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
+    s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
+  }
+  const long row_pairs = (H + 1) / 2, rows = B * row_pairs;
+  const long pieces = std::min(rows, MAX_GRADIENT_PIECES), width = 9 * CIN * C;
+  std::vector<float> partial(pieces * width, 0.0f);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long piece = 0; piece < pieces; piece++) {
+    float* dw = partial.data() + piece * width;
+    std::vector<float> dx(2 * W * C);  // ∂x of the row pair [2, W, C]
+    for (long row = piece * rows / pieces; row < (piece + 1) * rows / pieces; row++) {
+      const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
+      const long height = std::min(H - 2 * i, 2L);
+      for (long v = 0; v < V; v += 2 * K) {
+        for (long h = 2 * i; h < 2 * i + height; h++)
+          for (long w = 0; w < W; w++) {  // pixels in no window: the affine part only
+            if (i < Ho && w < 2 * Wo) continue;
+            vf2 y[1][K];
+            conv.template outputs<1, 1>(b, h, w, v, y);
+            for (long u = v; u < v + 2 * K; u++)
+              st(dx.data() + ((h - 2 * i) * W + w) * C + u * LANES,
+                 a[u] + s[u] * (half(y[0][(u - v) / 2], u) - A.mu[u]));
+          }
+        if (i >= Ho) continue;
+        for (long j = 0; j < Wo; j++) {
+          vf2 y[4][K];
+          conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
+          for (long u = v; u < v + 2 * K; u++) {
+            Window win;
+            vf dy;
+            at_maximum(y, v, u, d_out + ((b * Ho + i) * Wo + j) * C, win, dy);
+            const vf kdy = A.k[u] * dy;
+            for (int q = 0; q < 4; q++) {
+              const vf affine = a[u] + s[u] * (win.x[q] - A.mu[u]);
+              st(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
+                 win.at == q ? affine + kdy : affine);
+            }
+          }
+        }
+      }
+      for (long v = 0; v < V; v += 2 * K)
+        if (height == 2)
+          conv.template add_weight_gradient<2>(b, 2 * i, v, dx.data(), dw);
+        else
+          conv.template add_weight_gradient<1>(b, 2 * i, v, dx.data(), dw);
+    }
+  }
+  for (long t = 0; t < width; t++) {
+    double total = 0.0;
+    for (long piece = 0; piece < pieces; piece++) total += partial[piece * width + t];
+    const long c = t % C, rest = t / C;  // rest = (kh · 3 + kw) · CIN + ci
+    d_weight[(c * CIN + rest % CIN) * 9 + rest / CIN] = static_cast<float>(total);
+  }
+}
+
+// FirstConv<Cin, K>(...) passed to f, for Cin = 1 .. 4 input channels per group
+// (layers.FUSED_CONV_INPUTS) and the most pairs of channel vectors K = 4, 2, 1 that the
+// channels per group take.
+template <class F>
+void with_first_conv(long B, long H, long W, long Cin, long C, long G, int threads,
+                     const float* x, const float* weight, F f) {
+  const long pairs = C / G / 16;
+  auto of = [&](auto cin) {
+    constexpr int CIN = decltype(cin)::value;
+    if (pairs % 4 == 0) return f(FirstConv<CIN, 4>(B, H, W, C, G, threads, x, weight));
+    if (pairs % 2 == 0) return f(FirstConv<CIN, 2>(B, H, W, C, G, threads, x, weight));
+    return f(FirstConv<CIN, 1>(B, H, W, C, G, threads, x, weight));
+  };
+  switch (Cin) {
+    case 1: return of(std::integral_constant<int, 1>());
+    case 2: return of(std::integral_constant<int, 2>());
+    case 3: return of(std::integral_constant<int, 3>());
+    case 4: return of(std::integral_constant<int, 4>());
+  }
 }
 
 }  // namespace
@@ -240,12 +488,7 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
       invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
   else
     batch_statistics(B * H * W, C, threads, x, eps, mean, var, invstd.data());
-  Affine A;
-  for (long c = 0; c < C; c++) {
-    A.mu[c / LANES][c % LANES] = mean[c];
-    A.k[c / LANES][c % LANES] = gamma[c] * invstd[c];
-    A.beta[c / LANES][c % LANES] = beta[c];
-  }
+  const Affine A = affine(C, mean, invstd.data(), gamma, beta);
   const Pixels px{H, W, C};
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
   for (long b = 0; b < B; b++)
@@ -270,14 +513,10 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
                              const float* mean, const float* var, float eps, float* d_x,
                              float* d_gamma, float* d_beta, int given) {
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
-  Affine A;
   std::vector<float> invstd(C);
-  for (long c = 0; c < C; c++) {
+  for (long c = 0; c < C; c++)
     invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
-    A.mu[c / LANES][c % LANES] = mean[c];
-    A.k[c / LANES][c % LANES] = gamma[c] * invstd[c];
-    A.beta[c / LANES][c % LANES] = beta[c];
-  }
+  const Affine A = affine(C, mean, invstd.data(), gamma, beta);
   const Pixels px{H, W, C};
   // ∂y at the window's maximum (0 where the ReLU is off), and the maximum's input.
   auto pooled_gradient = [&](const Window& w, const float* d, vf& dy, vf& x_at) {
@@ -358,25 +597,35 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
     }
 }
 
-// The first block at evaluation, its convolution fused with the tail: conv_block_forward for
-// Cin = 1 .. 4 input channels per group (layers.FUSED_CONV_INPUTS).
+// A first block's forward with its convolution fused (FirstConv: its output is never written):
+// out [B, H/2, W/2, C] as metalstm_block_forward computes it from that output, given = 0: with
+// the batch's statistics, written to mean and var [C]; given = 1: with those read there.
 void metalstm_conv_block_forward(long B, long H, long W, long Cin, long C, long G, int threads,
                                  const float* x, const float* weight, const float* gamma,
-                                 const float* beta, const float* mean, const float* var,
-                                 float eps, float* out) {
-  Affine A;
-  for (long c = 0; c < C; c++) {
-    const float invstd = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
-    A.mu[c / LANES][c % LANES] = mean[c];
-    A.k[c / LANES][c % LANES] = gamma[c] * invstd;
-    A.beta[c / LANES][c % LANES] = beta[c];
-  }
-  switch (Cin) {
-    case 1: return conv_block_forward<1>(B, H, W, C, G, threads, x, weight, A, out);
-    case 2: return conv_block_forward<2>(B, H, W, C, G, threads, x, weight, A, out);
-    case 3: return conv_block_forward<3>(B, H, W, C, G, threads, x, weight, A, out);
-    case 4: return conv_block_forward<4>(B, H, W, C, G, threads, x, weight, A, out);
-  }
+                                 const float* beta, float eps, float* out, float* mean,
+                                 float* var, int given) {
+  with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
+    std::vector<float> invstd(C);
+    if (given)
+      for (long c = 0; c < C; c++)
+        invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+    else
+      conv_statistics(conv, threads, eps, mean, var, invstd.data());
+    conv_pool_relu(conv, threads, affine(C, mean, invstd.data(), gamma, beta), out);
+  });
+}
+
+// Its backward with the batch's statistics (those the forward wrote): the convolution's weight
+// gradient d_weight [C, Cin, 3, 3], ∂γ and ∂β [C], given ∂out [B, H/2, W/2, C]; no ∂x (images).
+void metalstm_conv_block_backward(long B, long H, long W, long Cin, long C, long G, int threads,
+                                  const float* x, const float* weight, const float* d_out,
+                                  const float* gamma, const float* beta, const float* mean,
+                                  const float* var, float eps, float* d_weight, float* d_gamma,
+                                  float* d_beta) {
+  with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
+    conv_block_backward(conv, threads, d_out, gamma, beta, mean, var, eps, d_weight, d_gamma,
+                        d_beta);
+  });
 }
 
 }  // extern "C"
