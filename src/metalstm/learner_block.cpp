@@ -53,26 +53,40 @@ struct Affine {
   vf mu[MAX_VECTORS], k[MAX_VECTORS], beta[MAX_VECTORS];
 };
 
-// One 2x2 window at channel vector v: the normalised values' first maximum (PyTorch's max-pool:
-// a later value wins if greater, or NaN), its position 0..3 and the four inputs.
-struct Window {
-  vf best;
-  vi at;
-  vf x[4];
-};
+// One 2x2 window of vectors T of channels (8: vf, or 16: vf2) normalised by y = (x − μ) k + β:
+// the normalised values' first maximum (PyTorch's max-pool: a later value wins if greater, or
+// NaN), its position 0..3 and the four inputs.
+template <class T>
+struct WindowOf {
+  typedef decltype(T{} < T{}) Mask;  // the integer vector of T's lanes
+  T best;
+  Mask at;
+  T x[4];
 
-inline Window window(const vf (&x)[4], long v, const Affine& A) {
-  Window w;
-  for (int q = 0; q < 4; q++) w.x[q] = x[q];
-  w.best = (w.x[0] - A.mu[v]) * A.k[v] + A.beta[v];
-  w.at = vi{} + 0;
-  for (int q = 1; q < 4; q++) {
-    const vf y = (w.x[q] - A.mu[v]) * A.k[v] + A.beta[v];
-    const vi wins = (y > w.best) | (y != y);
-    w.best = wins ? y : w.best;
-    w.at = wins ? vi{} + q : w.at;
+  WindowOf(const T (&in)[4], T mu, T k, T beta) {
+    for (int q = 0; q < 4; q++) x[q] = in[q];
+    best = (x[0] - mu) * k + beta;
+    at = Mask{} + 0;
+    for (int q = 1; q < 4; q++) {
+      const T y = (x[q] - mu) * k + beta;
+      const Mask wins = (y > best) | (y != y);
+      best = wins ? y : best;
+      at = wins ? Mask{} + q : at;
+    }
   }
-  return w;
+
+  // The input at the maximum.
+  T x_at() const {
+    T value = x[0];
+    for (int q = 1; q < 4; q++) value = at == q ? x[q] : value;
+    return value;
+  }
+};
+typedef WindowOf<vf> Window;
+
+// The window at channel vector v.
+inline Window window(const vf (&x)[4], long v, const Affine& A) {
+  return Window(x, A.mu[v], A.k[v], A.beta[v]);
 }
 
 // The same for the window whose four pixels' channels start at p[0..3].
@@ -358,14 +372,14 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
   for (long c = 0; c < C; c++)
     invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
-  // the window's maximum found again, as the forward found it: dy (0 where the ReLU is off)
-  // and the input there, for vector u of the window's outputs y[q][(u − v) / 2]
-  auto at_maximum = [&](const vf2 (&y)[4][K], long v, long u, const float* d, Window& win,
-                        vf& dy) {
-    const long k = (u - v) / 2;
-    const vf x[4] = {half(y[0][k], u), half(y[1][k], u), half(y[2][k], u), half(y[3][k], u)};
-    win = window(x, u, A);
-    dy = win.best > 0.0f ? ld(d + u * LANES) : vf{};
+  // window (b, i, j)'s k-th pair of channel vectors from v, its maximum found again as the
+  // forward found it, and ∂y there (0 where the ReLU is off; d: the window's ∂out)
+  auto at_maximum = [&](const vf2 (&y)[4][K], long v, int k, const float* d, vf2& dy) {
+    const long u = v + 2 * k;
+    const vf2 x[4] = {y[0][k], y[1][k], y[2][k], y[3][k]};
+    const WindowOf<vf2> win(x, ld2(&A.mu[u]), ld2(&A.k[u]), ld2(&A.beta[u]));
+    dy = win.best > 0.0f ? ld2(d + u * LANES) : vf2{};
+    return win;
   };
   // Σ ∂y and Σ ∂y (x − μ) per channel, x at each window's maximum
   std::vector<double> sums(2 * C);
@@ -375,14 +389,14 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
       for (long v = 0; v < V; v += 2 * K) {
         vf2 y[4][K];
         conv.template outputs<2, 2>(at.b, 2 * at.i, 2 * at.j, v, y);
-        for (long u = v; u < v + 2 * K; u++) {
-          Window win;
-          vf dy;
-          at_maximum(y, v, u, d_out + r * C, win, dy);
-          vf x_at = win.x[0];
-          for (int q = 1; q < 4; q++) x_at = win.at == q ? win.x[q] : x_at;
-          acc[u] += wide(dy);
-          acc[V + u] += wide(dy) * wide(x_at - A.mu[u]);
+        for (int k = 0; k < K; k++) {
+          vf2 dy;
+          const auto win = at_maximum(y, v, k, d_out + r * C, dy);
+          const vf2 centred = win.x_at() - ld2(&A.mu[v + 2 * k]);
+          for (long u = v + 2 * k; u < v + 2 * k + 2; u++) {
+            acc[u] += wide(half(dy, u));
+            acc[V + u] += wide(half(dy, u)) * wide(half(centred, u));
+          }
         }
       }
   }, sums.data());
@@ -420,15 +434,15 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
         for (long j = 0; j < Wo; j++) {
           vf2 y[4][K];
           conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
-          for (long u = v; u < v + 2 * K; u++) {
-            Window win;
-            vf dy;
-            at_maximum(y, v, u, d_out + ((b * Ho + i) * Wo + j) * C, win, dy);
-            const vf kdy = A.k[u] * dy;
+          for (int k = 0; k < K; k++) {
+            const long u = v + 2 * k;
+            vf2 dy;
+            const auto win = at_maximum(y, v, k, d_out + ((b * Ho + i) * Wo + j) * C, dy);
+            const vf2 kdy = ld2(&A.k[u]) * dy, au = ld2(&a[u]), su = ld2(&s[u]);
             for (int q = 0; q < 4; q++) {
-              const vf affine = a[u] + s[u] * (win.x[q] - A.mu[u]);
-              st(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
-                 win.at == q ? affine + kdy : affine);
+              const vf2 affine = au + su * (win.x[q] - ld2(&A.mu[u]));
+              st2(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
+                  win.at == q ? affine + kdy : affine);
             }
           }
         }
