@@ -535,8 +535,7 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
   // ∂y at the window's maximum (0 where the ReLU is off), and the maximum's input.
   auto pooled_gradient = [&](const Window& w, const float* d, vf& dy, vf& x_at) {
     dy = w.best > 0.0f ? ld(d) : vf{};
-    x_at = w.x[0];
-    for (int q = 1; q < 4; q++) x_at = w.at == q ? w.x[q] : x_at;
+    x_at = w.x_at();
   };
   // ∂x of window (b, i, j)'s four pixels, the constant k ∂y at its maximum and 0 elsewhere
   // (given statistics): dx[q] + v * LANES.
