@@ -97,6 +97,7 @@ class Block(nn.Module):
         # this batch's statistics (b enters as a shift, which cancels: see above); the
         # episode's running ones are updated
         y, mean, var = batch_block(x, weight, b, norm.weight, norm.bias, norm.eps)
+        # values per channel: the convolution's output is ⌈side / stride⌉ (padding 1)
         count = x.shape[0] * -(-x.shape[2] // self.stride) * -(-x.shape[3] // self.stride)
         momentum = norm.momentum if norm.momentum is not None else 0.1
         update_running_stats(norm.running_mean, norm.running_var, mean, var, count, momentum)
