@@ -99,12 +99,7 @@ inline Window window(const float* const (&p)[4], long v, const Affine& A) {
 // ReLU(window(x, v, A).best) for channel vectors v and v + 1 at once: the same operations, on 16
 // lanes (the forward's output, for a window whose four inputs are in registers).
 inline vf2 pooled_relu(const vf2 (&x)[4], long v, const Affine& A) {
-  const vf2 mu = ld2(&A.mu[v]), k = ld2(&A.k[v]), beta = ld2(&A.beta[v]);
-  vf2 best = (x[0] - mu) * k + beta;
-  for (int q = 1; q < 4; q++) {
-    const vf2 y = (x[q] - mu) * k + beta;
-    best = (y > best) | (y != y) ? y : best;
-  }
+  const vf2 best = WindowOf<vf2>(x, ld2(&A.mu[v]), ld2(&A.k[v]), ld2(&A.beta[v])).best;
   return best <= 0.0f ? vf2{} : best;  // ReLU (NaN stays NaN)
 }
 
@@ -160,6 +155,29 @@ void moments(long pixels, long C, const vd* shift, const double* sums, float eps
     mean[c] = static_cast<float>(shift[c / LANES][c % LANES] + d);
     var[c] = static_cast<float>(v);
     invstd[c] = static_cast<float>(1.0 / std::sqrt(v + eps));
+  }
+}
+
+// 1 / sqrt(σ² + ε) [C] of given variances var [C], in double.
+std::vector<float> inverse_deviations(long C, const float* var, float eps) {
+  std::vector<float> invstd(C);
+  for (long c = 0; c < C; c++)
+    invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+  return invstd;
+}
+
+// The backward's ∂β, ∂γ [C] from the sums Σ ∂y (sums[0 .. C)) and Σ ∂y (x − μ) (sums[C .. 2C))
+// over `pixels` values per channel, and the vectors a = −k mean(∂y), s = −k / σ mean(∂y x̂) of
+// ∂x = k ∂y + a + s (x − μ) (Ioffe & Szegedy 2015; given statistics: a = s = 0).
+void backward_coefficients(long C, long pixels, const double* sums, const float* invstd,
+                           const Affine& A, bool given, float* d_gamma, float* d_beta, vf* a,
+                           vf* s) {
+  for (long c = 0; c < C; c++) {
+    d_beta[c] = static_cast<float>(sums[c]);
+    d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
+    const float k = given ? 0.0f : A.k[c / LANES][c % LANES];
+    a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
+    s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
   }
 }
 
@@ -368,9 +386,7 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
                          float* d_beta) {
   const long B = conv.B, H = conv.H, W = conv.W, C = conv.C, V = C / LANES;
   const long Ho = H / 2, Wo = W / 2, pixels = B * H * W;
-  std::vector<float> invstd(C);
-  for (long c = 0; c < C; c++)
-    invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+  const std::vector<float> invstd = inverse_deviations(C, var, eps);
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
   // window (b, i, j)'s k-th pair of channel vectors from v, its maximum found again as the
   // forward found it, and ∂y there (0 where the ReLU is off; d: the window's ∂out)
@@ -403,13 +419,7 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
   // ∂x = k ∂y + a + s (x − μ) at each pixel of the convolution's output (as
   // metalstm_block_backward computes it), row pair by row pair, then into dW
   vf a[MAX_VECTORS], s[MAX_VECTORS];
-  for (long c = 0; c < C; c++) {
-    d_beta[c] = static_cast<float>(sums[c]);
-    d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
-    const float k = A.k[c / LANES][c % LANES];
-    a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
-    s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
-  }
+  backward_coefficients(C, pixels, sums.data(), invstd.data(), A, false, d_gamma, d_beta, a, s);
   const long row_pairs = (H + 1) / 2, rows = B * row_pairs;
   const long pieces = std::min(rows, MAX_GRADIENT_PIECES), width = 9 * CIN * C;
   std::vector<float> partial(pieces * width, 0.0f);
@@ -498,8 +508,7 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
   const long Ho = H / 2, Wo = W / 2, V = C / LANES;
   std::vector<float> invstd(C);
   if (given)
-    for (long c = 0; c < C; c++)
-      invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+    invstd = inverse_deviations(C, var, eps);
   else
     batch_statistics(B * H * W, C, threads, x, eps, mean, var, invstd.data());
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
@@ -527,9 +536,7 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
                              const float* mean, const float* var, float eps, float* d_x,
                              float* d_gamma, float* d_beta, int given) {
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
-  std::vector<float> invstd(C);
-  for (long c = 0; c < C; c++)
-    invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+  const std::vector<float> invstd = inverse_deviations(C, var, eps);
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
   const Pixels px{H, W, C};
   // ∂y at the window's maximum (0 where the ReLU is off), and the maximum's input.
@@ -568,13 +575,7 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
   // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂) through the
   // batch's statistics (a = s = 0 for given ones)
   vf a[MAX_VECTORS], s[MAX_VECTORS];
-  for (long c = 0; c < C; c++) {
-    d_beta[c] = static_cast<float>(sums[c]);
-    d_gamma[c] = static_cast<float>(sums[C + c]) * invstd[c];
-    const float k = given ? 0.0f : A.k[c / LANES][c % LANES];
-    a[c / LANES][c % LANES] = -k * d_beta[c] / pixels;
-    s[c / LANES][c % LANES] = -k * invstd[c] * d_gamma[c] / pixels;
-  }
+  backward_coefficients(C, pixels, sums.data(), invstd.data(), A, given, d_gamma, d_beta, a, s);
   // Row by row of x: each pair of rows 2i, 2i + 1 with its windows (done above for given
   // statistics), and a last odd row alone.
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
@@ -620,8 +621,7 @@ void metalstm_conv_block_forward(long B, long H, long W, long Cin, long C, long 
   with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
     std::vector<float> invstd(C);
     if (given)
-      for (long c = 0; c < C; c++)
-        invstd[c] = static_cast<float>(1.0 / std::sqrt(static_cast<double>(var[c]) + eps));
+      invstd = inverse_deviations(C, var, eps);
     else
       conv_statistics(conv, threads, eps, mean, var, invstd.data());
     conv_pool_relu(conv, threads, affine(C, mean, invstd.data(), gamma, beta), out);
