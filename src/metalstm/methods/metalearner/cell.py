@@ -124,20 +124,23 @@ class MetaLearnerCell(nn.Module):
         if state.hidden.shape[-1] != state.theta.shape[-1]:
             raise ValueError("this state came from an inner loop's last step: it takes no more")
         hidden, w = self.hidden_size, self.lstm_weight
+        kernels = self._kernels()
         # Inputs of layer 1. The two loss features are the same for every coordinate, so their
         # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
-        grad_features = preprocess_rows(grad, self.p)  # [2, n]
-        loss_features = preprocess_rows(loss.reshape(1), self.p).reshape(2)  # [2]
+        # The meta-gradient flows through pre(g_t) and pre(L_t) only second-order: then they are
+        # computed differentiably, else by the kernels (the native ones in one pass).
+        first_order = not (torch.is_grad_enabled() and (loss.requires_grad or grad.requires_grad))
+        preprocess = kernels.preprocess if first_order else preprocess_rows
+        grad_features = preprocess(grad, self.p)  # [2, n]
+        loss_features = preprocess(loss.reshape(1), self.p).reshape(2)  # [2]
         bias = torch.addmv(self.lstm_bias, w[:, 2:4], loss_features)  # [4H]
         weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
         args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
         params = (weight, bias, self.gate_weight, self.gate_bias)
-        kernels = self._kernels()
         if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params))):
             with flushing_denormals():  # no meta-graph wanted (evaluation): nothing kept
                 theta, logits, h, cell, gates = kernels.inference(hidden, *args, *params, last=last)
             return CellState(theta, logits, h, cell), gates
-        first_order = not (loss.requires_grad or grad.requires_grad)
         if (
             isinstance(state, ChainedState)
             and kernels.chain is not None

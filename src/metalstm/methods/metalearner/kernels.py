@@ -218,13 +218,16 @@ class StepKernels:
     what its own backward needs); ``infer``, when given, is a forward returning only the five
     outputs that keeps nothing for a backward (and may skip all but θ_t and the gates at the
     last step); ``chain``, when given, is the backward of steps
-    1 .. T of a first-order meta-gradient at once (:class:`ChainedSteps`)."""
+    1 .. T of a first-order meta-gradient at once (:class:`ChainedSteps`); ``preprocess`` is
+    :func:`preprocess_rows` for inputs no gradient flows through (the native kernels' is one
+    pass)."""
 
     name: str
     forward: Callable[..., tuple[Tensor, ...]]
     backward: Callable[..., tuple[Tensor | None, ...]]
     infer: Callable[..., tuple[Tensor, ...]] | None = None
     chain: Callable[..., tuple[Tensor, ...]] | None = None
+    preprocess: Callable[[Tensor, float], Tensor] = preprocess_rows
 
     def inference(self, hidden: int, *inputs: Tensor, last: bool = False) -> tuple[Tensor, ...]:
         """The step's first five outputs without a meta-graph (evaluation). ``last``: the inner

@@ -30,8 +30,12 @@ MAX_HIDDEN = 64  # the source's MAX_H: larger hidden sizes run the eager kernels
 _HEAD = (ctypes.c_long, ctypes.c_long, ctypes.c_int)  # n, H, threads
 SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
-    constants=(("metalstm_native_abi", 4), ("metalstm_native_max_hidden", MAX_HIDDEN)),
+    constants=(("metalstm_native_abi", 5), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
+        (
+            "metalstm_preprocess",
+            (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p),
+        ),
         ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 15)),
         ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 25)),
         ("metalstm_chain_backward", (*_HEAD, ctypes.c_long, *[ctypes.c_void_p] * 16)),
@@ -67,6 +71,20 @@ def takes(hidden: int, *tensors: Tensor | None) -> bool:
     """Whether the native kernels compute a step of this hidden size on these tensors (float32,
     CPU); others run the eager kernels."""
     return applies(*tensors) and hidden <= MAX_HIDDEN
+
+
+def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
+    """:func:`.kernels.preprocess_rows` of x [n] in one pass: rows [2, n] (log part, sign part),
+    with ``log`` computed natively (about 1 ulp from PyTorch's). Not differentiable: for inputs
+    the meta-gradient does not flow through. Other dtypes and devices: the eager function."""
+    if not applies(x):
+        return kernels.preprocess_rows(x, p)
+    x = x.detach().contiguous()
+    out = x.new_empty(2, x.shape[0])
+    library().metalstm_preprocess(
+        x.shape[0], torch.get_num_threads(), x.data_ptr(), p, out.data_ptr()
+    )
+    return out
 
 
 def step_forward(
@@ -208,7 +226,12 @@ def chain_backward(
 
 
 NATIVE_KERNELS = kernels.StepKernels(
-    "native", step_forward, step_backward, partial(step_forward, keep=False), chain_backward
+    "native",
+    step_forward,
+    step_backward,
+    partial(step_forward, keep=False),
+    chain_backward,
+    preprocess_rows,
 )
 
 

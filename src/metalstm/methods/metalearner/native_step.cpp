@@ -21,6 +21,7 @@
 // the number of threads.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -141,6 +142,52 @@ inline vf vtanh(vf x) {
   vf e = scale * expm1_polynomial(reduced(y, k)) + (scale - 1.0f);
   return e * reciprocal(e + 2.0f);
 }
+
+// log x for positive finite normal floats (Cephes' logf, about 1 ulp): x = m 2^e with m in [√½, √2),
+// log x = log m + e ln 2, log m from a polynomial in m − 1 (ln 2 in two parts).
+inline vf vlog(vf x) {
+  vi bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  vi e = ((bits >> 23) & 0xff) - 126;
+  bits = (bits & 0x807fffff) | 0x3f000000;  // m in [½, 1)
+  vf m;
+  std::memcpy(&m, &bits, sizeof m);
+  const vi low = m < 0.707106781186547524f;
+  e += low;                                    // −1 where m < √½ (true is −1)
+  m = (low ? m + m : m) - 1.0f;
+  vf ef = __builtin_convertvector(e, vf), z = m * m;
+  vf y = splat(7.0376836292e-2f);
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += ef * -2.12194440e-4f;
+  y += -0.5f * z;
+  return m + y + ef * 0.693359375f;
+}
+
+// The meta-learner's input preprocessing of Andrychowicz et al. (2016), as kernels.preprocess:
+// (log|x| / p, sign x) where |x| ≥ e^-p, else (−1, e^p x); e^-p and e^p are computed in double
+// and rounded to float, as PyTorch rounds the Python floats of the eager code.
+struct Preprocessing {
+  float p, threshold, scale;
+  explicit Preprocessing(double p)
+      : p(static_cast<float>(p)),
+        threshold(static_cast<float>(std::exp(-p))),
+        scale(static_cast<float>(std::exp(p))) {}
+  void operator()(vf x, vf& log_part, vf& sign_part) const {
+    const vf a = x < 0.0f ? -x : x;
+    const vi big = a >= threshold;  // false for NaN: (−1, NaN), as the eager code
+    const vf log_a = a == __builtin_huge_valf() ? a : vlog(a);  // log ∞ = ∞
+    log_part = big ? log_a / p : splat(-1.0f);
+    sign_part = big ? (x > 0.0f ? splat(1.0f) : splat(-1.0f)) : x * scale;
+  }
+};
 
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
@@ -556,8 +603,32 @@ void for_each_block(long n, long H, int threads, F f) {
 
 extern "C" {
 
-int metalstm_native_abi() { return 4; }
+int metalstm_native_abi() { return 5; }
 long metalstm_native_max_hidden() { return MAX_H; }
+
+// kernels.preprocess_rows of x [n] into out [2, n] (its log and sign parts), on `threads`
+// threads for large n; a tail shorter than a vector goes through a zero-padded copy.
+void metalstm_preprocess(long n, int threads, const float* x, double p, float* out) {
+  const Preprocessing pre(p);
+  const long vectors = n / L;
+#pragma omp parallel for num_threads(threads) schedule(static) if (n >= (1L << 16))
+  for (long v = 0; v < vectors; v++) {
+    vf a, b;
+    pre(ld(x + v * L), a, b);
+    st(out + v * L, a);
+    st(out + n + v * L, b);
+  }
+  const long done = vectors * L, rest = n - done;
+  if (rest == 0) return;
+  float tail[L] = {}, log_part[L], sign_part[L];
+  std::memcpy(tail, x + done, rest * sizeof(float));
+  vf a, b;
+  pre(ld(tail), a, b);
+  st(log_part, a);
+  st(sign_part, b);
+  std::memcpy(out + done, log_part, rest * sizeof(float));
+  std::memcpy(out + n + done, sign_part, rest * sizeof(float));
+}
 
 // The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
 // what it needs again from the inputs). h and c null: the initial state, zeros (not read);
