@@ -595,6 +595,124 @@ def test_native_preprocessing_matches_eager(n: int) -> None:
     assert torch.equal(same, ml.preprocess_rows(double, 10.0).view(torch.int64))
 
 
+def episodes_of(inputs: list[Tensor], count: int) -> list[Tensor]:
+    """``count`` episodes' step inputs stacked [E, ...]: each episode's per-coordinate tensors and
+    layer-1 bias scaled differently; the weights shared."""
+    batched = []
+    for k, t in enumerate(inputs):
+        if k in (6, 8, 9):  # W, W2, b2: shared
+            batched.append(t)
+        else:
+            batched.append(torch.stack([t * (1.0 + 0.25 * e) for e in range(count)]))
+    return batched
+
+
+@needs_native
+@pytest.mark.parametrize("n", [37, 1300])
+def test_native_step_of_several_episodes_is_each_episodes_step(n: int) -> None:
+    """E episodes in one call of the native step: every output, at meta-training, at evaluation
+    and at the last step, from the zero state and from a state, has the bits of the episode's
+    own call; so do the chain backward's ∂θ_0 and ∂b of each episode, and its gradients of the
+    shared weights are the episodes' added in episode order. The preprocessing of [E, n] too."""
+    hidden, count = 20, 3
+    batched = episodes_of(step_inputs(n, hidden), count)
+    alone = [[t if k in (6, 8, 9) else t[e] for k, t in enumerate(batched)] for e in range(count)]
+    zero = ml.zero_state(batched[3], hidden)
+    for inputs, each in ((batched, alone), ([batched[0], zero, zero, *batched[3:]], None)):
+        if each is None:  # the initial state: h, c as zero states, batched and per episode
+            each = [
+                [t if k in (6, 8, 9) else t[e] for k, t in enumerate(inputs)] for e in range(count)
+            ]
+        for options in ({}, {"keep": False}, {"keep": False, "last": True}):
+            together = native.step_forward(hidden, *inputs, **options)[:5]
+            for e in range(count):
+                for a, b in zip(together, native.step_forward(hidden, *each[e], **options)[:5]):
+                    assert torch.equal(a[e], b)
+    steps, steps_each, state = [], [[] for _ in range(count)], batched
+    for _ in range(3):  # a chain of three steps, batched and per episode
+        out = native.step_forward(hidden, *state)
+        steps.append(tuple(out[5:]))
+        for e in range(count):
+            one = [t if k in (6, 8, 9) else t[e] for k, t in enumerate(state)]
+            steps_each[e].append(tuple(native.step_forward(hidden, *one)[5:]))
+        state = [state[0], out[2], out[3], out[0], out[1], *state[5:]]
+    d_theta = torch.randn(count, n, generator=torch.Generator().manual_seed(3))
+    together = native.chain_backward(hidden, tuple(steps), d_theta)
+    each = [native.chain_backward(hidden, tuple(steps_each[e]), d_theta[e]) for e in range(count)]
+    for e in range(count):
+        assert torch.equal(together[0][e], each[e][0])  # ∂θ_0
+        assert torch.equal(together[2][:, e], each[e][2])  # ∂b, per step
+    for k in (1, 3, 4):  # ∂W, ∂W2, ∂b2
+        assert torch.equal(together[k], (each[0][k] + each[1][k]) + each[2][k])
+    grads_ = batched[5] * 10.0 ** torch.arange(-6, -3).reshape(count, 1)
+    rows = native.preprocess_rows(grads_)
+    assert rows.shape == (count, 2, n)
+    for e in range(count):
+        assert torch.equal(rows[e], native.preprocess_rows(grads_[e]))
+
+
+@needs_native
+@pytest.mark.parametrize("second_order", [False, True])
+def test_the_cell_steps_a_batch_of_episodes_as_each_episode(
+    second_order: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cell as an update rule on E episodes (θ [E, n]): native, first-order and at
+    evaluation, one call per step, each episode's θ_T and gates with the bits of its own inner
+    loop and the meta-gradient the episodes' within float32 rounding; second-order (and with
+    kernels that take one episode) each episode steps alone, with the same bits."""
+    cfg = config(filters=8, inner_steps=3, second_order=second_order)
+    model = perturbed_model(cfg).float()
+    cell = model.cell
+    count, n = 3, cell.theta0.shape[0]
+    g = torch.Generator().manual_seed(5)
+    theta0 = torch.stack([cell.theta0 * (1.0 + 0.1 * e) for e in range(count)])
+    losses = torch.rand(cfg.settings.inner_steps, count, generator=g) + 0.5
+    grads_ = 1e-3 * torch.randn(cfg.settings.inner_steps, count, n, generator=g)
+    if second_order:
+        grads_.requires_grad_(True)
+    library, calls = native.library(), []
+
+    class Counting:  # the step library, counting its forward calls
+        def __getattr__(self, name: str) -> Any:
+            if name == "metalstm_step_forward":
+                calls.append(1)
+            return getattr(library, name)
+
+    monkeypatch.setattr(native, "library", Counting)
+
+    def inner_loop(theta: Tensor, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
+        state = cell.init(theta)
+        gates = []
+        for t in range(cfg.settings.inner_steps):
+            last = t == cfg.settings.inner_steps - 1
+            state, info = cell.update(state, loss[t], grad[t], last=last)
+            gates.append(info)
+        return state.theta, torch.stack(gates)
+
+    steps = cfg.settings.inner_steps
+    for grad_enabled in (True, False):
+        with torch.set_grad_enabled(grad_enabled):
+            calls.clear()
+            theta_all, gates_all = inner_loop(theta0, losses, grads_)
+            one_call = not second_order or not grad_enabled
+            assert len(calls) == (steps if one_call else count * steps)
+            alone = [inner_loop(theta0[e], losses[:, e], grads_[:, e]) for e in range(count)]
+        for e in range(count):
+            assert torch.equal(theta_all[e], alone[e][0])
+            assert torch.equal(gates_all[:, e], alone[e][1])
+        if grad_enabled:
+            weights = list(cell.parameters())
+            together = torch.autograd.grad(
+                theta_all.square().sum(), weights, allow_unused=True, retain_graph=True
+            )
+            each = torch.autograd.grad(
+                sum(theta.square().sum() for theta, _ in alone), weights, allow_unused=True
+            )
+            for a, b in zip(together, each):
+                if b is not None:
+                    assert_close(a, b, rtol=1e-5)
+
+
 @needs_native
 def test_native_kernels_run_float32_cpu_and_leave_float64_to_eager() -> None:
     inputs = step_inputs(40, 20, dtype=F64)

@@ -15,8 +15,9 @@ any model's parameters.
 
 A batch of E episodes runs as one inner loop: θ_0 [E, n], support images [E, B, C, H, W] and
 labels [E, B]. The learner's passes take all E at once (:mod:`metalstm.learner`), each episode's
-loss is its own mean, and the rule updates each episode's state on its own
-(:class:`PerEpisode`); every result then has a leading episode dimension.
+loss is its own mean, and the rule updates each episode's state on its own (:class:`PerEpisode`;
+the meta-learner's cell steps all E in one call); every result then has a leading episode
+dimension.
 
 Example::
 
@@ -52,7 +53,10 @@ class UpdateRule(Protocol[S]):
 
     ``info`` is what the rule wants to report about the step (the meta-learner's gates
     σ(f_t), σ(i_t) [2, n]), or None. ``last``: the loop's last step, after which only θ_t and
-    the info are read (a rule may skip the rest of its state then).
+    the info are read (a rule may skip the rest of its state then). A rule with a true
+    ``takes_episode_batches`` attribute takes a batch of E episodes itself (θ_0 [E, n], L_t [E],
+    g_t [E, n], info with a leading E); :func:`run_inner_loop` wraps any other in
+    :class:`PerEpisode`.
     """
 
     def init(self, theta0: Tensor) -> S: ...
@@ -185,7 +189,7 @@ def run_inner_loop(
     L_1 and g_1, already computed at θ_0 with ``bn`` (:func:`prototype_start`). θ_0 [E, n] runs
     a batch of E episodes (see the module's docstring).
     """
-    if theta0.dim() == 2:
+    if theta0.dim() == 2 and not getattr(rule, "takes_episode_batches", False):
         rule = PerEpisode(rule)
     if bn is None:
         episodes = theta0.shape[0] if theta0.dim() == 2 else 1

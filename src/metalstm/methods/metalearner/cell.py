@@ -61,6 +61,9 @@ class ChainedState(CellState):
 class MetaLearnerCell(nn.Module):
     """Both layers of the meta-learner and the learned initialisation c_0 = θ_0."""
 
+    #: As an update rule (:mod:`metalstm.inner_loop`), it steps E episodes' θ [E, n] itself.
+    takes_episode_batches = True
+
     def __init__(self, theta0: Tensor, hidden_size: int = 20, p: float = 10.0) -> None:
         super().__init__()
         self.p = p
@@ -95,7 +98,7 @@ class MetaLearnerCell(nn.Module):
         native kernels skip their products). With gradients enabled the steps may form one
         chain for the meta-gradient (:meth:`forward`)."""
         hidden = self.hidden_size
-        zeros = theta0.new_zeros(2, theta0.shape[0])
+        zeros = theta0.new_zeros(*theta0.shape[:-1], 2, theta0.shape[-1])
         h0, c0 = zero_state(theta0, hidden), zero_state(theta0, hidden)
         if torch.is_grad_enabled():
             return ChainedState(theta0, zeros, h0, c0, Chain(theta0))
@@ -120,33 +123,44 @@ class MetaLearnerCell(nn.Module):
         numbers) and the other outputs carry no graph: nothing but θ_t is differentiated.
         ``last`` (the inner loop's last step): without a meta-graph the kernels may leave the
         state's h_t, c_t and logits unwritten (zero-size; such a state takes no further step).
+
+        E episodes at once (:attr:`takes_episode_batches`): θ [E, n], L_t [E], g_t [E, n], every
+        tensor of the state and the gates with a leading E. The native kernels step them in one
+        call at evaluation and on a first-order chain; otherwise each episode steps on its own.
         """
         if state.hidden.shape[-1] != state.theta.shape[-1]:
             raise ValueError("this state came from an inner loop's last step: it takes no more")
         hidden, w = self.hidden_size, self.lstm_weight
         kernels = self._kernels()
-        # Inputs of layer 1. The two loss features are the same for every coordinate, so their
-        # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t).
+        graph = torch.is_grad_enabled() and any(
+            t.requires_grad
+            for t in (*vars(state).values(), loss, grad, *self.parameters())
+            if isinstance(t, Tensor)
+        )
         # The meta-gradient flows through pre(g_t) and pre(L_t) only second-order: then they are
         # computed differentiably, else by the kernels (the native ones in one pass).
-        first_order = not (torch.is_grad_enabled() and (loss.requires_grad or grad.requires_grad))
+        first_order = not (graph and (loss.requires_grad or grad.requires_grad))
+        chained = isinstance(state, ChainedState) and kernels.chain is not None and first_order
+        native_kernels = native.takes(hidden, state.theta, grad, w)
+        if state.theta.dim() == 2 and not (
+            kernels.episodes and native_kernels and (chained or not graph)
+        ):
+            return self._each_episode(state, loss, grad, last)
+        # Inputs of layer 1. The two loss features are the same for every coordinate, so their
+        # contribution W[:, 2:4] · pre(L_t) is folded into the bias: b' = b + W[:, 2:4] · pre(L_t)
+        # (element-wise: each episode's row has the same bits however many run at once).
         preprocess = kernels.preprocess if first_order else preprocess_rows
-        grad_features = preprocess(grad, self.p)  # [2, n]
-        loss_features = preprocess(loss.reshape(1), self.p).reshape(2)  # [2]
-        bias = torch.addmv(self.lstm_bias, w[:, 2:4], loss_features)  # [4H]
+        grad_features = preprocess(grad, self.p)  # [2, n] ([E, 2, n])
+        loss_features = preprocess(loss.reshape(-1), self.p).reshape(2, *loss.shape, 1)
+        bias = self.lstm_bias + loss_features[0] * w[:, 2] + loss_features[1] * w[:, 3]
         weight = torch.cat([w[:, :2], w[:, 4:]], dim=1)  # [4H, 2 + H]: columns (g features, h)
         args = (grad_features, state.hidden, state.cell, state.theta, state.gate_logits, grad)
         params = (weight, bias, self.gate_weight, self.gate_bias)
-        if not (torch.is_grad_enabled() and any(t.requires_grad for t in (*args, *params))):
+        if not graph:
             with flushing_denormals():  # no meta-graph wanted (evaluation): nothing kept
                 theta, logits, h, cell, gates = kernels.inference(hidden, *args, *params, last=last)
             return CellState(theta, logits, h, cell), gates
-        if (
-            isinstance(state, ChainedState)
-            and kernels.chain is not None
-            and first_order
-            and native.takes(hidden, *args, *params)
-        ):
+        if chained and native_kernels and isinstance(state, ChainedState):
             return self._chained_step(kernels, state, args, params)
         if isinstance(state, ChainedState) and state.chain.steps:
             raise RuntimeError(
@@ -154,6 +168,20 @@ class MetaLearnerCell(nn.Module):
             )
         theta, logits, h, cell, gates = CellStep.apply(kernels, hidden, *args, *params)
         return CellState(theta, logits, h, cell), gates
+
+    def _each_episode(
+        self, state: CellState, loss: Tensor, grad: Tensor, last: bool
+    ) -> tuple[CellState, Tensor]:
+        """A step of E episodes as E steps of one (kernels that take one episode, or a
+        meta-graph other than a first-order chain): each episode's slice of the state, its
+        results stacked."""
+        fields = ("theta", "gate_logits", "hidden", "cell")
+        steps = [
+            self(CellState(*(getattr(state, f)[e] for f in fields)), loss[e], grad[e], last)
+            for e in range(state.theta.shape[0])
+        ]
+        stacked = (torch.stack([getattr(s, f) for s, _ in steps]) for f in fields)
+        return CellState(*stacked), torch.stack([gates for _, gates in steps])
 
     def _chained_step(
         self,

@@ -43,20 +43,23 @@ def _preprocess_parts(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 
 def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
-    """:func:`preprocess` of a vector x [n], laid out as rows [2, n]: (log part, sign part)."""
-    return torch.stack(_preprocess_parts(x, p))
+    """:func:`preprocess` of a vector x [n], laid out as rows [2, n]: (log part, sign part);
+    of x [E, n] (E episodes), [E, 2, n]."""
+    return torch.stack(_preprocess_parts(x, p), dim=-2)
 
 
 def zero_state(like: Tensor, rows: int) -> Tensor:
-    """Zeros [rows, n] (n = ``like``'s length) that take no memory: one zero expanded, so that
-    nothing is written to make them, and the native step (:mod:`.native`) knows them for zeros
-    without reading them (the LSTM's state at t = 0). Writing into them in place is an error."""
-    return like.new_zeros(1, 1).expand(rows, like.shape[0])
+    """Zeros [rows, n] (n = ``like``'s length; [E, rows, n] for ``like`` [E, n]) that take no
+    memory: one zero expanded, so that nothing is written to make them, and the native step
+    (:mod:`.native`) knows them for zeros without reading them (the LSTM's state at t = 0).
+    Writing into them in place is an error."""
+    return like.new_zeros((1,) * (like.dim() + 1)).expand(*like.shape[:-1], rows, like.shape[-1])
 
 
 def is_zero_state(t: Tensor) -> bool:
-    """Whether ``t`` is a :func:`zero_state` (one stored zero, expanded)."""
-    return t.dim() == 2 and t.stride() == (0, 0) and t.numel() > 0 and not t[0, 0].item()
+    """Whether ``t`` is a :func:`zero_state` (one stored zero, expanded), or an episode's slice
+    of one."""
+    return t.dim() >= 2 and not any(t.stride()) and t.numel() > 0 and not t[(0,) * t.dim()].item()
 
 
 # -- the fused inner step --------------------------------------------------------------------------
@@ -220,7 +223,9 @@ class StepKernels:
     last step); ``chain``, when given, is the backward of steps
     1 .. T of a first-order meta-gradient at once (:class:`ChainedSteps`); ``preprocess`` is
     :func:`preprocess_rows` for inputs no gradient flows through (the native kernels' is one
-    pass)."""
+    pass). ``episodes``: ``infer``, ``forward`` and ``chain`` also take E episodes at once (every
+    per-coordinate tensor [E, ..., n], the layer-1 bias [E, 4H]) where the native kernels run
+    (:func:`.native.takes`); other kernels, and ``backward``, take one."""
 
     name: str
     forward: Callable[..., tuple[Tensor, ...]]
@@ -228,6 +233,7 @@ class StepKernels:
     infer: Callable[..., tuple[Tensor, ...]] | None = None
     chain: Callable[..., tuple[Tensor, ...]] | None = None
     preprocess: Callable[[Tensor, float], Tensor] = preprocess_rows
+    episodes: bool = False
 
     def inference(self, hidden: int, *inputs: Tensor, last: bool = False) -> tuple[Tensor, ...]:
         """The step's first five outputs without a meta-graph (evaluation). ``last``: the inner

@@ -15,7 +15,7 @@ eager kernels run. :func:`status` says which path runs and why (``metalstm bench
 from __future__ import annotations
 
 import ctypes
-from functools import partial
+from functools import partial, reduce
 from pathlib import Path
 
 import torch
@@ -30,13 +30,11 @@ MAX_HIDDEN = 64  # the source's MAX_H: larger hidden sizes run the eager kernels
 _HEAD = (ctypes.c_long, ctypes.c_long, ctypes.c_int)  # n, H, threads
 SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
-    constants=(("metalstm_native_abi", 5), ("metalstm_native_max_hidden", MAX_HIDDEN)),
+    constants=(("metalstm_native_abi", 6), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
-        (
-            "metalstm_preprocess",
-            (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p),
-        ),
-        ("metalstm_step_forward", (*_HEAD, *[ctypes.c_void_p] * 15)),
+        # E, n, threads, x, p, out
+        ("metalstm_preprocess", (*_HEAD, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p)),
+        ("metalstm_step_forward", (ctypes.c_long, *_HEAD, *[ctypes.c_void_p] * 15)),
         ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 25)),
         ("metalstm_chain_backward", (*_HEAD, ctypes.c_long, *[ctypes.c_void_p] * 16)),
     ),
@@ -74,15 +72,17 @@ def takes(hidden: int, *tensors: Tensor | None) -> bool:
 
 
 def preprocess_rows(x: Tensor, p: float = 10.0) -> Tensor:
-    """:func:`.kernels.preprocess_rows` of x [n] in one pass: rows [2, n] (log part, sign part),
-    with ``log`` computed natively (about 1 ulp from PyTorch's). Not differentiable: for inputs
-    the meta-gradient does not flow through. Other dtypes and devices: the eager function."""
+    """:func:`.kernels.preprocess_rows` of x [n] (or [E, n]) in one pass: rows [2, n] (log part,
+    sign part; [E, 2, n]), with ``log`` computed natively (about 1 ulp from PyTorch's). Not
+    differentiable: for inputs the meta-gradient does not flow through. Other dtypes and
+    devices: the eager function."""
     if not applies(x):
         return kernels.preprocess_rows(x, p)
     x = x.detach().contiguous()
-    out = x.new_empty(2, x.shape[0])
+    out = x.new_empty(*x.shape[:-1], 2, x.shape[-1])
+    episodes = x.shape[0] if x.dim() == 2 else 1
     library().metalstm_preprocess(
-        x.shape[0], torch.get_num_threads(), x.data_ptr(), p, out.data_ptr()
+        episodes, x.shape[-1], torch.get_num_threads(), x.data_ptr(), p, out.data_ptr()
     )
     return out
 
@@ -109,10 +109,14 @@ def step_forward(
     returns only the five outputs, and with ``last`` too (the inner loop's last step, of which
     only θ_t and the gates are read) logits_t, h_t and c_t as zero-size tensors, not written.
     h and c as :func:`.kernels.zero_state` makes them (t = 1) are not read, and their products
-    with W are skipped: the same numbers as with stored zeros. Other dtypes and devices, and
-    large hidden sizes, run the eager kernels (which write every output)."""
+    with W are skipped: the same numbers as with stored zeros. E episodes at once: every
+    per-coordinate tensor with a leading E ([E, n], [E, r, n]) and the bias [E, 4H]; the weights
+    are shared. Other dtypes and devices, and large hidden sizes, run the eager kernels (which
+    write every output; one episode)."""
     inputs = (grad_features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gate_bias)
     if not takes(hidden, *inputs):
+        if theta.dim() != 1:
+            raise ValueError("the eager step kernels take one episode at a time")
         out = kernels.step_forward(hidden, *inputs)
         return out if keep else out[:5]
     # Only h and c (positions 1, 2) may be passed as zeros by a null pointer; a zero state is
@@ -120,11 +124,16 @@ def step_forward(
     # stay alive through the call; some are saved.
     zero = [k in (1, 2) and kernels.is_zero_state(t) for k, t in enumerate(inputs)]
     pointers = [t.detach() if z else t.detach().contiguous() for t, z in zip(inputs, zero)]
-    n = theta.shape[0]
+    *episodes, n = theta.shape  # [] or [E]
     empty = theta.new_empty
     skipped = last and not keep  # logits_t, h_t, c_t: not written
-    outputs = (empty(n), *(empty(r, 0 if skipped else n) for r in (2, hidden, hidden)), empty(2, n))
+    outputs = (
+        empty(*episodes, n),
+        *(empty(*episodes, r, 0 if skipped else n) for r in (2, hidden, hidden)),
+        empty(*episodes, 2, n),
+    )
     library().metalstm_step_forward(
+        episodes[0] if episodes else 1,
         n,
         hidden,
         torch.get_num_threads(),
@@ -194,8 +203,33 @@ def chain_backward(
     steps 1 .. T. Returns (∂θ_0 [n], ∂W [T, 4H, 2 + H], ∂b [T, 4H], ∂W2 [2, H + 2], ∂b2 [2]):
     the numbers T calls of :func:`step_backward` and autograd's sums of their ∂W2 and ∂b2 give,
     in one pass over the coordinates that keeps the gradients passed from step to step in cache.
-    Only for steps the native kernels computed (:func:`takes`).
+    Steps of E episodes (d_theta [E, n]): each episode's chain in turn, ∂θ_0 [E, n] and ∂b
+    [T, E, 4H] per episode, the shared weights' gradients added in episode order. Only for steps
+    the native kernels computed (:func:`takes`).
     """
+    if d_theta.dim() == 1:
+        return _chain_backward(hidden, steps, d_theta)
+    shared = (6, 8)  # W and W2 in `saved`: the same for every episode
+    results = [
+        _chain_backward(
+            hidden,
+            tuple(tuple(t if k in shared else t[e] for k, t in enumerate(s)) for s in steps),
+            d_theta[e],
+        )
+        for e in range(d_theta.shape[0])
+    ]
+    d_theta_0 = torch.stack([r[0] for r in results])  # [E, n]
+    d_bias = torch.stack([r[2] for r in results], dim=1)  # [T, E, 4H]
+    d_weight, d_gate_weight, d_gate_bias = (
+        reduce(torch.add, [r[k] for r in results]) for k in (1, 3, 4)
+    )
+    return d_theta_0, d_weight, d_bias, d_gate_weight, d_gate_bias
+
+
+def _chain_backward(
+    hidden: int, steps: tuple[tuple[Tensor, ...], ...], d_theta: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`chain_backward` of one episode."""
     rows: list[list[Tensor | None]] = [[] for _ in range(9)]
     for saved in steps:
         features, h, c, theta, prev_logits, grad, weight, bias, gate_weight, gates = saved
@@ -232,6 +266,7 @@ NATIVE_KERNELS = kernels.StepKernels(
     partial(step_forward, keep=False),
     chain_backward,
     preprocess_rows,
+    episodes=True,
 )
 
 

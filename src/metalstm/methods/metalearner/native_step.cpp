@@ -603,55 +603,69 @@ void for_each_block(long n, long H, int threads, F f) {
 
 extern "C" {
 
-int metalstm_native_abi() { return 5; }
+int metalstm_native_abi() { return 6; }
 long metalstm_native_max_hidden() { return MAX_H; }
 
-// kernels.preprocess_rows of x [n] into out [2, n] (its log and sign parts), on `threads`
-// threads for large n; a tail shorter than a vector goes through a zero-padded copy.
-void metalstm_preprocess(long n, int threads, const float* x, double p, float* out) {
+// kernels.preprocess_rows of x [E, n] into out [E, 2, n] (each row's log and sign parts), on
+// `threads` threads for large inputs; a row's tail shorter than a vector goes through a
+// zero-padded copy.
+void metalstm_preprocess(long E, long n, int threads, const float* x, double p, float* out) {
   const Preprocessing pre(p);
-  const long vectors = n / L;
-#pragma omp parallel for num_threads(threads) schedule(static) if (n >= (1L << 16))
-  for (long v = 0; v < vectors; v++) {
+  const long vectors = n / L, done = vectors * L, rest = n - done;
+#pragma omp parallel for num_threads(threads) schedule(static) if (E * n >= (1L << 16))
+  for (long item = 0; item < E * (vectors + 1); item++) {
+    const long e = item / (vectors + 1), v = item % (vectors + 1);
+    const float* row = x + e * n;
+    float* log_row = out + 2 * e * n;
+    float* sign_row = log_row + n;
     vf a, b;
-    pre(ld(x + v * L), a, b);
-    st(out + v * L, a);
-    st(out + n + v * L, b);
+    if (v < vectors) {
+      pre(ld(row + v * L), a, b);
+      st(log_row + v * L, a);
+      st(sign_row + v * L, b);
+    } else if (rest > 0) {
+      float tail[L] = {}, log_part[L], sign_part[L];
+      std::memcpy(tail, row + done, rest * sizeof(float));
+      pre(ld(tail), a, b);
+      st(log_part, a);
+      st(sign_part, b);
+      std::memcpy(log_row + done, log_part, rest * sizeof(float));
+      std::memcpy(sign_row + done, sign_part, rest * sizeof(float));
+    }
   }
-  const long done = vectors * L, rest = n - done;
-  if (rest == 0) return;
-  float tail[L] = {}, log_part[L], sign_part[L];
-  std::memcpy(tail, x + done, rest * sizeof(float));
-  vf a, b;
-  pre(ld(tail), a, b);
-  st(log_part, a);
-  st(sign_part, b);
-  std::memcpy(out + done, log_part, rest * sizeof(float));
-  std::memcpy(out + n + done, sign_part, rest * sizeof(float));
 }
 
 // The native kernels' step_forward: the step's five outputs, nothing else (the backward computes
-// what it needs again from the inputs). h and c null: the initial state, zeros (not read);
-// h_new, c_new and logits null (together): not written, only θ_t and the gates.
-void metalstm_step_forward(long n, long H, int threads, const float* features, const float* h,
-                           const float* c, const float* theta, const float* prev_logits,
-                           const float* grad, const float* W, const float* b, const float* W2,
-                           const float* b2, float* theta_new, float* logits, float* h_new,
-                           float* c_new, float* gates) {
-  const Params P{H, W, b, W2, b2};
+// what it needs again from the inputs), for E episodes at once: every input and output [E, r, n]
+// (episode e's rows from e r n on), the layer-1 bias [E, 4H] (each episode's loss is folded into
+// its own), the weights shared. h and c null: the initial state, zeros (not read); h_new, c_new
+// and logits null (together): not written, only θ_t and the gates.
+void metalstm_step_forward(long E, long n, long H, int threads, const float* features,
+                           const float* h, const float* c, const float* theta,
+                           const float* prev_logits, const float* grad, const float* W,
+                           const float* b, const float* W2, const float* b2, float* theta_new,
+                           float* logits, float* h_new, float* c_new, float* gates) {
   const Rows in[F_NIN] = {{features, 2}, {h, H}, {c, H}, {theta, 1}, {prev_logits, 2}, {grad, 1}};
   const OutRows out[F_NOUT] = {{theta_new, 1}, {logits, 2}, {h_new, H}, {c_new, H}, {gates, 2}};
   long out_rows = 0;
   for (const OutRows& r : out) out_rows += r.p ? r.rows : 0;
-  const bool stream = out_rows * n * static_cast<long>(sizeof(float)) > STREAM_BYTES;
+  const bool stream = E * out_rows * n * static_cast<long>(sizeof(float)) > STREAM_BYTES;
+  const long blocks = blocks_of(n);
 #pragma omp parallel num_threads(threads)
   {
     FlushDenormals flush;
     std::vector<float>& buffer = thread_buffer();
 #pragma omp for schedule(static)
-    for (long blk = 0; blk < blocks_of(n); blk++) {
-      const long j = blk * BLOCK;
-      run_block(in, out, n, j, std::min(BLOCK, n - j), buffer, stream,
+    for (long item = 0; item < E * blocks; item++) {
+      const long e = item / blocks, j = item % blocks * BLOCK;
+      Rows in_e[F_NIN];
+      OutRows out_e[F_NOUT];
+      for (long t = 0; t < F_NIN; t++)
+        in_e[t] = {in[t].p ? in[t].p + e * in[t].rows * n : nullptr, in[t].rows};
+      for (long t = 0; t < F_NOUT; t++)
+        out_e[t] = {out[t].p ? out[t].p + e * out[t].rows * n : nullptr, out[t].rows};
+      const Params P{H, W, b + e * 4 * H, W2, b2};
+      run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer, stream,
                 [&](auto& i, auto& o, long pitch, long column) {
                   forward_vector(P, i, o, pitch, column);
                 },
