@@ -132,6 +132,7 @@ class MetaLearnerCell(nn.Module):
             raise ValueError("this state came from an inner loop's last step: it takes no more")
         hidden, w = self.hidden_size, self.lstm_weight
         kernels = self._kernels()
+        # A meta-graph is wanted: gradients are on and something the step reads requires them.
         graph = torch.is_grad_enabled() and any(
             t.requires_grad
             for t in (*vars(state).values(), loss, grad, *self.parameters())
