@@ -32,9 +32,18 @@ SOURCE = native.NativeSource(
     Path(__file__).with_name("native_step.cpp"),
     constants=(("metalstm_native_abi", 6), ("metalstm_native_max_hidden", MAX_HIDDEN)),
     functions=(
-        # E, n, threads, x, p, out
-        ("metalstm_preprocess", (*_HEAD, ctypes.c_void_p, ctypes.c_double, ctypes.c_void_p)),
-        ("metalstm_step_forward", (ctypes.c_long, *_HEAD, *[ctypes.c_void_p] * 15)),
+        (
+            "metalstm_preprocess",  # E, n, threads, x, p, out
+            (
+                ctypes.c_long,
+                ctypes.c_long,
+                ctypes.c_int,
+                ctypes.c_void_p,
+                ctypes.c_double,
+                ctypes.c_void_p,
+            ),
+        ),
+        ("metalstm_step_forward", (ctypes.c_long, *_HEAD, *[ctypes.c_void_p] * 15)),  # E first
         ("metalstm_step_backward", (*_HEAD, *[ctypes.c_void_p] * 25)),
         ("metalstm_chain_backward", (*_HEAD, ctypes.c_long, *[ctypes.c_void_p] * 16)),
     ),
