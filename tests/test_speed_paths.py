@@ -595,16 +595,21 @@ def test_native_preprocessing_matches_eager(n: int) -> None:
     assert torch.equal(same, ml.preprocess_rows(double, 10.0).view(torch.int64))
 
 
+SHARED = (6, 8, 9)  # W, W2, b2 among a step's inputs: the same for every episode
+
+
 def episodes_of(inputs: list[Tensor], count: int) -> list[Tensor]:
     """``count`` episodes' step inputs stacked [E, ...]: each episode's per-coordinate tensors and
     layer-1 bias scaled differently; the weights shared."""
-    batched = []
-    for k, t in enumerate(inputs):
-        if k in (6, 8, 9):  # W, W2, b2: shared
-            batched.append(t)
-        else:
-            batched.append(torch.stack([t * (1.0 + 0.25 * e) for e in range(count)]))
-    return batched
+    return [
+        t if k in SHARED else torch.stack([t * (1.0 + 0.25 * e) for e in range(count)])
+        for k, t in enumerate(inputs)
+    ]
+
+
+def episode_of(inputs: list[Tensor], e: int) -> list[Tensor]:
+    """Episode e's step inputs out of :func:`episodes_of`'s."""
+    return [t if k in SHARED else t[e] for k, t in enumerate(inputs)]
 
 
 @needs_native
@@ -616,25 +621,20 @@ def test_native_step_of_several_episodes_is_each_episodes_step(n: int) -> None:
     shared weights are the episodes' added in episode order. The preprocessing of [E, n] too."""
     hidden, count = 20, 3
     batched = episodes_of(step_inputs(n, hidden), count)
-    alone = [[t if k in (6, 8, 9) else t[e] for k, t in enumerate(batched)] for e in range(count)]
-    zero = ml.zero_state(batched[3], hidden)
-    for inputs, each in ((batched, alone), ([batched[0], zero, zero, *batched[3:]], None)):
-        if each is None:  # the initial state: h, c as zero states, batched and per episode
-            each = [
-                [t if k in (6, 8, 9) else t[e] for k, t in enumerate(inputs)] for e in range(count)
-            ]
+    zero = ml.zero_state(batched[3], hidden)  # the initial state's h and c
+    for inputs in (batched, [batched[0], zero, zero, *batched[3:]]):
         for options in ({}, {"keep": False}, {"keep": False, "last": True}):
             together = native.step_forward(hidden, *inputs, **options)[:5]
             for e in range(count):
-                for a, b in zip(together, native.step_forward(hidden, *each[e], **options)[:5]):
+                alone = native.step_forward(hidden, *episode_of(inputs, e), **options)[:5]
+                for a, b in zip(together, alone):
                     assert torch.equal(a[e], b)
     steps, steps_each, state = [], [[] for _ in range(count)], batched
     for _ in range(3):  # a chain of three steps, batched and per episode
         out = native.step_forward(hidden, *state)
         steps.append(tuple(out[5:]))
         for e in range(count):
-            one = [t if k in (6, 8, 9) else t[e] for k, t in enumerate(state)]
-            steps_each[e].append(tuple(native.step_forward(hidden, *one)[5:]))
+            steps_each[e].append(tuple(native.step_forward(hidden, *episode_of(state, e))[5:]))
         state = [state[0], out[2], out[3], out[0], out[1], *state[5:]]
     d_theta = torch.randn(count, n, generator=torch.Generator().manual_seed(3))
     together = native.chain_backward(hidden, tuple(steps), d_theta)
@@ -662,12 +662,12 @@ def test_the_cell_steps_a_batch_of_episodes_as_each_episode(
     kernels that take one episode) each episode steps alone, with the same bits."""
     cfg = config(filters=8, inner_steps=3, second_order=second_order)
     model = perturbed_model(cfg).float()
-    cell = model.cell
+    cell, steps = model.cell, cfg.settings.inner_steps
     count, n = 3, cell.theta0.shape[0]
     g = torch.Generator().manual_seed(5)
     theta0 = torch.stack([cell.theta0 * (1.0 + 0.1 * e) for e in range(count)])
-    losses = torch.rand(cfg.settings.inner_steps, count, generator=g) + 0.5
-    grads_ = 1e-3 * torch.randn(cfg.settings.inner_steps, count, n, generator=g)
+    losses = torch.rand(steps, count, generator=g) + 0.5
+    grads_ = 1e-3 * torch.randn(steps, count, n, generator=g)
     if second_order:
         grads_.requires_grad_(True)
     library, calls = native.library(), []
@@ -683,13 +683,11 @@ def test_the_cell_steps_a_batch_of_episodes_as_each_episode(
     def inner_loop(theta: Tensor, loss: Tensor, grad: Tensor) -> tuple[Tensor, Tensor]:
         state = cell.init(theta)
         gates = []
-        for t in range(cfg.settings.inner_steps):
-            last = t == cfg.settings.inner_steps - 1
-            state, info = cell.update(state, loss[t], grad[t], last=last)
+        for t in range(steps):
+            state, info = cell.update(state, loss[t], grad[t], last=t == steps - 1)
             gates.append(info)
         return state.theta, torch.stack(gates)
 
-    steps = cfg.settings.inner_steps
     for grad_enabled in (True, False):
         with torch.set_grad_enabled(grad_enabled):
             calls.clear()
