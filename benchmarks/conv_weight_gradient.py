@@ -5,7 +5,8 @@ Usage::
     python benchmarks/conv_weight_gradient.py [--repeats 20] [--threads 2]
 
 For the 3x3 convolutions of the throughput workloads (84x84 RGB and 28x28 Omniglot images, the
-support set's and the 75-image query pass's batches, 32 or 64 filters), prints one Markdown
+support set's and the 75-image query pass's batches, 32 or 64 filters; one episode, and eight
+as the groups of one pass, as meta-batches of 8 run them), prints one Markdown
 table of milliseconds per call: oneDNN's weight gradient on one thread (what ``conv3x3`` runs
 without the native kernel, so that its sum does not depend on the thread count), oneDNN's on
 every thread (thread-dependent rounding: not used, shown as the rate the hardware allows), and
@@ -25,25 +26,30 @@ from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
 from metalstm.bench import cpu_name
 
-# (label, images, C_in, side, C_out)
+# (label, images, C_in, side, C_out per group, groups)
 SHAPES = [
-    ("84x84 RGB, layer 1, 25 support images", 25, 3, 84, 32),
-    ("84x84 RGB, layer 2, 25 support images", 25, 32, 42, 32),
-    ("84x84 RGB, layer 1, 75 query images", 75, 3, 84, 32),
-    ("84x84 RGB, layer 2, 75 query images", 75, 32, 42, 32),
-    ("84x84 RGB, layer 3, 75 query images", 75, 32, 21, 32),
-    ("28x28 Omniglot, layer 1, 5 support images", 5, 1, 28, 64),
-    ("28x28 Omniglot, layer 2, 5 support images", 5, 64, 14, 64),
-    ("28x28 Omniglot, layer 3, 5 support images", 5, 64, 7, 64),
-    ("28x28 Omniglot, layer 4, 5 support images", 5, 64, 3, 64),
-    ("28x28 Omniglot, layer 1, 75 query images", 75, 1, 28, 64),
-    ("28x28 Omniglot, layer 2, 75 query images", 75, 64, 14, 64),
+    ("84x84 RGB, layer 1, 25 support images", 25, 3, 84, 32, 1),
+    ("84x84 RGB, layer 2, 25 support images", 25, 32, 42, 32, 1),
+    ("84x84 RGB, layer 1, 75 query images", 75, 3, 84, 32, 1),
+    ("84x84 RGB, layer 2, 75 query images", 75, 32, 42, 32, 1),
+    ("84x84 RGB, layer 3, 75 query images", 75, 32, 21, 32, 1),
+    ("28x28 Omniglot, layer 1, 5 support images", 5, 1, 28, 64, 1),
+    ("28x28 Omniglot, layer 2, 5 support images", 5, 64, 14, 64, 1),
+    ("28x28 Omniglot, layer 3, 5 support images", 5, 64, 7, 64, 1),
+    ("28x28 Omniglot, layer 4, 5 support images", 5, 64, 3, 64, 1),
+    ("28x28 Omniglot, layer 1, 75 query images", 75, 1, 28, 64, 1),
+    ("28x28 Omniglot, layer 2, 75 query images", 75, 64, 14, 64, 1),
+    ("84x84 RGB, layer 2, 8 episodes' 5 support images", 5, 32, 42, 32, 8),
+    ("84x84 RGB, layer 2, 8 episodes' 75 query images", 75, 32, 42, 32, 8),
+    ("28x28, 32 filters, layer 2, 8 episodes' 5 support images", 5, 32, 14, 32, 8),
+    ("28x28, 32 filters, layer 2, 8 episodes' 75 query images", 75, 32, 14, 32, 8),
 ]
 
 
 def onednn(x: Tensor, weight: Tensor, d_y: Tensor) -> Tensor:
     """oneDNN's weight gradient (``aten.convolution_backward``, stride 1, padding 1)."""
-    arguments = ([1, 1], [1, 1], [1, 1], False, [0, 0], 1, [False, True, False])
+    groups = x.shape[1] // weight.shape[1]
+    arguments = ([1, 1], [1, 1], [1, 1], False, [0, 0], groups, [False, True, False])
     return torch.ops.aten.convolution_backward(d_y, x, weight, None, *arguments)[1]
 
 
@@ -67,11 +73,11 @@ def main() -> None:
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     generator = torch.Generator().manual_seed(0)
-    for label, images, c_in, side, c_out in SHAPES:
-        x = torch.randn(images, c_in, side, side, generator=generator)
+    for label, images, c_in, side, c_out, groups in SHAPES:
+        x = torch.randn(images, groups * c_in, side, side, generator=generator)
         x = x.contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(c_out, c_in, 3, 3, generator=generator)
-        d_y = torch.randn(images, c_out, side, side, generator=generator)
+        weight = torch.randn(groups * c_out, c_in, 3, 3, generator=generator)
+        d_y = torch.randn(images, groups * c_out, side, side, generator=generator)
         d_y = d_y.contiguous(memory_format=torch.channels_last)
         theirs, mine = partial(onednn, x, weight, d_y), partial(native, x, weight, d_y)
         with layers.single_threaded(x.device):
@@ -89,7 +95,7 @@ def main() -> None:
             results.append(native(x, weight, d_y))
         torch.set_num_threads(args.threads)
         same = all(torch.equal(results[0], r) for r in results[1:])
-        gflops = 2 * images * side * side * 9 * c_in * c_out / ours / 1e6
+        gflops = 2 * images * side * side * 9 * c_in * c_out * groups / ours / 1e6
         print(
             f"| {label} | {one:.2f} | {every:.2f} | {ours:.2f} | {gflops:.0f} | "
             f"{errors[0]:.1e} / {errors[1]:.1e} | {'yes' if same else 'NO'} |"

@@ -838,6 +838,7 @@ CONV_SHAPES = [
     (2, 8, 5, 64, 1, 2),
     (1, 4, 1, 16, 1, 1),
     (2, 4, 2, 16, 2, 1),
+    (2, 32, 9, 32, 1, 8),
 ]
 
 
@@ -867,8 +868,12 @@ def test_native_conv_weight_gradient_matches_float64(shape: tuple[int, ...]) -> 
 
 
 @needs_native_conv
-def test_native_conv_weight_gradient_is_the_same_for_any_thread_count() -> None:
-    x, weight, d_y, stride = conv_inputs((6, 32, 23, 32, 1, 1))
+@pytest.mark.parametrize("shape", [(6, 32, 23, 32, 1, 1), (3, 32, 13, 32, 1, 8)])
+def test_native_conv_weight_gradient_is_the_same_for_any_thread_count(
+    shape: tuple[int, ...],
+) -> None:
+    """One episode, and eight as groups of one pass (each group's input channels tiled apart)."""
+    x, weight, d_y, stride = conv_inputs(shape)
     results = []
     for threads in (1, 2, 3):
         torch.set_num_threads(threads)

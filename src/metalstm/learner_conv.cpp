@@ -12,8 +12,10 @@
 //
 // ∂W[g, co, ci, kh, kw] = Σ_{b, oy, ox} dy[b, oy, ox, g·Co + co] · x[b, oy·s + kh − 1,
 // ox·s + kw − 1, g·Ci + ci] (zero outside the image). For one kernel row kh, the values a pixel
-// multiplies are a patch row of 3 input pixels: 3·Ci consecutive floats (the group's channels
-// of each of the 3 pixels when G > 1). A block of J of them times the pixel's Co gradients is
+// multiplies are a patch row of 3 input pixels: 3·Ci consecutive floats of a tile that holds
+// the group's Ci channels of each input pixel (copied once per tile: with G episodes in one
+// pass, a tile of all G·Ci channels made every group's pieces copy, and stride over, G times
+// the input they read). A block of J of them times the pixel's Co gradients is
 // J x Co/16 vector multiply-adds into accumulators that stay in registers over all the pixels
 // of a piece, reading each pixel's gradient vectors once per block.
 
@@ -58,28 +60,33 @@ inline void accumulate(vf (&a)[J][V], const float* xs, long x_step, const float*
   }
 }
 
-// A tile of output rows' input rows for one kernel row kh, each padded with a zero pixel on
-// both sides ([rows, W + 2, G·Ci]): a pixel's patch row then starts at padded column ox·s, and
-// every pixel of a row takes the same code. `valid[r]` is false where the input row lies in the
-// zero padding above or below the image.
+// A tile of output rows' input rows for one kernel row kh, group g's channels only, each padded
+// with a zero pixel on both sides ([rows, W + 2, Ci]): a pixel's patch row then starts at padded
+// column ox·s, and every pixel of a row takes the same code. `valid[r]` is false where the input
+// row lies in the zero padding above or below the image.
 struct Tile {
   std::vector<float> rows;
   std::vector<char> valid;
   long pitch = 0;  // floats per padded row
 };
 
-void fill_tile(const Shape& S, const float* x, long t0, long t1, long kh, Tile& T) {
-  const long cin = S.cin(), n = t1 - t0;
-  T.pitch = (S.W + 2) * cin;
+void fill_tile(const Shape& S, const float* x, long g, long t0, long t1, long kh, Tile& T) {
+  const long Ci = S.Ci, cin = S.cin(), n = t1 - t0;
+  T.pitch = (S.W + 2) * Ci;
   if (static_cast<long>(T.rows.size()) < n * T.pitch) T.rows.resize(n * T.pitch);
   T.valid.assign(n, 0);
   for (long r = 0; r < n; r++) {
     const long row = t0 + r, b = row / S.Ho, iy = (row % S.Ho) * S.stride + kh - 1;
     if (iy < 0 || iy >= S.H) continue;
     float* out = T.rows.data() + r * T.pitch;
-    std::memset(out, 0, cin * sizeof(float));
-    std::memcpy(out + cin, x + (b * S.H + iy) * S.W * cin, S.W * cin * sizeof(float));
-    std::memset(out + (S.W + 1) * cin, 0, cin * sizeof(float));
+    const float* in = x + (b * S.H + iy) * S.W * cin + g * Ci;
+    std::memset(out, 0, Ci * sizeof(float));
+    if (S.G == 1)  // the row's pixels are already consecutive
+      std::memcpy(out + Ci, in, S.W * Ci * sizeof(float));
+    else
+      for (long w = 0; w < S.W; w++)
+        std::memcpy(out + (w + 1) * Ci, in + w * cin, Ci * sizeof(float));
+    std::memset(out + (S.W + 1) * Ci, 0, Ci * sizeof(float));
     T.valid[r] = 1;
   }
 }
@@ -97,7 +104,7 @@ void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0
   const long cout = S.cout();
   for (long r = 0; r < t1 - t0; r++) {
     if (!T.valid[r]) continue;  // the zero padding: no contribution
-    accumulate<V, J>(A, T.rows.data() + r * T.pitch + offset, S.stride * S.cin(),
+    accumulate<V, J>(A, T.rows.data() + r * T.pitch + offset, S.stride * S.Ci,
                      dy + (t0 + r) * S.Wo * cout + g * S.Co, cout, S.Wo);
   }
 #pragma GCC unroll 32
@@ -119,7 +126,7 @@ void patch_block_of(long jn, const Shape& S, const Tile& T, const float* dy, lon
 // Output rows per tile: about TILE_FLOATS of ∂y and padded x, so that the passes over a tile
 // (one per block of patch values) read them from L2.
 long tile_rows(const Shape& S) {
-  return std::max<long>(1, TILE_FLOATS / (S.Wo * S.cout() + (S.W + 2) * S.cin()));
+  return std::max<long>(1, TILE_FLOATS / (S.Wo * S.cout() + (S.W + 2) * S.Ci));
 }
 
 // One piece: output rows r0 .. r1 − 1 of group g, every weight of the group, into P [3, 3·Ci,
@@ -128,19 +135,16 @@ template <int V>
 void piece(const Shape& S, const float* x, const float* dy, long g, long r0, long r1, Tile& T,
            float* P) {
   constexpr int JM = MAX_ACCUMULATORS / V;
-  // G = 1: a patch row is one run of 3·Ci floats; else three runs of Ci (one per kw)
-  const long runs = S.G == 1 ? 1 : 3, length = S.G == 1 ? 3 * S.Ci : S.Ci;
+  const long length = 3 * S.Ci;  // a patch row: 3 pixels' Ci channels, consecutive in the tile
   for (long t0 = r0; t0 < r1; t0 += tile_rows(S)) {
     const long t1 = std::min(r1, t0 + tile_rows(S));
     for (long kh = 0; kh < 3; kh++) {
-      fill_tile(S, x, t0, t1, kh, T);
-      for (long run = 0; run < runs; run++)
-        for (long c0 = 0; c0 < length; c0 += JM) {
-          const long jn = std::min<long>(JM, length - c0);
-          const long offset = S.G == 1 ? c0 : run * S.cin() + g * S.Ci + c0;
-          float* out = P + (kh * 3 * S.Ci + run * S.Ci + c0) * S.Co;
-          patch_block_of<V, JM>(jn, S, T, dy, g, t0, t1, offset, out, t0 == r0);
-        }
+      fill_tile(S, x, g, t0, t1, kh, T);
+      for (long c0 = 0; c0 < length; c0 += JM) {
+        const long jn = std::min<long>(JM, length - c0);
+        float* out = P + (kh * 3 * S.Ci + c0) * S.Co;
+        patch_block_of<V, JM>(jn, S, T, dy, g, t0, t1, c0, out, t0 == r0);
+      }
     }
   }
 }
