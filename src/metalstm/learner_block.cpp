@@ -422,53 +422,64 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
   backward_coefficients(C, pixels, sums.data(), invstd.data(), A, false, d_gamma, d_beta, a, s);
   const long row_pairs = (H + 1) / 2, rows = B * row_pairs;
   const long pieces = std::min(rows, MAX_GRADIENT_PIECES), width = 9 * CIN * C;
-  std::vector<float> partial(pieces * width, 0.0f);
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long piece = 0; piece < pieces; piece++) {
-    float* dw = partial.data() + piece * width;
-    std::vector<float> dx(2 * W * C);  // ∂x of the row pair [2, W, C]
-    for (long row = piece * rows / pieces; row < (piece + 1) * rows / pieces; row++) {
-      const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
-      const long height = std::min(H - 2 * i, 2L);
-      for (long v = 0; v < V; v += 2 * K) {
-        for (long h = 2 * i; h < 2 * i + height; h++)
-          for (long w = 0; w < W; w++) {  // pixels in no window: the affine part only
-            if (i < Ho && w < 2 * Wo) continue;
-            vf2 y[1][K];
-            conv.template outputs<1, 1>(b, h, w, v, y);
-            for (long u = v; u < v + 2 * K; u++)
-              st(dx.data() + ((h - 2 * i) * W + w) * C + u * LANES,
-                 a[u] + s[u] * (half(y[0][(u - v) / 2], u) - A.mu[u]));
-          }
-        if (i >= Ho) continue;
-        for (long j = 0; j < Wo; j++) {
-          vf2 y[4][K];
-          conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
-          for (int k = 0; k < K; k++) {
-            const long u = v + 2 * k;
-            vf2 dy;
-            const auto win = at_maximum(y, v, k, d_out + ((b * Ho + i) * Wo + j) * C, dy);
-            const vf2 kdy = ld2(&A.k[u]) * dy, au = ld2(&a[u]), su = ld2(&s[u]);
-            for (int q = 0; q < 4; q++) {
-              const vf2 affine = au + su * (win.x[q] - ld2(&A.mu[u]));
-              st2(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
-                  win.at == q ? affine + kdy : affine);
+  const std::unique_ptr<float[]> partial(new float[pieces * width]);
+  std::vector<double> total(width);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (long piece = 0; piece < pieces; piece++) {
+      float* dw = partial.get() + piece * width;
+      std::fill(dw, dw + width, 0.0f);
+      std::vector<float> dx(2 * W * C);  // ∂x of the row pair [2, W, C]
+      for (long row = piece * rows / pieces; row < (piece + 1) * rows / pieces; row++) {
+        const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
+        const long height = std::min(H - 2 * i, 2L);
+        for (long v = 0; v < V; v += 2 * K) {
+          for (long h = 2 * i; h < 2 * i + height; h++)
+            for (long w = 0; w < W; w++) {  // pixels in no window: the affine part only
+              if (i < Ho && w < 2 * Wo) continue;
+              vf2 y[1][K];
+              conv.template outputs<1, 1>(b, h, w, v, y);
+              for (long u = v; u < v + 2 * K; u++)
+                st(dx.data() + ((h - 2 * i) * W + w) * C + u * LANES,
+                   a[u] + s[u] * (half(y[0][(u - v) / 2], u) - A.mu[u]));
+            }
+          if (i >= Ho) continue;
+          for (long j = 0; j < Wo; j++) {
+            vf2 y[4][K];
+            conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
+            for (int k = 0; k < K; k++) {
+              const long u = v + 2 * k;
+              vf2 dy;
+              const auto win = at_maximum(y, v, k, d_out + ((b * Ho + i) * Wo + j) * C, dy);
+              const vf2 kdy = ld2(&A.k[u]) * dy, au = ld2(&a[u]), su = ld2(&s[u]);
+              for (int q = 0; q < 4; q++) {
+                const vf2 affine = au + su * (win.x[q] - ld2(&A.mu[u]));
+                st2(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
+                    win.at == q ? affine + kdy : affine);
+              }
             }
           }
         }
+        for (long v = 0; v < V; v += 2 * K)
+          if (height == 2)
+            conv.template add_weight_gradient<2>(b, 2 * i, v, dx.data(), dw);
+          else
+            conv.template add_weight_gradient<1>(b, 2 * i, v, dx.data(), dw);
       }
-      for (long v = 0; v < V; v += 2 * K)
-        if (height == 2)
-          conv.template add_weight_gradient<2>(b, 2 * i, v, dx.data(), dw);
-        else
-          conv.template add_weight_gradient<1>(b, 2 * i, v, dx.data(), dw);
     }
-  }
-  for (long t = 0; t < width; t++) {
-    double total = 0.0;
-    for (long piece = 0; piece < pieces; piece++) total += partial[piece * width + t];
-    const long c = t % C, rest = t / C;  // rest = (kh · 3 + kw) · CIN + ci
-    d_weight[(c * CIN + rest % CIN) * 9 + rest / CIN] = static_cast<float>(total);
+    // the pieces added in order, in double: each weight's sum on one thread, pieces 0, 1, ...
+#pragma omp for schedule(static)
+    for (long t0 = 0; t0 < width; t0 += 64) {
+      const long t1 = std::min(width, t0 + 64);
+      for (long t = t0; t < t1; t++) total[t] = 0.0;
+      for (long piece = 0; piece < pieces; piece++)
+        for (long t = t0; t < t1; t++) total[t] += partial[piece * width + t];
+      for (long t = t0; t < t1; t++) {
+        const long c = t % C, rest = t / C;  // rest = (kh · 3 + kw) · CIN + ci
+        d_weight[(c * CIN + rest % CIN) * 9 + rest / CIN] = static_cast<float>(total[t]);
+      }
+    }
   }
 }
 
