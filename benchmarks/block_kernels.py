@@ -105,6 +105,8 @@ FIRST_BLOCKS = [
     ("28x28 gray, 75 query images", 75, 1, 32, 28, 1),
     ("28x28 gray, 5 support images, 8 episodes", 5, 1, 32, 28, 8),
     ("28x28 gray, 75 query images, 8 episodes", 75, 1, 32, 28, 8),
+    ("28x28 RGB, 5 support images, 8 episodes", 5, 3, 32, 28, 8),
+    ("84x84 RGB, 5 support images, 8 episodes", 5, 3, 32, 84, 8),
     ("Omniglot evaluation, 5 support images, 64 filters", 5, 1, 64, 28, 1),
     ("Omniglot evaluation, 75 query images, 64 filters", 75, 1, 64, 28, 1),
 ]

@@ -215,11 +215,15 @@ struct FirstConv {
   long B, H, W, C, G, Hp, Wp, Cx;
   std::unique_ptr<float[]> padded;  // x [B, H + 2, W + 2, G·Cin] with a border of zeros
   std::vector<float> taps;          // [kh, kw, ci, C]: a tap's weights for every channel
+  std::vector<long> start;          // [C / 8]: channel vector v's group's first input channel
+                                    // (a table: a division per pixel cost more than the taps)
 
   FirstConv(long B, long H, long W, long C, long G, int threads, const float* x,
             const float* weight)
       : B(B), H(H), W(W), C(C), G(G), Hp(H + 2), Wp(W + 2), Cx(G * CIN),
-        padded(new float[B * (H + 2) * (W + 2) * G * CIN]), taps(9 * CIN * C) {
+        padded(new float[B * (H + 2) * (W + 2) * G * CIN]), taps(9 * CIN * C),
+        start(C / LANES) {
+    for (long v = 0; v < C / LANES; v++) start[v] = v * LANES / (C / G) * CIN;  // group · Cin
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (long b = 0; b < B; b++) {
       float* image = padded.get() + b * Hp * Wp * Cx;
@@ -239,8 +243,7 @@ struct FirstConv {
 
   // The padded input of pixel (b, h, w)'s tap (0, 0), at the group of channel vector v.
   const float* input(long b, long h, long w, long v) const {
-    const long group = G == 1 ? 0 : v * LANES / (C / G);  // no division for one episode
-    return padded.get() + ((b * Hp + h) * Wp + w) * Cx + group * CIN;
+    return padded.get() + ((b * Hp + h) * Wp + w) * Cx + start[v];
   }
 
   // y[q][k]: the outputs of channel vectors v + 2k, v + 2k + 1 at the pixels q = (dy, dx) of
@@ -264,24 +267,27 @@ struct FirstConv {
   }
 
   // dw [kh, kw, ci, C] += Σ over the W·R pixels (h + r, w), r < R, of ∂y[r][w][c] times the
-  // pixel's inputs, for the channels of vectors v .. v + 2K − 1 (∂y [R, W, C]): taps in blocks
-  // whose sums over the pixels stay in registers.
+  // pixel's inputs, for the channels of vectors v .. v + 2K − 1 (∂y [R, W, 16K]: those channels
+  // only): taps in blocks whose sums over the pixels stay in registers.
   template <int R>
   void add_weight_gradient(long b, long h, long v, const float* dy, float* dw) const {
     constexpr int J = K <= 2 ? 9 : 3;  // taps per block (dividing 9 CIN): J x K accumulators
+    constexpr long P = 2 * K * LANES;  // ∂y's floats per pixel: these channels only
     for (int t0 = 0; t0 < 9 * CIN; t0 += J) {
       vf2 acc[J][K] = {};
-      for (int r = 0; r < R; r++)
-        for (long w = 0; w < W; w++) {
-          const float* xs = input(b, h + r, w, v);
+      for (int r = 0; r < R; r++) {
+        const float* xs = input(b, h + r, 0, v);
+        const float* ds = dy + r * W * P;
+        for (long w = 0; w < W; w++, xs += Cx, ds += P) {
           vf2 d[K];
-          for (int k = 0; k < K; k++) d[k] = ld2(dy + (r * W + w) * C + v * LANES + k * 16);
+          for (int k = 0; k < K; k++) d[k] = ld2(ds + k * 16);
           for (int jj = 0; jj < J; jj++) {
             const int t = t0 + jj, tap = t / CIN, ci = t % CIN;
             const float xv = xs[((tap / 3) * Wp + tap % 3) * Cx + ci];
             for (int k = 0; k < K; k++) acc[jj][k] += d[k] * xv;
           }
         }
+      }
       for (int jj = 0; jj < J; jj++)
         for (int k = 0; k < K; k++) {
           float* out = dw + (t0 + jj) * C + v * LANES + k * 16;
@@ -430,7 +436,11 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
     for (long piece = 0; piece < pieces; piece++) {
       float* dw = partial.get() + piece * width;
       std::fill(dw, dw + width, 0.0f);
-      std::vector<float> dx(2 * W * C);  // ∂x of the row pair [2, W, C]
+      // ∂x of the row pair [2, W, 16K] for one block of channel vectors at a time, taken into
+      // their weights' gradient at once: written and read in L1 (all C channels of a row pair,
+      // [2, W, C], were 172 KB at 84x84 for 8 episodes, and its stores missed the cache)
+      constexpr long P = 2 * K * LANES;
+      std::vector<float> dx(2 * W * P);
       for (long row = piece * rows / pieces; row < (piece + 1) * rows / pieces; row++) {
         const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
         const long height = std::min(H - 2 * i, 2L);
@@ -441,11 +451,10 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
               vf2 y[1][K];
               conv.template outputs<1, 1>(b, h, w, v, y);
               for (long u = v; u < v + 2 * K; u++)
-                st(dx.data() + ((h - 2 * i) * W + w) * C + u * LANES,
+                st(dx.data() + ((h - 2 * i) * W + w) * P + (u - v) * LANES,
                    a[u] + s[u] * (half(y[0][(u - v) / 2], u) - A.mu[u]));
             }
-          if (i >= Ho) continue;
-          for (long j = 0; j < Wo; j++) {
+          for (long j = 0; i < Ho && j < Wo; j++) {
             vf2 y[4][K];
             conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
             for (int k = 0; k < K; k++) {
@@ -455,17 +464,16 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
               const vf2 kdy = ld2(&A.k[u]) * dy, au = ld2(&a[u]), su = ld2(&s[u]);
               for (int q = 0; q < 4; q++) {
                 const vf2 affine = au + su * (win.x[q] - ld2(&A.mu[u]));
-                st2(dx.data() + ((q / 2) * W + 2 * j + q % 2) * C + u * LANES,
+                st2(dx.data() + ((q / 2) * W + 2 * j + q % 2) * P + 2 * k * LANES,
                     win.at == q ? affine + kdy : affine);
               }
             }
           }
-        }
-        for (long v = 0; v < V; v += 2 * K)
           if (height == 2)
             conv.template add_weight_gradient<2>(b, 2 * i, v, dx.data(), dw);
           else
             conv.template add_weight_gradient<1>(b, 2 * i, v, dx.data(), dw);
+        }
       }
     }
     // the pieces added in order, in double: each weight's sum on one thread, pieces 0, 1, ...
