@@ -216,7 +216,7 @@ struct FirstConv {
   std::unique_ptr<float[]> padded;  // x [B, H + 2, W + 2, G·Cin] with a border of zeros
   std::vector<float> taps;          // [kh, kw, ci, C]: a tap's weights for every channel
   std::vector<long> start;          // [C / 8]: channel vector v's group's first input channel
-                                    // (a table: a division per pixel cost more than the taps)
+                                    // (a table, not a division in every call of input())
 
   FirstConv(long B, long H, long W, long C, long G, int threads, const float* x,
             const float* weight)
