@@ -429,7 +429,6 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
   const long row_pairs = (H + 1) / 2, rows = B * row_pairs;
   const long pieces = std::min(rows, MAX_GRADIENT_PIECES), width = 9 * CIN * C;
   const std::unique_ptr<float[]> partial(new float[pieces * width]);
-  std::vector<double> total(width);
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
@@ -480,12 +479,12 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
 #pragma omp for schedule(static)
     for (long t0 = 0; t0 < width; t0 += 64) {
       const long t1 = std::min(width, t0 + 64);
-      for (long t = t0; t < t1; t++) total[t] = 0.0;
+      double total[64] = {};  // weights t0 .. t1 − 1
       for (long piece = 0; piece < pieces; piece++)
-        for (long t = t0; t < t1; t++) total[t] += partial[piece * width + t];
+        for (long t = t0; t < t1; t++) total[t - t0] += partial[piece * width + t];
       for (long t = t0; t < t1; t++) {
         const long c = t % C, rest = t / C;  // rest = (kh · 3 + kw) · CIN + ci
-        d_weight[(c * CIN + rest % CIN) * 9 + rest / CIN] = static_cast<float>(total[t]);
+        d_weight[(c * CIN + rest % CIN) * 9 + rest / CIN] = static_cast<float>(total[t - t0]);
       }
     }
   }
