@@ -2,12 +2,12 @@
 // coordinate: every quantity of a coordinate (its 2 + H inputs, 4H gate activations, cell, hidden
 // state, gate logits and update) stays in registers or L1 while it is computed, instead of one
 // pass over [H, n] tensors per operation. Same layout as the Python kernels: every tensor [r, n]
-// row-major, coordinates contiguous; 16 coordinates per vector (GCC vector extensions: AVX-512,
-// or two AVX2 halves). Built and loaded by native.py (optional: needs a C++ compiler).
+// row-major, coordinates contiguous; L coordinates per vector (GCC vector extensions: 16 on
+// AVX-512, else 8). Built and loaded by native.py (optional: needs a C++ compiler).
 //
 // The forward writes nothing for the backward beyond the step's outputs: the backward computes
 // layer 1's gate activations, c_t, tanh c_t and h_t again from the step's inputs. That is about
-// 5,000 vector operations per 16 coordinates where reading back the 5H values per coordinate
+// 5,000 vector operations per vector of coordinates where reading back the 5H values per coordinate
 // the forward would have written (after the learner's passes have evicted them from cache)
 // took longer, and T steps of them are not held in memory through an episode.
 //
@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__SSE__)
 #include <immintrin.h>
@@ -32,21 +33,45 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));  // 16 floats
+// Coordinates per vector: 16 on AVX-512; else 8, a vector the width of AVX2's registers (GCC
+// lowered 16-float vectors on AVX2 into moves through general registers and the stack: the step
+// took 8-10 times as long as on AVX-512, on the same Xeon built with -march=znver1).
+#if defined(__AVX512F__)
+typedef float vf __attribute__((vector_size(64)));
 typedef int vi __attribute__((vector_size(64)));
-constexpr long L = 16;        // coordinates per vector
+constexpr long L = 16;
+#else
+typedef float vf __attribute__((vector_size(32)));
+typedef int vi __attribute__((vector_size(32)));
+constexpr long L = 8;
+#endif
 constexpr long BLOCK = 512;   // coordinates per block (threads' unit; reduction unit)
 constexpr long MAX_H = 64;    // largest hidden size with a native kernel
 // A step forward whose outputs take more bytes than this writes them with streaming stores
-// (stream_row). On the AVX-512 Xeon, 8 Omniglot episodes at once (41 MB of outputs) gained
-// 2-4 % with them, one evaluation episode of 64 filters (20 MB) lost as much: the next step found
-// fewer of them in the cache.
+// (put): they write whole lines to memory without reading them into the cache first, and the
+// outputs are read again only at the next step, after the learner's passes have evicted them.
+// On the AVX-512 Xeon, 8 Omniglot evaluation episodes at once (161 MB of outputs) took 2 %
+// longer without them; one of 64 filters (20 MB) took longer with them (the next step found
+// fewer of its inputs in the cache).
 constexpr long STREAM_BYTES = 32L << 20;
 constexpr long PITCH = BLOCK + L;  // row stride of a block's scratch rows: not a multiple of
                                    // 4 KB, so one column's rows do not share a few cache sets
 
 inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// st, or with a streaming store (`stream`, on AVX-512, where p is 64-byte aligned): see
+// STREAM_BYTES. The caller orders streaming stores with an sfence (fence_streams).
+inline void put(bool stream, float* p, vf v) {
+#if defined(__AVX512F__)
+  if (stream && reinterpret_cast<std::uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, v);
+#endif
+  st(p, v);
+}
+inline void fence_streams() {
+#if defined(__AVX512F__)
+  _mm_sfence();
+#endif
+}
 inline vf splat(float a) { return vf{} + a; }
 
 // exp(x) for float32, Cephes' expf: 2^k · p(r), k = round(x / ln 2), |r| ≤ ln2 / 2, about 1 ulp.
@@ -189,10 +214,9 @@ struct Preprocessing {
   }
 };
 
-typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 
-// The sum of a vector's 16 lanes, by halves (a fixed order: the same result on every run). On
+// The sum of a vector's lanes, by halves (a fixed order: the same result on every run). On
 // AVX-512 the halves are taken in registers (through memory, the 32-byte reloads of a 64-byte
 // store could not be forwarded from it, a stall per sum).
 inline float hsum(vf v) {
@@ -202,13 +226,9 @@ inline float hsum(vf v) {
   const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(m), high);
   const vf4 c = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
 #else
-  vf8 a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
-  a += b;
   vf4 c, d;
-  std::memcpy(&c, &a, sizeof c);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+  std::memcpy(&c, &v, sizeof c);
+  std::memcpy(&d, reinterpret_cast<const char*>(&v) + sizeof c, sizeof d);
   c += d;
 #endif
   return (c[0] + c[2]) + (c[1] + c[3]);
@@ -251,40 +271,45 @@ void copy_rows(const float* src, long rows, long n, long j, long count, long wid
   }
 }
 
-// dst[0 .. count) = src[0 .. count), on AVX-512 with streaming stores where dst is 64-byte
-// aligned: they write whole lines to memory without reading them into the cache first (the
-// forward's outputs are read again only at the next step, after the learner's passes have
-// evicted them). The caller orders them with an sfence.
-inline void stream_row(const float* src, long count, float* dst) {
+// f(V, column) on the vectors of a block `width` columns wide: on AVX-512 two at a time (V = 2:
+// twice the independent chains in the step's products and activations; on the AVX-512 Xeon the
+// forward took 5-6 % less time, the chain backward 4-5 %), the last one alone where their number
+// is odd; else one at a time (two vectors' accumulators are twice the 16 AVX2 registers). V is a
+// std::integral_constant, usable as a template argument.
+template <class F>
+void for_each_vector_pair(long width, F f) {
+  long c = 0;
 #if defined(__AVX512F__)
-  const auto address = reinterpret_cast<std::uintptr_t>(dst);
-  const long to_line = static_cast<long>((64 - address % 64) % 64 / 4);  // floats
-  const long head = address % 4 ? count : std::min(count, to_line);
-  std::memcpy(dst, src, head * sizeof(float));
-  long i = head;
-  for (; i + L <= count; i += L) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
-  std::memcpy(dst + i, src + i, (count - i) * sizeof(float));
-#else
-  std::memcpy(dst, src, count * sizeof(float));
+  for (; c + 2 * L <= width; c += 2 * L) f(std::integral_constant<long, 2>{}, c);
 #endif
+  for (; c < width; c += L) f(std::integral_constant<long, 1>{}, c);
 }
 
-// Runs body(in, out, pitch, column) on every vector of the block of `count` coordinates that
-// starts at column j of rows with stride `stride`, through a private copy: the block's rows are
-// copied into `buffer` (row pitch a multiple of L plus L, zero-padded), and the outputs copied
-// back (`stream`: with streaming stores, stream_row). The vector code then reads rows that
-// are aligned, a known pitch apart and in L1/L2 (row strides of the whole tensors slowed it
-// several-fold for some n), and needs no tail case.
+// Where V vectors of coordinates are in a set of rows: the rows' stride and the first vector's
+// column (vector v's at column + L v).
+struct At {
+  long stride, column;
+};
+
+// Runs body(V, in, src, out, dst) on every vector of the block of `count` coordinates that starts
+// at column j of rows with stride `stride` (two at a time, for_each_vector_pair), then
+// finish(in, pitch). The body reads a private copy of the block's input rows (`buffer`; row pitch
+// a multiple of L plus L, zero-padded): rows that are aligned, a known pitch apart and in L1/L2
+// (reading the tensors' rows in place, their strides slowed it several-fold for some n), with no
+// tail case. It writes whole vectors of outputs straight to their rows, and a last partial vector
+// to `buffer`, whose columns are then copied out. (Writing the block's outputs to `buffer` and
+// copying them out, with streaming stores above 32 MB, the forward took 11-14 % longer at 28,500
+// and 57,000 coordinates on the AVX-512 Xeon and as long at 228,000.)
 template <long NI, long NO, class Body, class Finish>
 void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long j, long count,
-               std::vector<float>& buffer, bool stream, Body body, Finish finish) {
-  const long width = (count + L - 1) / L * L, pitch = width + L;
-  long total = 0;
-  for (const Rows& r : in) total += r.p ? r.rows : 0;
-  for (const OutRows& r : out) total += r.p ? r.rows : 0;
-  float* next = aligned_scratch(buffer, total * pitch);
+               std::vector<float>& buffer, Body body, Finish finish) {
+  const long width = (count + L - 1) / L * L, pitch = width + L, whole = count / L * L;
+  long in_rows = 0, out_rows = 0;
+  for (const Rows& r : in) in_rows += r.p ? r.rows : 0;
+  for (const OutRows& r : out) out_rows += r.p ? r.rows : 0;
+  float* next = aligned_scratch(buffer, in_rows * pitch + out_rows * L);
   Rows in_local[NI];
-  OutRows out_local[NO];
+  OutRows tail[NO];
   for (long t = 0; t < NI; t++) {
     in_local[t] = {in[t].p ? next : nullptr, in[t].rows};
     if (!in[t].p) continue;
@@ -292,25 +317,20 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
     next += in[t].rows * pitch;
   }
   for (long t = 0; t < NO; t++) {
-    out_local[t] = {out[t].p ? next : nullptr, out[t].rows};
-    if (out[t].p) next += out[t].rows * pitch;
+    tail[t] = {out[t].p ? next : nullptr, out[t].rows};
+    if (out[t].p) next += out[t].rows * L;
   }
-  for (long c = 0; c < width; c += L) body(in_local, out_local, pitch, c);
+  for_each_vector_pair(whole, [&](auto V, long c) {
+    body(V, in_local, At{pitch, c}, out, At{stride, j + c});
+  });
+  if (whole < count) {
+    body(std::integral_constant<long, 1>{}, in_local, At{pitch, whole}, tail, At{L, 0});
+    for (long t = 0; t < NO; t++)
+      for (long r = 0; tail[t].p && r < tail[t].rows; r++)
+        std::memcpy(out[t].p + r * stride + j + whole, tail[t].p + r * L,
+                    (count - whole) * sizeof(float));
+  }
   finish(in_local, pitch);
-  for (long t = 0; t < NO; t++) {
-    if (!out[t].p) continue;
-    for (long r = 0; r < out[t].rows; r++) {
-      const float* src = out_local[t].p + r * pitch;
-      float* dst = out[t].p + r * stride + j;
-      if (stream)
-        stream_row(src, count, dst);
-      else
-        std::memcpy(dst, src, count * sizeof(float));
-    }
-  }
-#if defined(__AVX512F__)
-  if (stream) _mm_sfence();  // the streaming stores ordered before what follows
-#endif
 }
 
 // -- forward --------------------------------------------------------------------------------------
@@ -323,80 +343,97 @@ struct Params {
   const float *W, *b, *W2, *b2;  // [4H, 2 + H], [4H], [2, H + 2], [2]
 };
 
-// Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of one vector
-// of coordinates, from its input x = [features; h] [2 + H]: the pre-activations eight rows at a
-// time (independent FMA chains), then four (4H is a multiple of 4). `width` = 2: h = 0 (the
-// initial state), whose products add exact zeros and are skipped. `forget` false: σ(f) is not
-// wanted (c_{t-1} = 0, where c_t = i ⊙ g) and is left uncomputed.
+// Rows 0 .. Q − 1 of W x + b for V vectors (W's rows from `w`, row stride X): Q V accumulators in
+// registers, each summed over k = 0 .. width − 1 in order.
+template <long Q, long V>
+inline void gate_rows(const float* w, const float* b, long X, const vf* x, long width, vf* out) {
+  vf a[Q][V];
+#pragma GCC unroll 8
+  for (long q = 0; q < Q; q++)
+#pragma GCC unroll 2
+    for (long v = 0; v < V; v++) a[q][v] = splat(b[q]);
+  for (long k = 0; k < width; k++)
+#pragma GCC unroll 8
+    for (long q = 0; q < Q; q++)
+#pragma GCC unroll 2
+      for (long v = 0; v < V; v++) a[q][v] += w[q * X + k] * x[k * V + v];
+#pragma GCC unroll 8
+  for (long q = 0; q < Q; q++)
+#pragma GCC unroll 2
+    for (long v = 0; v < V; v++) out[q * V + v] = a[q][v];
+}
+
+// Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of V vectors
+// of coordinates (element (r, v) at r V + v), from their input x = [features; h] [2 + H] (element
+// (k, v) at k V + v): the pre-activations eight rows at a time (8 V independent FMA chains), then
+// four (4H is a multiple of 4). `width` = 2: h = 0 (the initial state), whose products add exact
+// zeros and are skipped. `forget` false: σ(f) is not wanted (c_{t-1} = 0, where c_t = i ⊙ g) and
+// is left uncomputed. Every lane sums its products in the same order for any V.
+template <long V>
 void layer1_gates(const Params& P, const vf* x, vf* act, long width, bool forget = true) {
   const long H = P.H, X = 2 + H, R = 4 * H;
   long r = 0;
-  for (; r + 8 <= R; r += 8) {
-    const float* w = P.W + r * X;
-    vf a[8];
-    for (long q = 0; q < 8; q++) a[q] = splat(P.b[r + q]);
-    for (long k = 0; k < width; k++)
-      for (long q = 0; q < 8; q++) a[q] += w[q * X + k] * x[k];
-    for (long q = 0; q < 8; q++) act[r + q] = a[q];
-  }
-  for (; r < R; r += 4) {
-    const float* w = P.W + r * X;
-    vf a0 = splat(P.b[r]), a1 = splat(P.b[r + 1]), a2 = splat(P.b[r + 2]), a3 = splat(P.b[r + 3]);
-    for (long k = 0; k < width; k++) {
-      a0 += w[k] * x[k];
-      a1 += w[X + k] * x[k];
-      a2 += w[2 * X + k] * x[k];
-      a3 += w[3 * X + k] * x[k];
-    }
-    act[r] = a0, act[r + 1] = a1, act[r + 2] = a2, act[r + 3] = a3;
-  }
-  for (long r = 0; r < H; r++) act[r] = vsigmoid(act[r]);                 // i
-  for (long r = H; forget && r < 2 * H; r++) act[r] = vsigmoid(act[r]);  // f
-  for (long r = 2 * H; r < 3 * H; r++) act[r] = vsigmoid(act[r]);         // o
-  for (long r = 3 * H; r < R; r++) act[r] = vtanh(act[r]);                // g
+  for (; r + 8 <= R; r += 8) gate_rows<8, V>(P.W + r * X, P.b + r, X, x, width, act + r * V);
+  for (; r < R; r += 4) gate_rows<4, V>(P.W + r * X, P.b + r, X, x, width, act + r * V);
+  for (long e = 0; e < H * V; e++) act[e] = vsigmoid(act[e]);                       // i
+  for (long e = H * V; forget && e < 2 * H * V; e++) act[e] = vsigmoid(act[e]);    // f
+  for (long e = 2 * H * V; e < 3 * H * V; e++) act[e] = vsigmoid(act[e]);          // o
+  for (long e = 3 * H * V; e < R * V; e++) act[e] = vtanh(act[e]);                 // g
 }
 
-// One vector of coordinates (columns j .. j + 15 of rows with stride s) through the whole step.
-void forward_vector(const Params& P, const Rows (&in)[F_NIN], const OutRows (&out)[F_NOUT],
-                    long s, long j) {
+// V vectors of coordinates through the whole step: inputs from rows at `src`, outputs to rows at
+// `dst` (run_block's At; `stream`: with streaming stores, put).
+template <long V>
+void forward_vector(const Params& P, const Rows (&in)[F_NIN], At src,
+                    const OutRows (&out)[F_NOUT], At dst, bool stream) {
   // Local copies of the pointers: stores through float* cannot change them, so they
   // stay in registers.
   const float* ip[F_NIN];
   float* op[F_NOUT];
   for (long t = 0; t < F_NIN; t++) ip[t] = in[t].p;
   for (long t = 0; t < F_NOUT; t++) op[t] = out[t].p;
-  const long H = P.H, X = 2 + H;
-  vf x[2 + MAX_H], act[4 * MAX_H];
-  for (long k = 0; k < 2; k++) x[k] = ld(ip[F_FEATURES] + k * s + j);
-  for (long k = 0; ip[F_H] && k < H; k++) x[2 + k] = ld(ip[F_H] + k * s + j);
-  layer1_gates(P, x, act, ip[F_H] ? X : 2, ip[F_C] != nullptr);
+  const long H = P.H, X = 2 + H, s = src.stride, j = src.column, so = dst.stride, jo = dst.column;
+  vf x[(2 + MAX_H) * V], act[4 * MAX_H * V];
+  for (long k = 0; k < 2; k++)
+    for (long v = 0; v < V; v++) x[k * V + v] = ld(ip[F_FEATURES] + k * s + j + v * L);
+  for (long k = 0; ip[F_H] && k < H; k++)
+    for (long v = 0; v < V; v++) x[(2 + k) * V + v] = ld(ip[F_H] + k * s + j + v * L);
+  layer1_gates<V>(P, x, act, ip[F_H] ? X : 2, ip[F_C] != nullptr);
   // c_t = f ⊙ c_{t-1} + i ⊙ g (i ⊙ g alone for c_{t-1} = 0: the same number),
   // h_t = o ⊙ tanh c_t; layer 2's logits from h_t on the way.
   // Null h_t, c_t and logits outputs: not wanted (the inner loop's last step at evaluation).
   const bool state = op[F_H_NEW] != nullptr;
-  vf l0 = splat(P.b2[0]), l1 = splat(P.b2[1]);
+  vf l0[V], l1[V];
+  for (long v = 0; v < V; v++) l0[v] = splat(P.b2[0]), l1[v] = splat(P.b2[1]);
   for (long k = 0; k < H; k++) {
-    vf cn = ip[F_C] ? act[H + k] * ld(ip[F_C] + k * s + j) + act[k] * act[3 * H + k]
-                    : act[k] * act[3 * H + k];
-    vf hn = act[2 * H + k] * vtanh(cn);
-    if (state) {
-      st(op[F_C_NEW] + k * s + j, cn);
-      st(op[F_H_NEW] + k * s + j, hn);
+#pragma GCC unroll 2
+    for (long v = 0; v < V; v++) {
+      const long e = k * V + v, at = k * s + j + v * L, to = k * so + jo + v * L;
+      vf cn = ip[F_C] ? act[H * V + e] * ld(ip[F_C] + at) + act[e] * act[3 * H * V + e]
+                      : act[e] * act[3 * H * V + e];
+      vf hn = act[2 * H * V + e] * vtanh(cn);
+      if (state) {
+        put(stream, op[F_C_NEW] + to, cn);
+        put(stream, op[F_H_NEW] + to, hn);
+      }
+      l0[v] += P.W2[k] * hn;
+      l1[v] += P.W2[X + k] * hn;
     }
-    l0 += P.W2[k] * hn;
-    l1 += P.W2[X + k] * hn;
   }
-  vf theta = ld(ip[F_THETA] + j);
-  l0 += P.W2[H] * theta + P.W2[H + 1] * ld(ip[F_PREV] + j);
-  l1 += P.W2[X + H] * theta + P.W2[X + H + 1] * ld(ip[F_PREV] + s + j);
-  vf g0 = vsigmoid(l0), g1 = vsigmoid(l1);
-  if (state) {
-    st(op[F_LOGITS] + j, l0);
-    st(op[F_LOGITS] + s + j, l1);
+  for (long v = 0; v < V; v++) {
+    const long jv = j + v * L, to = jo + v * L;
+    vf theta = ld(ip[F_THETA] + jv);
+    l0[v] += P.W2[H] * theta + P.W2[H + 1] * ld(ip[F_PREV] + jv);
+    l1[v] += P.W2[X + H] * theta + P.W2[X + H + 1] * ld(ip[F_PREV] + s + jv);
+    vf g0 = vsigmoid(l0[v]), g1 = vsigmoid(l1[v]);
+    if (state) {
+      put(stream, op[F_LOGITS] + to, l0[v]);
+      put(stream, op[F_LOGITS] + so + to, l1[v]);
+    }
+    put(stream, op[F_GATES] + to, g0);
+    put(stream, op[F_GATES] + so + to, g1);
+    put(stream, op[F_THETA_NEW] + to, g0 * theta - g1 * ld(ip[F_GRAD] + jv));  // θ_t
   }
-  st(op[F_GATES] + j, g0);
-  st(op[F_GATES] + s + j, g1);
-  st(op[F_THETA_NEW] + j, g0 * theta - g1 * ld(ip[F_GRAD] + j));  // θ_t
 }
 
 // -- backward -------------------------------------------------------------------------------------
@@ -412,29 +449,45 @@ enum BwdOut { B_D_FEATURES, B_D_H_PREV, B_D_C_PREV, B_D_THETA_PREV, B_D_PREV_LOG
 // for the weight gradient.
 struct BlockSums {
   std::vector<vf> d_b, d_W2, d_b2;
-  std::vector<float> dz;  // [4H, BLOCK], row stride PITCH
+  std::vector<float> dz_storage;
+  float* dz;  // [4H, BLOCK], row stride PITCH, 64-byte aligned (in a buffer from the heap, rows
+              // 16 bytes off a line: every store and load of ∂z split across two lines, 5 % of
+              // the chain backward on the AVX-512 Xeon)
   long H;
-  explicit BlockSums(long H) : d_b(4 * H), d_W2(2 * (H + 2)), d_b2(2), dz(4 * H * PITCH), H(H) {}
+  explicit BlockSums(long H)
+      : d_b(4 * H), d_W2(2 * (H + 2)), d_b2(2), dz(aligned_scratch(dz_storage, 4 * H * PITCH)),
+        H(H) {}
+  BlockSums(const BlockSums&) = delete;
+  BlockSums(BlockSums&&) = default;  // the storage moves with its pointer
   void clear() {
     for (auto* v : {&d_b, &d_W2, &d_b2})
       for (vf& a : *v) a = vf{};
   }
 };
 
-// Rows k .. k + K − 1 of ∂x = Wᵀ ∂z for one vector (W's columns from `w`, row stride X): K
-// independent FMA chains, each summed over r = 0 .. R − 1 in order; store(q, ∂x_{k+q}).
-template <long K, class Store>
+// Rows k .. k + K − 1 of ∂x = Wᵀ ∂z for V vectors (W's columns from `w`, row stride X; ∂z's
+// element (r, v) at r V + v): K V independent FMA chains, each summed over r = 0 .. R − 1 in
+// order; store(q, v, ∂x_{k+q} of vector v).
+template <long K, long V, class Store>
 inline void input_gradient_rows(const float* w, long X, long R, const vf* dz, Store store) {
-  vf a[K] = {};
+  vf a[K][V] = {};
   for (long r = 0; r < R; r++)
 #pragma GCC unroll 8
-    for (long q = 0; q < K; q++) a[q] += w[r * X + q] * dz[r];
+    for (long q = 0; q < K; q++)
+#pragma GCC unroll 2
+      for (long v = 0; v < V; v++) a[q][v] += w[r * X + q] * dz[r * V + v];
 #pragma GCC unroll 8
-  for (long q = 0; q < K; q++) store(q, a[q]);
+  for (long q = 0; q < K; q++)
+#pragma GCC unroll 2
+    for (long v = 0; v < V; v++) store(q, v, a[q][v]);
 }
 
+// The step's backward for V vectors of coordinates: inputs from rows at `src` (a block's copy,
+// from its column src.column), outputs to rows at `dst`, and the block's sums (per lane, each
+// vector's terms added in column order: the same for any V).
+template <long V>
 void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
-                     const OutRows (&out)[B_NOUT], long s, long j, BlockSums& sums, long column) {
+                     At src, const OutRows (&out)[B_NOUT], At dst, BlockSums& sums) {
   // Local copies of the pointers: stores through float* cannot change them, so they
   // stay in registers.
   const float* ip[B_NIN];
@@ -444,72 +497,86 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
   vf* const sum_W2 = sums.d_W2.data();
   vf* const sum_b2 = sums.d_b2.data();
   vf* const sum_b = sums.d_b.data();
-  float* const sum_dz = sums.dz.data();
-  const long H = P.H, X = 2 + H, R = 4 * H;
+  float* const sum_dz = sums.dz;
+  const long H = P.H, X = 2 + H, R = 4 * H, s = src.stride, j = src.column;
+  const long so = dst.stride, jo = dst.column;
   const float* W2 = P.W2;
-  auto row = [&](BwdIn t, long r) { return ld(ip[t] + r * s + j); };
+  auto row = [&](BwdIn t, long r, long v) { return ld(ip[t] + r * s + j + v * L); };
   // Layer 2: θ_t = σ(f) θ_{t-1} − σ(i) g_t; (f, i) = W2 [h_t, θ_{t-1}, logits_{t-1}] + b2.
-  vf d_theta = row(B_D_THETA, 0), theta = row(B_THETA, 0), grad = row(B_GRAD, 0);
-  vf g0 = row(B_GATES, 0), g1 = row(B_GATES, 1);
-  vf dl0 = d_theta * theta, dl1 = -(d_theta * grad);
-  if (ip[B_D_GATES]) dl0 += row(B_D_GATES, 0), dl1 += row(B_D_GATES, 1);
-  dl0 *= g0 - g0 * g0;  // σ' = σ − σ²
-  dl1 *= g1 - g1 * g1;
-  if (ip[B_D_LOGITS]) dl0 += row(B_D_LOGITS, 0), dl1 += row(B_D_LOGITS, 1);
-  st(op[B_D_THETA_PREV] + j, dl0 * W2[H] + dl1 * W2[X + H] + d_theta * g0);
-  st(op[B_D_PREV_LOGITS] + j, dl0 * W2[H + 1]);
-  st(op[B_D_PREV_LOGITS] + s + j, dl1 * W2[X + H + 1]);
-  if (op[B_D_GRAD]) st(op[B_D_GRAD] + j, -(d_theta * g1));
-  if (need_params) {
-    vf p0 = row(B_PREV, 0), p1 = row(B_PREV, 1);
-    sum_W2[H] += dl0 * theta, sum_W2[X + H] += dl1 * theta;
-    sum_W2[H + 1] += dl0 * p0, sum_W2[X + H + 1] += dl1 * p1;
-    sum_b2[0] += dl0, sum_b2[1] += dl1;
+  vf dl0[V], dl1[V];
+  for (long v = 0; v < V; v++) {
+    const long to = jo + v * L;
+    vf d_theta = row(B_D_THETA, 0, v), theta = row(B_THETA, 0, v), grad = row(B_GRAD, 0, v);
+    vf g0 = row(B_GATES, 0, v), g1 = row(B_GATES, 1, v);
+    vf d0 = d_theta * theta, d1 = -(d_theta * grad);
+    if (ip[B_D_GATES]) d0 += row(B_D_GATES, 0, v), d1 += row(B_D_GATES, 1, v);
+    d0 *= g0 - g0 * g0;  // σ' = σ − σ²
+    d1 *= g1 - g1 * g1;
+    if (ip[B_D_LOGITS]) d0 += row(B_D_LOGITS, 0, v), d1 += row(B_D_LOGITS, 1, v);
+    st(op[B_D_THETA_PREV] + to, d0 * W2[H] + d1 * W2[X + H] + d_theta * g0);
+    st(op[B_D_PREV_LOGITS] + to, d0 * W2[H + 1]);
+    st(op[B_D_PREV_LOGITS] + so + to, d1 * W2[X + H + 1]);
+    if (op[B_D_GRAD]) st(op[B_D_GRAD] + to, -(d_theta * g1));
+    if (need_params) {
+      vf p0 = row(B_PREV, 0, v), p1 = row(B_PREV, 1, v);
+      sum_W2[H] += d0 * theta, sum_W2[X + H] += d1 * theta;
+      sum_W2[H + 1] += d0 * p0, sum_W2[X + H + 1] += d1 * p1;
+      sum_b2[0] += d0, sum_b2[1] += d1;
+    }
+    dl0[v] = d0, dl1[v] = d1;
   }
   // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b),
   // computed again from the step's inputs (x = [features; h], c_{t-1}).
-  vf x[2 + MAX_H], act[4 * MAX_H], dz[4 * MAX_H];
-  for (long k = 0; k < 2; k++) x[k] = row(B_FEATURES, k);
-  for (long k = 0; k < H; k++) x[2 + k] = row(B_H, k);
-  layer1_gates(P, x, act, X);
+  vf x[(2 + MAX_H) * V], act[4 * MAX_H * V], dz[4 * MAX_H * V];
+  for (long k = 0; k < 2; k++)
+    for (long v = 0; v < V; v++) x[k * V + v] = row(B_FEATURES, k, v);
+  for (long k = 0; k < H; k++)
+    for (long v = 0; v < V; v++) x[(2 + k) * V + v] = row(B_H, k, v);
+  layer1_gates<V>(P, x, act, X);
   for (long k = 0; k < H; k++) {
-    vf i = act[k], f = act[H + k], o = act[2 * H + k], g = act[3 * H + k], c = row(B_C, k);
-    vf tc = vtanh(f * c + i * g);  // tanh c_t
-    if (need_params) {             // layer 2 read h_t = o ⊙ tanh c_t
-      vf hn = o * tc;
-      sum_W2[k] += dl0 * hn;
-      sum_W2[X + k] += dl1 * hn;
+#pragma GCC unroll 2
+    for (long v = 0; v < V; v++) {
+      const long e = k * V + v;
+      vf i = act[e], f = act[H * V + e], o = act[2 * H * V + e], g = act[3 * H * V + e];
+      vf c = row(B_C, k, v);
+      vf tc = vtanh(f * c + i * g);  // tanh c_t
+      if (need_params) {             // layer 2 read h_t = o ⊙ tanh c_t
+        vf hn = o * tc;
+        sum_W2[k] += dl0[v] * hn;
+        sum_W2[X + k] += dl1[v] * hn;
+      }
+      vf d_hn = W2[k] * dl0[v] + W2[X + k] * dl1[v];
+      if (ip[B_D_H]) d_hn += row(B_D_H, k, v);
+      vf d_cn = d_hn * o * (1.0f - tc * tc);
+      if (ip[B_D_C]) d_cn += row(B_D_C, k, v);
+      dz[e] = d_cn * g * (i - i * i);
+      dz[H * V + e] = d_cn * c * (f - f * f);
+      dz[2 * H * V + e] = d_hn * tc * (o - o * o);
+      dz[3 * H * V + e] = d_cn * i * (1.0f - g * g);
+      st(op[B_D_C_PREV] + k * so + jo + v * L, d_cn * f);
     }
-    vf d_hn = W2[k] * dl0 + W2[X + k] * dl1;
-    if (ip[B_D_H]) d_hn += row(B_D_H, k);
-    vf d_cn = d_hn * o * (1.0f - tc * tc);
-    if (ip[B_D_C]) d_cn += row(B_D_C, k);
-    dz[k] = d_cn * g * (i - i * i);
-    dz[H + k] = d_cn * c * (f - f * f);
-    dz[2 * H + k] = d_hn * tc * (o - o * o);
-    dz[3 * H + k] = d_cn * i * (1.0f - g * g);
-    st(op[B_D_C_PREV] + k * s + j, d_cn * f);
   }
   if (need_params) {
-    for (long r = 0; r < R; r++) {
-      sum_b[r] += dz[r];
-      st(sum_dz + r * PITCH + column, dz[r]);
-    }
+    for (long r = 0; r < R; r++)
+      for (long v = 0; v < V; v++) {
+        sum_b[r] += dz[r * V + v];
+        st(sum_dz + r * PITCH + j + v * L, dz[r * V + v]);
+      }
   }
-  // ∂x = Wᵀ ∂z, eight input rows at a time (eight FMA chains over r), then four, then one;
+  // ∂x = Wᵀ ∂z, eight input rows at a time (8 V FMA chains over r), then four, then one;
   // rows 0, 1 (the gradient's features) when asked.
   const long first = op[B_D_FEATURES] ? 0 : 2;
-  auto store_dx = [&](long k, vf v) {
+  auto store_dx = [&](long k, long v, vf value) {
     if (k < 2)
-      st(op[B_D_FEATURES] + k * s + j, v);
+      st(op[B_D_FEATURES] + k * so + jo + v * L, value);
     else
-      st(op[B_D_H_PREV] + (k - 2) * s + j, v);
+      st(op[B_D_H_PREV] + (k - 2) * so + jo + v * L, value);
   };
-  auto store_from = [&](long k) { return [&, k](long q, vf v) { store_dx(k + q, v); }; };
+  auto store_from = [&](long k) { return [&, k](long q, long v, vf value) { store_dx(k + q, v, value); }; };
   long k = first;
-  for (; k + 8 <= X; k += 8) input_gradient_rows<8>(P.W + k, X, R, dz, store_from(k));
-  for (; k + 4 <= X; k += 4) input_gradient_rows<4>(P.W + k, X, R, dz, store_from(k));
-  for (; k < X; k++) input_gradient_rows<1>(P.W + k, X, R, dz, store_from(k));
+  for (; k + 8 <= X; k += 8) input_gradient_rows<8, V>(P.W + k, X, R, dz, store_from(k));
+  for (; k + 4 <= X; k += 4) input_gradient_rows<4, V>(P.W + k, X, R, dz, store_from(k));
+  for (; k < X; k++) input_gradient_rows<1, V>(P.W + k, X, R, dz, store_from(k));
 }
 
 // The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by KX rows of x at a time (4 KX
@@ -537,7 +604,7 @@ void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, l
                            long columns, float* d_W) {
   const long X = 2 + H, R = 4 * H;
   for (long r = 0; r < R; r += 4) {
-    const float* dz = sums.dz.data() + r * PITCH;
+    const float* dz = sums.dz + r * PITCH;
     long k = 0;
     for (; k + 4 <= X; k += 4)
       weight_gradient_tile<4>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
@@ -665,11 +732,12 @@ void metalstm_step_forward(long E, long n, long H, int threads, const float* fea
       for (long t = 0; t < F_NOUT; t++)
         out_e[t] = {out[t].p ? out[t].p + e * out[t].rows * n : nullptr, out[t].rows};
       const Params P{H, W, b + e * 4 * H, W2, b2};
-      run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer, stream,
-                [&](auto& i, auto& o, long pitch, long column) {
-                  forward_vector(P, i, o, pitch, column);
+      run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer,
+                [&](auto V, auto& i, At src, auto& o, At dst) {
+                  forward_vector<V>(P, i, src, o, dst, stream);
                 },
                 [](auto&, long) {});
+      if (stream) fence_streams();  // the block's streaming stores ordered before what follows
     }
   }
 }
@@ -706,9 +774,9 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
     sums.clear();
     const long columns = (count + L - 1) / L * L;
     run_block(
-        in, out, n, j, count, buffer, false,
-        [&](auto& i, auto& o, long pitch, long column) {
-          backward_vector(P, need_params, i, o, pitch, column, sums, column);
+        in, out, n, j, count, buffer,
+        [&](auto V, auto& i, At src, auto& o, At dst) {
+          backward_vector<V>(P, need_params, i, src, o, dst, sums);
         },
         [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
           if (need_params)
@@ -787,8 +855,9 @@ void metalstm_chain_backward(long n, long H, int threads, long T, const float* c
                                    {nullptr, 1}};
       const Params P{H, W[s], b[s], W2, nullptr};
       sums.clear();
-      for (long col = 0; col < width; col += L)
-        backward_vector(P, true, in, out, pitch, col, sums, col);
+      for_each_vector_pair(width, [&](auto V, long col) {
+        backward_vector<V>(P, true, in, At{pitch, col}, out, At{pitch, col}, sums);
+      });
       block_parameter_sums(H, sums, x, pitch, width,
                            partial_sums + (s * blocks + blk) * per_block);
       std::swap(incoming, outgoing);
