@@ -6,8 +6,8 @@
 // are added in order: the same bits for any thread count, and every core busy.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
-// Layout: x [B, H, W, G·Ci] and dy [B, Ho, Wo, G·Co] channels-last (NHWC), Co a multiple of 16
-// (16, 32 or 64 output channels per group: one, two or four vectors); dW [G·Co, Ci, 3, 3] as
+// Layout: x [B, H, W, G·Ci] and dy [B, Ho, Wo, G·Co] channels-last (NHWC), Co 16, 32 or 64
+// output channels per group (1, 2 or 4 vectors of L = 16 on AVX-512, 2, 4 or 8 of 8 on AVX2); dW [G·Co, Ci, 3, 3] as
 // PyTorch stores a convolution's weight.
 //
 // ∂W[g, co, ci, kh, kw] = Σ_{b, oy, ox} dy[b, oy, ox, g·Co + co] · x[b, oy·s + kh − 1,
@@ -16,8 +16,9 @@
 // the group's Ci channels of each input pixel (copied once per tile: with G episodes in one
 // pass, a tile of all G·Ci channels made every group's pieces copy, and stride over, G times
 // the input they read). A block of J of them times the pixel's Co gradients is
-// J x Co/16 vector multiply-adds into accumulators that stay in registers over all the pixels
-// of a piece, reading each pixel's gradient vectors once per block.
+// J x V vector multiply-adds (V of the Co/L vectors of gradients per pass) into accumulators
+// that stay in registers over all the pixels of a piece, reading each pixel's gradient vectors
+// once per block.
 
 #include <algorithm>
 #include <cmath>
@@ -26,9 +27,22 @@
 
 namespace {
 
-typedef float vf __attribute__((vector_size(64)));  // 16 output channels
+// Output channels per vector: 16 on AVX-512; else 8, a vector the width of AVX2's registers (GCC
+// lowered 16-float vectors on AVX2 into moves through general registers and the stack: 6 GFLOP/s,
+// against 200-270 on AVX-512, on the same Xeon built with -march=znver1). Each weight's sum runs
+// over the same pixels in the same order for any vector width: the same bits.
+#if defined(__AVX512F__)
+typedef float vf __attribute__((vector_size(64)));
 constexpr long L = 16;
-constexpr int MAX_ACCUMULATORS = 24;   // of 32 vector registers: J x V of them
+constexpr int MAX_ACCUMULATORS = 24;  // of 32 vector registers: J x V of them
+constexpr int MAX_VECTORS = 4;        // output-channel vectors per pass over a tile
+#else
+typedef float vf __attribute__((vector_size(32)));
+constexpr long L = 8;
+constexpr int MAX_ACCUMULATORS = 12;  // of 16 vector registers
+constexpr int MAX_VECTORS = 2;
+#endif
+constexpr long MAX_CO = 64;  // output channels per group
 constexpr long MAX_PIECES = 16;        // pieces of the output rows (per group, at most)
 constexpr double PIECE_WORK = 1 << 21;  // multiply-adds a piece should hold at least
 constexpr long TILE_FLOATS = 1 << 16;    // x and ∂y floats of a tile of output rows (256 KB)
@@ -92,10 +106,12 @@ void fill_tile(const Shape& S, const float* x, long g, long t0, long t1, long kh
 }
 
 // One block of J patch values (at `offset` in a pixel's patch row) over the tile's output rows
-// t0 .. t1 − 1 of group g: the sums added to out [J, Co] (set when `first`).
+// t0 .. t1 − 1 of group g, for V vectors of output channels from channel co: the sums added to
+// out [J, Co] (set when `first`).
 template <int V, int J>
 void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0, long t1,
-                 long offset, float* out, bool first) {
+                 long offset, long co, float* out, bool first) {
+  out += co;
   vf A[J][V];
 #pragma GCC unroll 32
   for (int jj = 0; jj < J; jj++)
@@ -105,7 +121,7 @@ void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0
   for (long r = 0; r < t1 - t0; r++) {
     if (!T.valid[r]) continue;  // the zero padding: no contribution
     accumulate<V, J>(A, T.rows.data() + r * T.pitch + offset, S.stride * S.Ci,
-                     dy + (t0 + r) * S.Wo * cout + g * S.Co, cout, S.Wo);
+                     dy + (t0 + r) * S.Wo * cout + g * S.Co + co, cout, S.Wo);
   }
 #pragma GCC unroll 32
   for (int jj = 0; jj < J; jj++)
@@ -116,11 +132,11 @@ void patch_block(const Shape& S, const Tile& T, const float* dy, long g, long t0
 // patch_block with J = jn (1 .. J), the blocks' size being a compile-time constant.
 template <int V, int J>
 void patch_block_of(long jn, const Shape& S, const Tile& T, const float* dy, long g, long t0,
-                    long t1, long offset, float* out, bool first) {
+                    long t1, long offset, long co, float* out, bool first) {
   if (jn == J)
-    patch_block<V, J>(S, T, dy, g, t0, t1, offset, out, first);
+    patch_block<V, J>(S, T, dy, g, t0, t1, offset, co, out, first);
   else if constexpr (J > 1)
-    patch_block_of<V, J - 1>(jn, S, T, dy, g, t0, t1, offset, out, first);
+    patch_block_of<V, J - 1>(jn, S, T, dy, g, t0, t1, offset, co, out, first);
 }
 
 // Output rows per tile: about TILE_FLOATS of ∂y and padded x, so that the passes over a tile
@@ -129,12 +145,14 @@ long tile_rows(const Shape& S) {
   return std::max<long>(1, TILE_FLOATS / (S.Wo * S.cout() + (S.W + 2) * S.Ci));
 }
 
-// One piece: output rows r0 .. r1 − 1 of group g, every weight of the group, into P [3, 3·Ci,
-// Co] (kernel row, then kw·Ci + ci), a tile at a time, rows in order.
+// One piece: output rows r0 .. r1 − 1 of group g, every weight of the group (Co = V L output
+// channels, MAX_VECTORS vectors of them per pass), into P [3, 3·Ci, Co] (kernel row, then
+// kw·Ci + ci), a tile at a time, rows in order.
 template <int V>
 void piece(const Shape& S, const float* x, const float* dy, long g, long r0, long r1, Tile& T,
            float* P) {
-  constexpr int JM = MAX_ACCUMULATORS / V;
+  constexpr int VP = V < MAX_VECTORS ? V : MAX_VECTORS;  // vectors per pass
+  constexpr int JM = MAX_ACCUMULATORS / VP;
   const long length = 3 * S.Ci;  // a patch row: 3 pixels' Ci channels, consecutive in the tile
   for (long t0 = r0; t0 < r1; t0 += tile_rows(S)) {
     const long t1 = std::min(r1, t0 + tile_rows(S));
@@ -143,7 +161,8 @@ void piece(const Shape& S, const float* x, const float* dy, long g, long r0, lon
       for (long c0 = 0; c0 < length; c0 += JM) {
         const long jn = std::min<long>(JM, length - c0);
         float* out = P + (kh * 3 * S.Ci + c0) * S.Co;
-        patch_block_of<V, JM>(jn, S, T, dy, g, t0, t1, c0, out, t0 == r0);
+        for (long co = 0; co < S.Co; co += VP * L)
+          patch_block_of<VP, JM>(jn, S, T, dy, g, t0, t1, c0, co, out, t0 == r0);
       }
     }
   }
@@ -160,7 +179,7 @@ void add_pieces(const Shape& S, const float* partial, long pieces, long g, long 
                 float* dw) {
   const long Ci = S.Ci, Co = S.Co, size = 9 * Ci * Co;
   const long c0 = block * CHANNEL_BLOCK, cn = std::min(CHANNEL_BLOCK, Ci - c0);
-  float tile[CHANNEL_BLOCK * 9 * 4 * L];  // [ci, tap, Co], Co ≤ 4 L
+  float tile[CHANNEL_BLOCK * 9 * MAX_CO];  // [ci, tap, Co]
   const float* sums = partial + g * pieces * size;
   for (long ci = 0; ci < cn; ci++)
     for (long tap = 0; tap < 9; tap++) {
@@ -184,8 +203,8 @@ extern "C" {
 
 int metalstm_conv_abi() { return 1; }
 
-// ∂W [G·Co, Ci, 3, 3] of y = conv3x3(x, W, stride, padding 1, G groups) for ∂y; Co / 16 must
-// be 1, 2 or 4 (layers.py checks).
+// ∂W [G·Co, Ci, 3, 3] of y = conv3x3(x, W, stride, padding 1, G groups) for ∂y; Co must be
+// 16, 32 or 64 (layers.py checks).
 void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long Wo, long Co,
                                   long G, long stride, int threads, const float* x,
                                   const float* dy, float* dw) {
@@ -213,8 +232,10 @@ void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long
         piece<1>(S, x, dy, g, r0, r1, T, P);
       else if (Co == 2 * L)
         piece<2>(S, x, dy, g, r0, r1, T, P);
-      else
+      else if (Co == 4 * L)
         piece<4>(S, x, dy, g, r0, r1, T, P);
+      else
+        piece<8>(S, x, dy, g, r0, r1, T, P);
     }
     // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]
 #pragma omp for schedule(static)
