@@ -1091,7 +1091,8 @@ def test_given_statistics_take_the_native_kernels_where_they_apply(
     learner = Learner(LearnerShape(1, 28, 5, 16))
     bn = learner.fresh_batchnorm_state()
     learner(learner.initial_theta(), torch.rand(5, 1, 28, 28), bn, batch_stats=False)
-    assert taken == ["n"] * 3  # the first block's tail runs fused with its convolution
+    # the first block's tail runs fused with its convolution where that pays (AVX-512 builds)
+    assert taken == ["n"] * (3 if layers._fusion_pays() else 4)
 
 
 def first_block_inputs(
@@ -1139,10 +1140,18 @@ FIRST_BLOCKS = [
 ]
 
 
+@pytest.fixture
+def fusion_everywhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The learner's layers fuse a first block's convolution on every machine, including where
+    an AVX2 build runs it apart for speed (layers._fusion_pays): the fused kernel is tested
+    everywhere."""
+    monkeypatch.setattr(layers, "_fusion_pays", lambda: True)
+
+
 @needs_native_block
 @pytest.mark.parametrize("shape", FIRST_BLOCKS)
 def test_first_block_fused_with_its_convolution_matches_pytorch(
-    shape: tuple[int, int, int, tuple[int, int], int],
+    shape: tuple[int, int, int, tuple[int, int], int], fusion_everywhere: None
 ) -> None:
     """The first block at evaluation in one native pass (convolution included): its output
     against PyTorch's operators in float64, and against the convolution then the native tail
@@ -1225,7 +1234,7 @@ def test_first_block_with_batch_statistics_has_second_derivatives() -> None:
 
 
 @needs_native_block
-def test_first_block_fused_with_its_convolution_keeps_nan() -> None:
+def test_first_block_fused_with_its_convolution_keeps_nan(fusion_everywhere: None) -> None:
     """A NaN pixel makes NaN every window whose convolutions read it, as the PyTorch operators
     do, and nothing else (given statistics)."""
     x, *rest = first_block_inputs(2, 1, 16, (8, 8))
@@ -1239,7 +1248,7 @@ def test_first_block_fused_with_its_convolution_keeps_nan() -> None:
 
 @needs_native_block
 def test_only_a_first_block_of_images_fuses_its_convolution(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, fusion_everywhere: None
 ) -> None:
     """The learner's passes fuse the first block's convolution (with the batch's statistics, and
     with running ones where no gradient is needed: evaluation's query pass) and only there: not
@@ -1277,6 +1286,26 @@ def test_only_a_first_block_of_images_fuses_its_convolution(
     assert_close(grad, unfused, rtol=1e-4, atol=1e-7)
     for inputs in (first_block_inputs(2, 5, 16, (8, 8)), first_block_inputs(2, 1, 24, (8, 8))):
         assert not layers.fuses_conv(*inputs, batch_stats=True)
+
+
+@needs_native_block
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads the CPU's flags on Linux")
+def test_first_block_fuses_its_convolution_only_where_the_build_is_avx512(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The library built here (-march=native) fuses a first block's convolution exactly where
+    the CPU has AVX-512 (its AVX2 build ran the fused block 3-27 times slower than the
+    convolution and the native tail apart); where it does not, the learner takes the two-step
+    path."""
+    flags = next(
+        line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+    )
+    assert layers._fusion_pays() == ("avx512f" in flags.split())
+    inputs = first_block_inputs(4, 1, 16, (28, 28))
+    monkeypatch.setattr(layers, "_fusion_pays", lambda: False)
+    assert not layers.fuses_conv(*inputs, batch_stats=False)
+    monkeypatch.setattr(layers, "_fusion_pays", lambda: True)
+    assert layers.fuses_conv(*inputs, batch_stats=False)
 
 
 @needs_native_block

@@ -30,6 +30,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -487,8 +488,9 @@ def fuses_conv(x: Tensor, conv_weight: Tensor, *params: Tensor, batch_stats: boo
     """Whether a pooled block's convolution of x by ``conv_weight`` runs inside its native tail
     here (``params``: the tail's other tensors): at most :data:`FUSED_CONV_INPUTS` input channels
     per group (a first block) and a multiple of 16 filters per group (up to 512 in all), float32
-    CPU tensors, a C++ compiler, and x without a gradient (images); with given statistics
-    (``batch_stats`` false: evaluation), no tensor needing one."""
+    CPU tensors, a C++ compiler whose build of the fused block pays here (:func:`_fusion_pays`),
+    and x without a gradient (images); with given statistics (``batch_stats`` false:
+    evaluation), no tensor needing one."""
     groups = x.shape[1] // conv_weight.shape[1]
     filters = conv_weight.shape[0]
     tensors = (x, conv_weight, *params)
@@ -501,7 +503,18 @@ def fuses_conv(x: Tensor, conv_weight: Tensor, *params: Tensor, batch_stats: boo
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in differentiated))
         and native.applies(*tensors)
         and native.available(BLOCK_SOURCE)
+        and _fusion_pays()
     )
+
+
+@cache
+def _fusion_pays() -> bool:
+    """Whether this CPU's build of ``learner_block.cpp`` runs a first block faster with its
+    convolution fused than apart (``metalstm_block_fuses_conv``: on AVX-512, not on AVX2, where
+    the fused block took 3-27 times as long)."""
+    fuses = native.library(BLOCK_SOURCE).metalstm_block_fuses_conv
+    fuses.restype = ctypes.c_long
+    return bool(fuses())
 
 
 def _conv_channels_last(x: Tensor, conv_weight: Tensor, stride: int = 1) -> Tensor:

@@ -517,6 +517,19 @@ extern "C" {
 
 int metalstm_block_abi() { return 5; }
 
+// Whether the learner should run a first block with its convolution fused (layers.fuses_conv):
+// where this build vectorises it well, on AVX-512. Built for AVX2, the fused block took 3-27
+// times as long as the convolution and the native tail apart (benchmarks/block_kernels.py on the
+// AVX-512 Xeon built with -march=znver1; the 16-channel vectors of its accumulators are twice
+// AVX2's registers); it stays correct there, and the tests run it.
+long metalstm_block_fuses_conv() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) per channel, writing out
 // [B, H/2, W/2, C]. given = 0: μ and σ² are the batch's mean and biased variance, written to
 // mean and var [C]; given = 1: they are read from mean and var.
