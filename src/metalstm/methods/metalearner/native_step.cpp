@@ -254,9 +254,11 @@ struct OutRows {
   long rows;
 };
 
-// The 64-byte aligned start of a scratch buffer with room for `floats` (plus alignment).
+// The 64-byte aligned start of a scratch buffer with room for `floats` (plus up to a line's 16
+// floats of alignment: more than a vector's L without AVX-512).
 float* aligned_scratch(std::vector<float>& buffer, long floats) {
-  if (static_cast<long>(buffer.size()) < floats + L) buffer.resize(floats + L);
+  constexpr long LINE = 64 / sizeof(float);
+  if (static_cast<long>(buffer.size()) < floats + LINE) buffer.resize(floats + LINE);
   return buffer.data() + ((64 - reinterpret_cast<std::uintptr_t>(buffer.data()) % 64) % 64) / 4;
 }
 
