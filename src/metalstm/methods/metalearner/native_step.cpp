@@ -345,24 +345,35 @@ struct Params {
   const float *W, *b, *W2, *b2;  // [4H, 2 + H], [4H], [2, H + 2], [2]
 };
 
-// Rows 0 .. Q − 1 of W x + b for V vectors (W's rows from `w`, row stride X): Q V accumulators in
-// registers, each summed over k = 0 .. width − 1 in order.
-template <long Q, long V>
-inline void gate_rows(const float* w, const float* b, long X, const vf* x, long width, vf* out) {
+// Q rows of a product M y for V vectors of coordinates, M's element (q, k) at m[q qs + k ks] (W x:
+// qs = X, ks = 1; Wᵀ ∂z: qs = 1, ks = X) and y's element (k, v) at y[k V + v]: Q V accumulators in
+// registers, each started at start(q) and summed over k = 0 .. K − 1 in order; store(q, v, sum).
+template <long Q, long V, class Start, class Store>
+inline void product_rows(const float* m, long qs, long ks, const vf* y, long K, Start start,
+                         Store store) {
   vf a[Q][V];
 #pragma GCC unroll 8
   for (long q = 0; q < Q; q++)
 #pragma GCC unroll 2
-    for (long v = 0; v < V; v++) a[q][v] = splat(b[q]);
-  for (long k = 0; k < width; k++)
+    for (long v = 0; v < V; v++) a[q][v] = start(q);
+  for (long k = 0; k < K; k++)
 #pragma GCC unroll 8
     for (long q = 0; q < Q; q++)
 #pragma GCC unroll 2
-      for (long v = 0; v < V; v++) a[q][v] += w[q * X + k] * x[k * V + v];
+      for (long v = 0; v < V; v++) a[q][v] += m[q * qs + k * ks] * y[k * V + v];
 #pragma GCC unroll 8
   for (long q = 0; q < Q; q++)
 #pragma GCC unroll 2
-    for (long v = 0; v < V; v++) out[q * V + v] = a[q][v];
+    for (long v = 0; v < V; v++) store(q, v, a[q][v]);
+}
+
+// Rows r .. r + Q − 1 of W x + b into act (element (r, v) at r V + v).
+template <long Q, long V>
+inline void gate_rows(const Params& P, long r, const vf* x, long width, vf* act) {
+  const long X = 2 + P.H;
+  product_rows<Q, V>(
+      P.W + r * X, X, 1, x, width, [&](long q) { return splat(P.b[r + q]); },
+      [&](long q, long v, vf sum) { act[(r + q) * V + v] = sum; });
 }
 
 // Layer 1's gate activations act = (σ(i), σ(f), σ(o), tanh(g)) = act(W x + b) [4H] of V vectors
@@ -373,10 +384,10 @@ inline void gate_rows(const float* w, const float* b, long X, const vf* x, long 
 // is left uncomputed. Every lane sums its products in the same order for any V.
 template <long V>
 void layer1_gates(const Params& P, const vf* x, vf* act, long width, bool forget = true) {
-  const long H = P.H, X = 2 + H, R = 4 * H;
+  const long H = P.H, R = 4 * H;
   long r = 0;
-  for (; r + 8 <= R; r += 8) gate_rows<8, V>(P.W + r * X, P.b + r, X, x, width, act + r * V);
-  for (; r < R; r += 4) gate_rows<4, V>(P.W + r * X, P.b + r, X, x, width, act + r * V);
+  for (; r + 8 <= R; r += 8) gate_rows<8, V>(P, r, x, width, act);
+  for (; r < R; r += 4) gate_rows<4, V>(P, r, x, width, act);
   for (long e = 0; e < H * V; e++) act[e] = vsigmoid(act[e]);                       // i
   for (long e = H * V; forget && e < 2 * H * V; e++) act[e] = vsigmoid(act[e]);    // f
   for (long e = 2 * H * V; e < 3 * H * V; e++) act[e] = vsigmoid(act[e]);          // o
@@ -466,23 +477,6 @@ struct BlockSums {
       for (vf& a : *v) a = vf{};
   }
 };
-
-// Rows k .. k + K − 1 of ∂x = Wᵀ ∂z for V vectors (W's columns from `w`, row stride X; ∂z's
-// element (r, v) at r V + v): K V independent FMA chains, each summed over r = 0 .. R − 1 in
-// order; store(q, v, ∂x_{k+q} of vector v).
-template <long K, long V, class Store>
-inline void input_gradient_rows(const float* w, long X, long R, const vf* dz, Store store) {
-  vf a[K][V] = {};
-  for (long r = 0; r < R; r++)
-#pragma GCC unroll 8
-    for (long q = 0; q < K; q++)
-#pragma GCC unroll 2
-      for (long v = 0; v < V; v++) a[q][v] += w[r * X + q] * dz[r * V + v];
-#pragma GCC unroll 8
-  for (long q = 0; q < K; q++)
-#pragma GCC unroll 2
-    for (long v = 0; v < V; v++) store(q, v, a[q][v]);
-}
 
 // The step's backward for V vectors of coordinates: inputs from rows at `src` (a block's copy,
 // from its column src.column), outputs to rows at `dst`, and the block's sums (per lane, each
@@ -575,10 +569,11 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
       st(op[B_D_H_PREV] + (k - 2) * so + jo + v * L, value);
   };
   auto store_from = [&](long k) { return [&, k](long q, long v, vf value) { store_dx(k + q, v, value); }; };
+  auto zero = [](long) { return vf{}; };
   long k = first;
-  for (; k + 8 <= X; k += 8) input_gradient_rows<8, V>(P.W + k, X, R, dz, store_from(k));
-  for (; k + 4 <= X; k += 4) input_gradient_rows<4, V>(P.W + k, X, R, dz, store_from(k));
-  for (; k < X; k++) input_gradient_rows<1, V>(P.W + k, X, R, dz, store_from(k));
+  for (; k + 8 <= X; k += 8) product_rows<8, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
+  for (; k + 4 <= X; k += 4) product_rows<4, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
+  for (; k < X; k++) product_rows<1, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
 }
 
 // The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by KX rows of x at a time (4 KX
