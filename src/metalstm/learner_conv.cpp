@@ -7,7 +7,8 @@
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, G·Ci] and dy [B, Ho, Wo, G·Co] channels-last (NHWC), Co 16, 32 or 64
-// output channels per group (1, 2 or 4 vectors of L = 16 on AVX-512, 2, 4 or 8 of 8 on AVX2); dW [G·Co, Ci, 3, 3] as
+// output channels per group (1, 2 or 4 vectors of L = 16 on AVX-512, 2, 4 or 8 of 8 on AVX2);
+// dW [G·Co, Ci, 3, 3] as
 // PyTorch stores a convolution's weight.
 //
 // ∂W[g, co, ci, kh, kw] = Σ_{b, oy, ox} dy[b, oy, ox, g·Co + co] · x[b, oy·s + kh − 1,
@@ -145,14 +146,13 @@ long tile_rows(const Shape& S) {
   return std::max<long>(1, TILE_FLOATS / (S.Wo * S.cout() + (S.W + 2) * S.Ci));
 }
 
-// One piece: output rows r0 .. r1 − 1 of group g, every weight of the group (Co = V L output
-// channels, MAX_VECTORS vectors of them per pass), into P [3, 3·Ci, Co] (kernel row, then
-// kw·Ci + ci), a tile at a time, rows in order.
+// One piece: output rows r0 .. r1 − 1 of group g, every weight of the group, into P [3, 3·Ci,
+// Co] (kernel row, then kw·Ci + ci), a tile at a time, rows in order; V vectors of the Co output
+// channels per pass over a tile.
 template <int V>
 void piece(const Shape& S, const float* x, const float* dy, long g, long r0, long r1, Tile& T,
            float* P) {
-  constexpr int VP = V < MAX_VECTORS ? V : MAX_VECTORS;  // vectors per pass
-  constexpr int JM = MAX_ACCUMULATORS / VP;
+  constexpr int JM = MAX_ACCUMULATORS / V;
   const long length = 3 * S.Ci;  // a patch row: 3 pixels' Ci channels, consecutive in the tile
   for (long t0 = r0; t0 < r1; t0 += tile_rows(S)) {
     const long t1 = std::min(r1, t0 + tile_rows(S));
@@ -161,8 +161,8 @@ void piece(const Shape& S, const float* x, const float* dy, long g, long r0, lon
       for (long c0 = 0; c0 < length; c0 += JM) {
         const long jn = std::min<long>(JM, length - c0);
         float* out = P + (kh * 3 * S.Ci + c0) * S.Co;
-        for (long co = 0; co < S.Co; co += VP * L)
-          patch_block_of<VP, JM>(jn, S, T, dy, g, t0, t1, c0, co, out, t0 == r0);
+        for (long co = 0; co < S.Co; co += V * L)
+          patch_block_of<V, JM>(jn, S, T, dy, g, t0, t1, c0, co, out, t0 == r0);
       }
     }
   }
@@ -228,14 +228,13 @@ void metalstm_conv3x3_weight_grad(long B, long H, long W, long Ci, long Ho, long
       const long g = t / pieces, k = t % pieces;
       const long r0 = rows * k / pieces, r1 = rows * (k + 1) / pieces;
       float* P = partial + t * size;
-      if (Co == L)
+      const long per_pass = std::min<long>(Co / L, MAX_VECTORS);  // vectors: 1, 2 or 4
+      if (per_pass == 1)
         piece<1>(S, x, dy, g, r0, r1, T, P);
-      else if (Co == 2 * L)
+      else if (per_pass == 2)
         piece<2>(S, x, dy, g, r0, r1, T, P);
-      else if (Co == 4 * L)
-        piece<4>(S, x, dy, g, r0, r1, T, P);
       else
-        piece<8>(S, x, dy, g, r0, r1, T, P);
+        piece<4>(S, x, dy, g, r0, r1, T, P);
     }
     // the pieces added in order, into PyTorch's [G·Co, Ci, 3, 3]
 #pragma omp for schedule(static)

@@ -288,14 +288,16 @@ void for_each_vector_pair(long width, F f) {
 }
 
 // Where V vectors of coordinates are in a set of rows: the rows' stride and the first vector's
-// column (vector v's at column + L v).
+// column (vector v's at column + L v); `stream`: outputs written there with streaming stores
+// (put).
 struct At {
   long stride, column;
+  bool stream = false;
 };
 
 // Runs body(V, in, src, out, dst) on every vector of the block of `count` coordinates that starts
 // at column j of rows with stride `stride` (two at a time, for_each_vector_pair), then
-// finish(in, pitch). The body reads a private copy of the block's input rows (`buffer`; row pitch
+// finish(in, pitch); `stream`: the outputs' rows written with streaming stores, then fenced. The body reads a private copy of the block's input rows (`buffer`; row pitch
 // a multiple of L plus L, zero-padded): rows that are aligned, a known pitch apart and in L1/L2
 // (reading the tensors' rows in place, their strides slowed it several-fold for some n), with no
 // tail case. It writes whole vectors of outputs straight to their rows, and a last partial vector
@@ -304,7 +306,7 @@ struct At {
 // and 57,000 coordinates on the AVX-512 Xeon and as long at 228,000.)
 template <long NI, long NO, class Body, class Finish>
 void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long j, long count,
-               std::vector<float>& buffer, Body body, Finish finish) {
+               std::vector<float>& buffer, bool stream, Body body, Finish finish) {
   const long width = (count + L - 1) / L * L, pitch = width + L, whole = count / L * L;
   long in_rows = 0, out_rows = 0;
   for (const Rows& r : in) in_rows += r.p ? r.rows : 0;
@@ -323,7 +325,7 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
     if (out[t].p) next += out[t].rows * L;
   }
   for_each_vector_pair(whole, [&](auto V, long c) {
-    body(V, in_local, At{pitch, c}, out, At{stride, j + c});
+    body(V, in_local, At{pitch, c}, out, At{stride, j + c, stream});
   });
   if (whole < count) {
     body(std::integral_constant<long, 1>{}, in_local, At{pitch, whole}, tail, At{L, 0});
@@ -332,6 +334,7 @@ void run_block(const Rows (&in)[NI], const OutRows (&out)[NO], long stride, long
         std::memcpy(out[t].p + r * stride + j + whole, tail[t].p + r * L,
                     (count - whole) * sizeof(float));
   }
+  if (stream) fence_streams();  // the streaming stores ordered before what follows
   finish(in_local, pitch);
 }
 
@@ -395,10 +398,10 @@ void layer1_gates(const Params& P, const vf* x, vf* act, long width, bool forget
 }
 
 // V vectors of coordinates through the whole step: inputs from rows at `src`, outputs to rows at
-// `dst` (run_block's At; `stream`: with streaming stores, put).
+// `dst` (run_block's At).
 template <long V>
 void forward_vector(const Params& P, const Rows (&in)[F_NIN], At src,
-                    const OutRows (&out)[F_NOUT], At dst, bool stream) {
+                    const OutRows (&out)[F_NOUT], At dst) {
   // Local copies of the pointers: stores through float* cannot change them, so they
   // stay in registers.
   const float* ip[F_NIN];
@@ -406,6 +409,7 @@ void forward_vector(const Params& P, const Rows (&in)[F_NIN], At src,
   for (long t = 0; t < F_NIN; t++) ip[t] = in[t].p;
   for (long t = 0; t < F_NOUT; t++) op[t] = out[t].p;
   const long H = P.H, X = 2 + H, s = src.stride, j = src.column, so = dst.stride, jo = dst.column;
+  const bool stream = dst.stream;
   vf x[(2 + MAX_H) * V], act[4 * MAX_H * V];
   for (long k = 0; k < 2; k++)
     for (long v = 0; v < V; v++) x[k * V + v] = ld(ip[F_FEATURES] + k * s + j + v * L);
@@ -729,12 +733,11 @@ void metalstm_step_forward(long E, long n, long H, int threads, const float* fea
       for (long t = 0; t < F_NOUT; t++)
         out_e[t] = {out[t].p ? out[t].p + e * out[t].rows * n : nullptr, out[t].rows};
       const Params P{H, W, b + e * 4 * H, W2, b2};
-      run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer,
+      run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer, stream,
                 [&](auto V, auto& i, At src, auto& o, At dst) {
-                  forward_vector<V>(P, i, src, o, dst, stream);
+                  forward_vector<V>(P, i, src, o, dst);
                 },
                 [](auto&, long) {});
-      if (stream) fence_streams();  // the block's streaming stores ordered before what follows
     }
   }
 }
@@ -771,7 +774,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
     sums.clear();
     const long columns = (count + L - 1) / L * L;
     run_block(
-        in, out, n, j, count, buffer,
+        in, out, n, j, count, buffer, false,
         [&](auto V, auto& i, At src, auto& o, At dst) {
           backward_vector<V>(P, need_params, i, src, o, dst, sums);
         },
