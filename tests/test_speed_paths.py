@@ -1190,9 +1190,12 @@ def test_first_block_with_batch_statistics_fused_matches_pytorch(
     """The first block with the batch's statistics, its convolution computed again in each pass
     of the native kernels: output, mean, variance and the gradients of the conv weight, the
     conv bias (exactly zero), γ and β against PyTorch's operators in float64 (the batch's
-    statistics through F.batch_norm, a conv bias that cancels); the same bits for any thread
-    count."""
+    statistics through F.batch_norm, a conv bias that cancels), with γ of both signs and 0 (the
+    forward finds a window's maximum from its outputs' largest, smallest or first); the same
+    bits for any thread count."""
     x, weight, _, _, gamma, beta = first_block_inputs(*shape)
+    gamma[::7] = 0.0
+    assert (gamma > 0).any() and (gamma < 0).any()
     shift = torch.linspace(-0.3, 0.3, weight.shape[0])
     got = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
 
@@ -1260,7 +1263,7 @@ def test_only_a_first_block_of_images_fuses_its_convolution(
     monkeypatch.setattr(
         layers,
         "_native_conv_forward",
-        lambda *a, given: fused.append("g" if given else "b") or forward(*a, given=given),
+        lambda *a: fused.append("b" if a[-1] is not None else "g") or forward(*a),
     )
     learner = Learner(LearnerShape(1, 28, 5, 32))
     theta, x = learner.initial_theta().requires_grad_(), torch.rand(6, 1, 28, 28)

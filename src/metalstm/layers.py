@@ -138,12 +138,12 @@ _CONV_DIMS = (ctypes.c_long,) * 6 + (ctypes.c_int,)  # B, H, W, C_in, C, G, thre
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
-    constants=(("metalstm_block_abi", 5),),
+    constants=(("metalstm_block_abi", 6),),
     functions=(
         ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P, ctypes.c_int)),
         ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P, ctypes.c_int)),
-        ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 3, ctypes.c_int)),
-        ("metalstm_conv_block_backward", (*_CONV_DIMS, *[_P] * 7, _EPS, *[_P] * 3)),
+        ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 4, ctypes.c_int)),
+        ("metalstm_conv_block_backward", (*_CONV_DIMS, *[_P] * 8, _EPS, *[_P] * 3)),
     ),
 )
 
@@ -532,11 +532,13 @@ def _native_conv_forward(
     eps: float,
     mean: Tensor,
     var: Tensor,
-    given: bool,
+    extremes: Tensor | None,
 ) -> Tensor:
     """``metalstm_conv_block_forward``: the pooled output [B, G·C_out, H/2, W/2] (channels-last)
-    of the block whose convolution is fused; the statistics read from ``mean`` and ``var`` when
-    ``given``, else written there."""
+    of the block whose convolution is fused. With ``extremes`` (a pooled-size channels-last
+    tensor) the statistics are the batch's, written to ``mean`` and ``var``, and each window's
+    convolution output at its maximum to ``extremes`` (what the backward reads); without, they
+    are read from ``mean`` and ``var``."""
     b, _, h, w = x.shape
     filters, inputs = conv_weight.shape[:2]
     out = torch.empty((b, filters, h // 2, w // 2), memory_format=torch.channels_last)
@@ -545,7 +547,8 @@ def _native_conv_forward(
     native.library(BLOCK_SOURCE).metalstm_conv_block_forward(
         b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
         x_nhwc.data_ptr(), kernel.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
-        out.data_ptr(), mean.data_ptr(), var.data_ptr(), int(given),
+        out.data_ptr(), mean.data_ptr(), var.data_ptr(),
+        None if extremes is None else extremes.data_ptr(), int(extremes is None),
     )  # fmt: skip
     return out
 
@@ -559,7 +562,8 @@ def _reference_conv_tail(
 
 class _NativeConvTail(torch.autograd.Function):
     """:func:`_reference_conv_tail` in ``learner_block.cpp``, the convolution fused: computed
-    again in each pass (two forward, two back) rather than written out, the backward giving its
+    once forward and once back rather than written out (the forward keeps each window's output
+    at its maximum, a pooled-size tensor, for the backward's sums), the backward giving its
     weight's gradient instead of the convolution output's. Under ``create_graph`` the backward
     differentiates the PyTorch composition, as :class:`_NativeTail` does."""
 
@@ -574,14 +578,17 @@ class _NativeConvTail(torch.autograd.Function):
         eps: float,
     ) -> Any:
         mean, var = x.new_empty(conv_weight.shape[0]), x.new_empty(conv_weight.shape[0])
-        out = _native_conv_forward(x, conv_weight, weight, bias, eps, mean, var, given=False)
-        ctx.save_for_backward(x, conv_weight, shift, weight, bias, mean, var)
+        b, _, h, w = x.shape
+        pooled = (b, conv_weight.shape[0], h // 2, w // 2)
+        extremes = torch.empty(pooled, memory_format=torch.channels_last)
+        out = _native_conv_forward(x, conv_weight, weight, bias, eps, mean, var, extremes)
+        ctx.save_for_backward(x, conv_weight, shift, weight, bias, mean, var, extremes)
         ctx.eps = eps
         return out, *_graph_constants(ctx, mean + shift, var)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
-        x, conv_weight, shift, weight, bias, mean, var = ctx.saved_tensors
+        x, conv_weight, shift, weight, bias, mean, var, extremes = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: through the PyTorch composition
             grads = _composition_backward(
                 lambda: _reference_conv_tail(x, conv_weight, shift, weight, bias, ctx.eps),
@@ -597,8 +604,9 @@ class _NativeConvTail(torch.autograd.Function):
         x_nhwc, kernel, d_out = _nhwc(x), conv_weight.contiguous(), _nhwc(d_out)
         native.library(BLOCK_SOURCE).metalstm_conv_block_backward(
             b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
-            x_nhwc.data_ptr(), kernel.data_ptr(), d_out.data_ptr(), weight.contiguous().data_ptr(),
-            bias.contiguous().data_ptr(), mean.data_ptr(), var.data_ptr(), ctx.eps,
+            x_nhwc.data_ptr(), kernel.data_ptr(), extremes.data_ptr(), d_out.data_ptr(),
+            weight.contiguous().data_ptr(), bias.contiguous().data_ptr(), mean.data_ptr(),
+            var.data_ptr(), ctx.eps,
             d_conv.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(),
         )  # fmt: skip
         return None, d_conv, torch.zeros_like(d_bias), d_weight, d_bias, None
@@ -612,8 +620,8 @@ def conv_batch_norm_pool_relu(
     batch's mean and biased variance [G·C_out].
 
     Where :func:`fuses_conv` holds (a first block: an image's few channels in), the convolution
-    runs inside the native kernels, computed again in each of their passes rather than written:
-    at 84x84 its output for 75 query images is 68 MB, which oneDNN wrote and the tail read twice
+    runs inside the native kernels, computed once forward and once back rather than written: at
+    84x84 its output for 75 query images is 68 MB, which oneDNN wrote and the tail read twice
     forward, twice back, writing its gradient for the weight gradient to read. The same
     mathematics (tests compare); float32 rounding differs in the last bits.
     """
@@ -638,7 +646,7 @@ def conv_normalise_pool_relu(
     given = (mean, var, weight, bias)
     if fuses_conv(x, conv_weight, *given, batch_stats=False):
         mean_c, var_c = mean.detach().contiguous(), var.detach().contiguous()
-        return _native_conv_forward(x, conv_weight, weight, bias, eps, mean_c, var_c, given=True)
+        return _native_conv_forward(x, conv_weight, weight, bias, eps, mean_c, var_c, None)
     return normalise_pool_relu(_conv_channels_last(x, conv_weight), *given, eps)
 
 

@@ -8,10 +8,12 @@
 // backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
 // storing it. With given statistics each reads x once: no statistics to sum forward, and ∂x,
 // which does not depend on the sums then, written in the same pass as them. A first block (1-4
-// input channels: an image's) computes its 3x3 convolution inside these passes, again in each
-// (FirstConv; metalstm_conv_block_forward and _backward, layers.conv_batch_norm_pool_relu and
-// conv_normalise_pool_relu): its [B, H, W, C] output is never written, and the backward gives the
-// convolution's weight gradient instead of that output's.
+// input channels: an image's) computes its 3x3 convolution inside its passes (FirstConv;
+// metalstm_conv_block_forward and _backward, layers.conv_batch_norm_pool_relu and
+// conv_normalise_pool_relu): its [B, H, W, C] output is never written. With the batch's
+// statistics the forward computes it once, for the sums and each window's output at its maximum
+// (a pooled-size tensor, kept for the backward), the backward once more, for ∂x, which it takes
+// into the convolution's weight gradient instead of writing it.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
@@ -19,8 +21,9 @@
 // PyTorch's max-pool, and rows or columns left over by an odd side belong to no window
 // (PyTorch's floor mode).
 //
-// Determinism: every sum over pixels is taken in double, per block of ROWS pixels, and the block
-// sums added in block order, so the results do not depend on the number of threads.
+// Determinism: every sum over pixels is taken in double, per block of ROWS pixels (a first
+// block's statistics: in float per row pair first), and the block sums added in block order, so
+// the results do not depend on the number of threads.
 
 #include <algorithm>
 #include <cmath>
@@ -126,19 +129,17 @@ struct WindowCursor {
   }
 };
 
-long blocks_of(long rows) { return (rows + ROWS - 1) / ROWS; }
-
 // total[0 .. width) = Σ over rows r of the vectors f(first, last, acc) adds into
-// acc[0 .. width / 8) for rows first .. last − 1 in order, in double: blocks of ROWS rows summed
-// in parallel, then added in block order.
+// acc[0 .. width / 8) for rows first .. last − 1 in order, in double: blocks of `per_block` rows
+// summed in parallel, then added in block order.
 template <class F>
-void channel_sums(long rows, long width, int threads, F f, double* total) {
-  const long blocks = blocks_of(rows), vectors = width / LANES;
+void channel_sums(long rows, long width, int threads, F f, double* total, long per_block = ROWS) {
+  const long blocks = (rows + per_block - 1) / per_block, vectors = width / LANES;
   std::vector<double> partial(blocks * width);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (long blk = 0; blk < blocks; blk++) {
     vd acc[2 * MAX_VECTORS] = {};
-    f(blk * ROWS, std::min(rows, (blk + 1) * ROWS), acc);
+    f(blk * per_block, std::min(rows, (blk + 1) * per_block), acc);
     std::memcpy(partial.data() + blk * width, acc, vectors * sizeof(vd));
   }
   std::fill(total, total + width, 0.0);
@@ -335,46 +336,89 @@ void conv_pool_relu(const FirstConv<CIN, K>& conv, int threads, const Affine& A,
       }
 }
 
-// The batch's statistics of the convolution's outputs, as batch_statistics takes them of x.
+// The first pass of a first block's forward with the batch's statistics: the convolution's
+// outputs, computed once, give the batch's statistics (shifted sums in double about the first
+// pixel's outputs, as batch_statistics takes them of x) and each window's output at the maximum
+// of the normalised values, extremes [B, H/2, W/2, C], found before the statistics are known:
+// the normalisation (y − μ) k + β is monotone in y, its rounding too, so that maximum is at the
+// window's largest output where γ > 0, its smallest where γ < 0, and its first where γ = 0 (all
+// equal; a NaN output wins, as in WindowOf). The sums run over row pairs (b, i) in order, per
+// pair its windows' four pixels, then a pixel of an odd last column (an odd last row is a pair
+// of its own), in float per row pair and channel, those added in double in blocks of about ROWS
+// pixels: the same bits for any thread count.
 template <int CIN, int K>
-void conv_statistics(const FirstConv<CIN, K>& conv, int threads, float eps, float* mean,
-                     float* var, float* invstd) {
-  const long C = conv.C, V = C / LANES;
+void conv_statistics_and_extremes(const FirstConv<CIN, K>& conv, int threads,
+                                  const float* gamma, float eps, float* mean, float* var,
+                                  float* invstd, float* extremes) {
+  const long B = conv.B, H = conv.H, W = conv.W, C = conv.C, V = C / LANES;
+  const long Ho = H / 2, Wo = W / 2, row_pairs = (H + 1) / 2;
+  vf2 base[MAX_VECTORS / 2];  // the first pixel's outputs: the sums' shift
   vd shift[MAX_VECTORS];
   for (long v = 0; v < V; v += 2 * K) {
     vf2 y[1][K];
     conv.template outputs<1, 1>(0, 0, 0, v, y);
+    for (int k = 0; k < K; k++) base[v / 2 + k] = y[0][k];
     for (long u = v; u < v + 2 * K; u++) shift[u] = wide(half(y[0][(u - v) / 2], u));
   }
+  vf sign[MAX_VECTORS];  // +1 where γ > 0, −1 where γ < 0, 0 elsewhere (0 or NaN)
+  for (long c = 0; c < C; c++)
+    sign[c / LANES][c % LANES] = gamma[c] > 0.0f ? 1.0f : gamma[c] < 0.0f ? -1.0f : 0.0f;
   std::vector<double> sums(2 * C);
-  channel_sums(conv.B * conv.H * conv.W, 2 * C, threads, [&](long first, long last, vd* acc) {
-    // pixels r = (b · H + h) · W + w in order, four of a row at a time where they are
-    auto add = [&](const auto& y, int pixels, long v) {
-      for (int q = 0; q < pixels; q++)
-        for (long u = v; u < v + 2 * K; u++) {
-          const vd d = wide(half(y[q][(u - v) / 2], u)) - shift[u];
-          acc[u] += d;
-          acc[V + u] += d * d;
-        }
-    };
-    WindowCursor px(conv.H, conv.W, first);
-    for (long r = first; r < last;) {
-      const int pixels = px.j + 4 <= conv.W && r + 4 <= last ? 4 : 1;
+  channel_sums(B * row_pairs, 2 * C, threads, [&](long first, long last, vd* acc) {
+    for (long row = first; row < last; row++) {
+      const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
       for (long v = 0; v < V; v += 2 * K) {
-        if (pixels == 4) {
+        // the row pair's sums in float (a few hundred values each), then added in double
+        vf2 sum[K] = {}, square[K] = {};
+        auto add = [&](const auto& y, int pixels) {
+          for (int q = 0; q < pixels; q++)
+            for (int k = 0; k < K; k++) {
+              const vf2 d = y[q][k] - base[v / 2 + k];
+              sum[k] += d;
+              square[k] += d * d;
+            }
+        };
+        for (long j = 0; i < Ho && j < Wo; j++) {
           vf2 y[4][K];
-          conv.template outputs<1, 4>(px.b, px.i, px.j, v, y);
-          add(y, 4, v);
-        } else {
-          vf2 y[1][K];
-          conv.template outputs<1, 1>(px.b, px.i, px.j, v, y);
-          add(y, 1, v);
+          conv.template outputs<2, 2>(b, 2 * i, 2 * j, v, y);
+          add(y, 4);
+          float* e = extremes + ((b * Ho + i) * Wo + j) * C + v * LANES;
+          for (int k = 0; k < K; k++) {
+            const vf2 s = ld2(&sign[v + 2 * k]);
+            vf2 best = y[0][k];
+            for (int q = 1; q < 4; q++) {
+              const vf2 x = y[q][k];
+              best = (s * x > s * best) | (x != x) ? x : best;
+            }
+            st2(e + 2 * k * LANES, best);
+          }
+        }
+        for (long h = 2 * i; h < std::min(H, 2 * i + 2); h++)
+          for (long w = i < Ho ? 2 * Wo : 0; w < W; w++) {  // pixels in no window
+            vf2 y[1][K];
+            conv.template outputs<1, 1>(b, h, w, v, y);
+            add(y, 1);
+          }
+        for (long u = v; u < v + 2 * K; u++) {
+          acc[u] += wide(half(sum[(u - v) / 2], u));
+          acc[V + u] += wide(half(square[(u - v) / 2], u));
         }
       }
-      for (int q = 0; q < pixels; q++, r++) px.next();
     }
-  }, sums.data());
-  moments(conv.B * conv.H * conv.W, C, shift, sums.data(), eps, mean, var, invstd);
+  }, sums.data(), std::max(1L, ROWS / (2 * W)));
+  moments(B * H * W, C, shift, sums.data(), eps, mean, var, invstd);
+}
+
+// ReLU((e − μ) k + β) of each window's extreme e (conv_statistics_and_extremes): out
+// [B, H/2, W/2, C], what conv_pool_relu computes from the convolution's outputs.
+void pool_relu_of_extremes(long windows, long C, int threads, const Affine& A,
+                           const float* extremes, float* out) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long r = 0; r < windows; r++)
+    for (long v = 0; v < C / LANES; v++) {
+      const vf best = (ld(extremes + r * C + v * LANES) - A.mu[v]) * A.k[v] + A.beta[v];
+      st(out + r * C + v * LANES, best <= 0.0f ? vf{} : best);  // ReLU (NaN stays NaN)
+    }
 }
 
 // Pieces of a first block's weight gradient: rows of windows (b, i) cut into pieces fixed by the
@@ -383,13 +427,14 @@ void conv_statistics(const FirstConv<CIN, K>& conv, int threads, float eps, floa
 constexpr long MAX_GRADIENT_PIECES = 128;
 
 // The first block's backward with the batch's statistics, as metalstm_block_backward computes
-// it from x = the convolution's outputs, computed again in each of its two passes; instead of
-// ∂x, the convolution's weight gradient dW [C, Cin, 3, 3] from the ∂x each pixel gets.
+// it from x = the convolution's outputs: its sums from the forward's extremes (each window's
+// output at its maximum), then ∂x from the outputs computed again; instead of ∂x, the
+// convolution's weight gradient dW [C, Cin, 3, 3] from the ∂x each pixel gets.
 template <int CIN, int K>
-void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float* d_out,
-                         const float* gamma, const float* beta, const float* mean,
-                         const float* var, float eps, float* d_weight, float* d_gamma,
-                         float* d_beta) {
+void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float* extremes,
+                         const float* d_out, const float* gamma, const float* beta,
+                         const float* mean, const float* var, float eps, float* d_weight,
+                         float* d_gamma, float* d_beta) {
   const long B = conv.B, H = conv.H, W = conv.W, C = conv.C, V = C / LANES;
   const long Ho = H / 2, Wo = W / 2, pixels = B * H * W;
   const std::vector<float> invstd = inverse_deviations(C, var, eps);
@@ -403,23 +448,16 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
     dy = win.best > 0.0f ? ld2(d + u * LANES) : vf2{};
     return win;
   };
-  // Σ ∂y and Σ ∂y (x − μ) per channel, x at each window's maximum
+  // Σ ∂y and Σ ∂y (x − μ) per channel, x at each window's maximum: the forward's extremes
   std::vector<double> sums(2 * C);
   channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
-    WindowCursor at(Ho, Wo, first);
-    for (long r = first; r < last; r++, at.next())
-      for (long v = 0; v < V; v += 2 * K) {
-        vf2 y[4][K];
-        conv.template outputs<2, 2>(at.b, 2 * at.i, 2 * at.j, v, y);
-        for (int k = 0; k < K; k++) {
-          vf2 dy;
-          const auto win = at_maximum(y, v, k, d_out + r * C, dy);
-          const vf2 centred = win.x_at() - ld2(&A.mu[v + 2 * k]);
-          for (long u = v + 2 * k; u < v + 2 * k + 2; u++) {
-            acc[u] += wide(half(dy, u));
-            acc[V + u] += wide(half(dy, u)) * wide(half(centred, u));
-          }
-        }
+    for (long r = first; r < last; r++)
+      for (long v = 0; v < V; v++) {
+        const vf centred = ld(extremes + r * C + v * LANES) - A.mu[v];
+        const vd dy = wide(centred * A.k[v] + A.beta[v] > 0.0f ? ld(d_out + r * C + v * LANES)
+                                                               : vf{});
+        acc[v] += dy;
+        acc[V + v] += dy * wide(centred);
       }
   }, sums.data());
   // ∂x = k ∂y + a + s (x − μ) at each pixel of the convolution's output (as
@@ -515,7 +553,7 @@ void with_first_conv(long B, long H, long W, long Cin, long C, long G, int threa
 
 extern "C" {
 
-int metalstm_block_abi() { return 5; }
+int metalstm_block_abi() { return 6; }
 
 // Whether the learner should run a first block with its convolution fused (layers.fuses_conv):
 // where this build vectorises it well, on AVX-512. Built for AVX2, the fused block took 3-27
@@ -643,32 +681,38 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
 }
 
 // A first block's forward with its convolution fused (FirstConv: its output is never written):
-// out [B, H/2, W/2, C] as metalstm_block_forward computes it from that output, given = 0: with
-// the batch's statistics, written to mean and var [C]; given = 1: with those read there.
+// out [B, H/2, W/2, C] as metalstm_block_forward computes it from that output. given = 0: with
+// the batch's statistics, written to mean and var [C], in one pass of the convolution that also
+// writes each window's output at its maximum to extremes [B, H/2, W/2, C] (for the backward),
+// then one over those; given = 1: with the statistics read there, in one pass (no extremes).
 void metalstm_conv_block_forward(long B, long H, long W, long Cin, long C, long G, int threads,
                                  const float* x, const float* weight, const float* gamma,
                                  const float* beta, float eps, float* out, float* mean,
-                                 float* var, int given) {
+                                 float* var, float* extremes, int given) {
   with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
     std::vector<float> invstd(C);
-    if (given)
+    if (given) {
       invstd = inverse_deviations(C, var, eps);
-    else
-      conv_statistics(conv, threads, eps, mean, var, invstd.data());
-    conv_pool_relu(conv, threads, affine(C, mean, invstd.data(), gamma, beta), out);
+      conv_pool_relu(conv, threads, affine(C, mean, invstd.data(), gamma, beta), out);
+      return;
+    }
+    conv_statistics_and_extremes(conv, threads, gamma, eps, mean, var, invstd.data(), extremes);
+    pool_relu_of_extremes(B * (H / 2) * (W / 2), C, threads,
+                          affine(C, mean, invstd.data(), gamma, beta), extremes, out);
   });
 }
 
-// Its backward with the batch's statistics (those the forward wrote): the convolution's weight
-// gradient d_weight [C, Cin, 3, 3], ∂γ and ∂β [C], given ∂out [B, H/2, W/2, C]; no ∂x (images).
+// Its backward with the batch's statistics (those the forward wrote, and its extremes): the
+// convolution's weight gradient d_weight [C, Cin, 3, 3], ∂γ and ∂β [C], given ∂out
+// [B, H/2, W/2, C]; no ∂x (images).
 void metalstm_conv_block_backward(long B, long H, long W, long Cin, long C, long G, int threads,
-                                  const float* x, const float* weight, const float* d_out,
-                                  const float* gamma, const float* beta, const float* mean,
-                                  const float* var, float eps, float* d_weight, float* d_gamma,
-                                  float* d_beta) {
+                                  const float* x, const float* weight, const float* extremes,
+                                  const float* d_out, const float* gamma, const float* beta,
+                                  const float* mean, const float* var, float eps,
+                                  float* d_weight, float* d_gamma, float* d_beta) {
   with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
-    conv_block_backward(conv, threads, d_out, gamma, beta, mean, var, eps, d_weight, d_gamma,
-                        d_beta);
+    conv_block_backward(conv, threads, extremes, d_out, gamma, beta, mean, var, eps, d_weight,
+                        d_gamma, d_beta);
   });
 }
 
