@@ -924,11 +924,15 @@ needs_native_block = pytest.mark.skipif(
 
 def tail_inputs(shape: tuple[int, ...], seed: int = 0) -> list[Tensor]:
     """x [B, C, H, W] (channels-last) and the shift, γ, β of a block, all requiring gradients;
-    β spread so that some channels are mostly cut by the ReLU and others mostly pass."""
+    γ of both signs and 0 (the native forward finds a window's maximum from its largest, smallest
+    or first input), β spread so that some channels are mostly cut by the ReLU and others mostly
+    pass."""
     g = torch.Generator().manual_seed(seed)
     c = shape[1]
     x = (2 * torch.randn(shape, generator=g) + 0.5).contiguous(memory_format=torch.channels_last)
-    params = [torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5]
+    gamma = (torch.rand(c, generator=g) + 0.5) * torch.tensor([1.0, -1.0]).repeat(c)[:c]
+    gamma[3::7] = 0.0
+    params = [torch.randn(c, generator=g), gamma]
     params.append(torch.linspace(-1.5, 1.5, c))
     return [t.requires_grad_() for t in (x, *params)]
 

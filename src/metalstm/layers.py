@@ -138,10 +138,10 @@ _CONV_DIMS = (ctypes.c_long,) * 6 + (ctypes.c_int,)  # B, H, W, C_in, C, G, thre
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
-    constants=(("metalstm_block_abi", 6),),
+    constants=(("metalstm_block_abi", 7),),
     functions=(
-        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, _P, _P, _P, ctypes.c_int)),
-        ("metalstm_block_backward", (*_DIMS, *[_P] * 6, _EPS, _P, _P, _P, ctypes.c_int)),
+        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, *[_P] * 4, ctypes.c_int)),
+        ("metalstm_block_backward", (*_DIMS, *[_P] * 7, _EPS, _P, _P, _P, ctypes.c_int)),
         ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 4, ctypes.c_int)),
         ("metalstm_conv_block_backward", (*_CONV_DIMS, *[_P] * 8, _EPS, *[_P] * 3)),
     ),
@@ -188,8 +188,17 @@ def _nhwc(x: Tensor) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+def _pooled(x: Tensor, channels: int) -> Tensor:
+    """An empty channels-last [B, channels, H/2, W/2] tensor for x [B, ·, H, W]: a block's
+    pooled output, or its windows' extremes."""
+    b, _, h, w = x.shape
+    return torch.empty((b, channels, h // 2, w // 2), memory_format=torch.channels_last)
+
+
 class _NativeTail(torch.autograd.Function):
-    """:func:`_reference_tail` in ``learner_block.cpp``: two passes over x forward, two back.
+    """:func:`_reference_tail` in ``learner_block.cpp``: one pass over x forward (the statistics,
+    and each window's input at its maximum: the extremes, a quarter of x, kept for the
+    backward) then one over the extremes; back, one over the extremes (the sums) and one over x.
 
     Its backward is native; under ``create_graph`` (second-order MAML) it differentiates the
     PyTorch composition instead, recomputed from the saved inputs, so higher derivatives exist.
@@ -200,14 +209,15 @@ class _NativeTail(torch.autograd.Function):
         ctx: Any, x: Tensor, shift: Tensor, weight: Tensor, bias: Tensor, eps: float
     ) -> Any:
         mean, var = x.new_empty(x.shape[1]), x.new_empty(x.shape[1])
-        out = _native_forward(x, weight, bias, eps, mean, var, given=False)
-        ctx.save_for_backward(x, shift, weight, bias, mean, var)
+        extremes = _pooled(x, x.shape[1])
+        out = _native_forward(x, weight, bias, eps, mean, var, extremes)
+        ctx.save_for_backward(x, shift, weight, bias, mean, var, extremes)
         ctx.eps = eps
         return out, *_graph_constants(ctx, mean + shift, var)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor, _d_mean: Tensor, _d_var: Tensor) -> Any:
-        x, shift, weight, bias, mean, var = ctx.saved_tensors
+        x, shift, weight, bias, mean, var, extremes = ctx.saved_tensors
         if torch.is_grad_enabled():  # double backward: through the PyTorch composition
             grads = _composition_backward(
                 lambda: _reference_tail(x, shift, weight, bias, ctx.eps)[0],
@@ -217,7 +227,7 @@ class _NativeTail(torch.autograd.Function):
             )
             return (*grads, None)
         d_x, d_weight, d_bias = _native_backward(
-            x, d_out, weight, bias, ctx.eps, mean, var, given=False
+            x, extremes, d_out, weight, bias, ctx.eps, mean, var
         )
         return d_x, torch.zeros_like(d_bias), d_weight, d_bias, None
 
@@ -237,34 +247,44 @@ def _composition_backward(
 
 
 def _native_forward(
-    x: Tensor, weight: Tensor, bias: Tensor, eps: float, mean: Tensor, var: Tensor, given: bool
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float,
+    mean: Tensor,
+    var: Tensor,
+    extremes: Tensor | None,
 ) -> Tensor:
-    """``metalstm_block_forward``: the pooled output [B, C, H/2, W/2] (channels-last); the
-    statistics are read from ``mean`` and ``var`` when ``given``, else written there."""
+    """``metalstm_block_forward``: the pooled output [B, C, H/2, W/2] (channels-last). With
+    ``extremes`` (pooled-size, channels-last) the statistics are the batch's, written to ``mean``
+    and ``var``, and each window's input at its maximum to ``extremes`` (what the backward
+    reads); without, they are read from ``mean`` and ``var``."""
     x_nhwc = _nhwc(x)  # x itself when it is channels-last already (the learner's blocks)
     b, c, h, w = x.shape
-    out = torch.empty((b, c, h // 2, w // 2), memory_format=torch.channels_last)
+    out = _pooled(x, c)
     weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
     mean, var = mean.detach().contiguous(), var.detach().contiguous()
     native.library(BLOCK_SOURCE).metalstm_block_forward(
         b, h, w, c, torch.get_num_threads(),
         x_nhwc.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
-        out.data_ptr(), mean.data_ptr(), var.data_ptr(), int(given),
+        out.data_ptr(), mean.data_ptr(), var.data_ptr(),
+        None if extremes is None else extremes.data_ptr(), int(extremes is None),
     )  # fmt: skip
     return out
 
 
 def _native_backward(
     x: Tensor,
+    extremes: Tensor | None,
     d_out: Tensor,
     weight: Tensor,
     bias: Tensor,
     eps: float,
     mean: Tensor,
     var: Tensor,
-    given: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``metalstm_block_backward``: ∂x (channels-last), ∂γ and ∂β [C]."""
+    """``metalstm_block_backward``: ∂x (channels-last), ∂γ and ∂β [C], through the batch's
+    statistics with the forward's ``extremes``, or with ``mean`` and ``var`` given (None)."""
     b, c, h, w = x.shape
     x, d_out = _nhwc(x), _nhwc(d_out)
     d_x = torch.empty_like(x, memory_format=torch.channels_last)
@@ -273,9 +293,9 @@ def _native_backward(
     mean, var = mean.detach().contiguous(), var.detach().contiguous()
     native.library(BLOCK_SOURCE).metalstm_block_backward(
         b, h, w, c, torch.get_num_threads(),
-        x.data_ptr(), d_out.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(),
-        mean.data_ptr(), var.data_ptr(), eps,
-        d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(), int(given),
+        x.data_ptr(), None if extremes is None else extremes.data_ptr(), d_out.data_ptr(),
+        weight_c.data_ptr(), bias_c.data_ptr(), mean.data_ptr(), var.data_ptr(), eps,
+        d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(), int(extremes is None),
     )  # fmt: skip
     return d_x, d_weight, d_bias
 
@@ -318,7 +338,7 @@ class _NativeGivenTail(torch.autograd.Function):
     ) -> Tensor:
         ctx.save_for_backward(x, mean, var, weight, bias)
         ctx.eps = eps
-        return _native_forward(x, weight, bias, eps, mean, var, given=True)
+        return _native_forward(x, weight, bias, eps, mean, var, None)
 
     @staticmethod
     def backward(ctx: Any, d_out: Tensor) -> Any:
@@ -332,7 +352,7 @@ class _NativeGivenTail(torch.autograd.Function):
             )
         else:
             d_x, d_weight, d_bias = _native_backward(
-                x, d_out, weight, bias, ctx.eps, mean, var, given=True
+                x, None, d_out, weight, bias, ctx.eps, mean, var
             )
         return d_x, None, None, d_weight, d_bias, None
 
@@ -541,7 +561,7 @@ def _native_conv_forward(
     are read from ``mean`` and ``var``."""
     b, _, h, w = x.shape
     filters, inputs = conv_weight.shape[:2]
-    out = torch.empty((b, filters, h // 2, w // 2), memory_format=torch.channels_last)
+    out = _pooled(x, filters)
     x_nhwc, kernel = _nhwc(x).detach(), conv_weight.detach().contiguous()
     weight_c, bias_c = weight.detach().contiguous(), bias.detach().contiguous()
     native.library(BLOCK_SOURCE).metalstm_conv_block_forward(
@@ -578,9 +598,7 @@ class _NativeConvTail(torch.autograd.Function):
         eps: float,
     ) -> Any:
         mean, var = x.new_empty(conv_weight.shape[0]), x.new_empty(conv_weight.shape[0])
-        b, _, h, w = x.shape
-        pooled = (b, conv_weight.shape[0], h // 2, w // 2)
-        extremes = torch.empty(pooled, memory_format=torch.channels_last)
+        extremes = _pooled(x, conv_weight.shape[0])
         out = _native_conv_forward(x, conv_weight, weight, bias, eps, mean, var, extremes)
         ctx.save_for_backward(x, conv_weight, shift, weight, bias, mean, var, extremes)
         ctx.eps = eps

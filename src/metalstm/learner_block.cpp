@@ -182,24 +182,102 @@ void backward_coefficients(long C, long pixels, const double* sums, const float*
   }
 }
 
-// The batch's mean and biased variance σ² [C] of x [pixels, C], in one pass of shifted sums about
-// K = the first pixel's values (no cancellation to speak of in double when the mean is far
-// from 0), and 1 / sqrt(σ² + ε) from the variance in double.
-void batch_statistics(long pixels, long C, int threads, const float* x, float eps, float* mean,
-                      float* var, float* invstd) {
-  const long V = C / LANES;
+// Each window's output at the maximum of its normalised values (y − μ) k + β, found before the
+// statistics are known: the normalisation is monotone in y, its rounding too, so that maximum is
+// at the window's largest value where γ > 0, its smallest where γ < 0, and its first where γ = 0
+// (all equal); a NaN wins, as in WindowOf. `sign`: sign_of(γ) for the window's channels.
+template <class T>
+T extreme(const T (&y)[4], T sign) {
+  T best = y[0];
+  for (int q = 1; q < 4; q++) best = (sign * y[q] > sign * best) | (y[q] != y[q]) ? y[q] : best;
+  return best;
+}
+
+// +1 where γ > 0, −1 where γ < 0, 0 elsewhere (0 or NaN), per channel: extreme's `sign`.
+void signs_of(long C, const float* gamma, vf* sign) {
+  for (long c = 0; c < C; c++)
+    sign[c / LANES][c % LANES] = gamma[c] > 0.0f ? 1.0f : gamma[c] < 0.0f ? -1.0f : 0.0f;
+}
+
+// Blocks of row pairs for the sums of a pass by windows: about ROWS pixels each.
+long row_pairs_per_block(long W) { return std::max(1L, ROWS / (2 * W)); }
+
+// The batch's mean, biased variance and 1 / sqrt(σ² + ε) [C] of x [B, H, W, C] (sums of x − K for
+// K = the first pixel's values: no cancellation to speak of in double when the mean is far from
+// 0; the variance in double), and each window's extreme, extremes
+// [B, H/2, W/2, C], in one pass over x: row pairs (b, i) in order, per pair its windows' four
+// pixels, then a pixel of an odd last column (an odd last row is a pair of its own), the sums in
+// float per row pair, those added in double in blocks of about ROWS pixels.
+void statistics_and_extremes(long B, long H, long W, long C, int threads, const float* x,
+                             const float* gamma, float eps, float* mean, float* var,
+                             float* invstd, float* extremes) {
+  const long V = C / LANES, Ho = H / 2, Wo = W / 2, row_pairs = (H + 1) / 2;
+  vf base[MAX_VECTORS], sign[MAX_VECTORS];
   vd shift[MAX_VECTORS];
-  for (long v = 0; v < V; v++) shift[v] = wide(ld(x + v * LANES));
+  for (long v = 0; v < V; v++) base[v] = ld(x + v * LANES), shift[v] = wide(base[v]);
+  signs_of(C, gamma, sign);
+  const Pixels px{H, W, C};
   std::vector<double> sums(2 * C);
-  channel_sums(pixels, 2 * C, threads, [&](long first, long last, vd* acc) {
+  channel_sums(B * row_pairs, 2 * C, threads, [&](long first, long last, vd* acc) {
+    for (long row = first; row < last; row++) {
+      const long b = row / row_pairs, i = row % row_pairs;  // rows 2i and 2i + 1 of image b
+      vf sum[MAX_VECTORS] = {}, square[MAX_VECTORS] = {};
+      for (long j = 0; i < Ho && j < Wo; j++) {
+        const float* p[4];
+        px.of(x, b, i, j, p);
+        float* e = extremes + ((b * Ho + i) * Wo + j) * C;
+        for (long v = 0; v < V; v++) {
+          const vf y[4] = {ld(p[0] + v * LANES), ld(p[1] + v * LANES), ld(p[2] + v * LANES),
+                           ld(p[3] + v * LANES)};
+          vf d[4];  // the window's sums first: one update of the row pair's per window
+          for (int q = 0; q < 4; q++) d[q] = y[q] - base[v];
+          sum[v] += (d[0] + d[1]) + (d[2] + d[3]);
+          square[v] += (d[0] * d[0] + d[1] * d[1]) + (d[2] * d[2] + d[3] * d[3]);
+          st(e + v * LANES, extreme(y, sign[v]));
+        }
+      }
+      for (long h = 2 * i; h < std::min(H, 2 * i + 2); h++)
+        for (long w = i < Ho ? 2 * Wo : 0; w < W; w++)  // pixels in no window
+          for (long v = 0; v < V; v++) {
+            const vf d = ld(x + ((b * H + h) * W + w) * C + v * LANES) - base[v];
+            sum[v] += d;
+            square[v] += d * d;
+          }
+      for (long v = 0; v < V; v++) acc[v] += wide(sum[v]), acc[V + v] += wide(square[v]);
+    }
+  }, sums.data(), row_pairs_per_block(W));
+  moments(B * H * W, C, shift, sums.data(), eps, mean, var, invstd);
+}
+
+// ReLU((e − μ) k + β) of each window's extreme e: out [B, H/2, W/2, C], the forward's output.
+void pool_relu_of_extremes(long windows, long C, int threads, const Affine& A,
+                           const float* extremes, float* out) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (long r = 0; r < windows; r++)
+    for (long v = 0; v < C / LANES; v++) {
+      const vf best = (ld(extremes + r * C + v * LANES) - A.mu[v]) * A.k[v] + A.beta[v];
+      st(out + r * C + v * LANES, best <= 0.0f ? vf{} : best);  // ReLU (NaN stays NaN)
+    }
+}
+
+// The backward's sums Σ ∂y and Σ ∂y (x − μ) per channel (sums[0 .. C) and [C .. 2C)) over the
+// windows, x at each window's maximum: its extreme, from the forward; ∂y = ∂out where the ReLU
+// is on, else 0.
+std::vector<double> extreme_sums(long windows, long C, int threads, const float* extremes,
+                                 const float* d_out, const Affine& A) {
+  const long V = C / LANES;
+  std::vector<double> sums(2 * C);
+  channel_sums(windows, 2 * C, threads, [&](long first, long last, vd* acc) {
     for (long r = first; r < last; r++)
       for (long v = 0; v < V; v++) {
-        const vd d = wide(ld(x + r * C + v * LANES)) - shift[v];
-        acc[v] += d;
-        acc[V + v] += d * d;
+        const vf centred = ld(extremes + r * C + v * LANES) - A.mu[v];
+        const vd dy = wide(centred * A.k[v] + A.beta[v] > 0.0f ? ld(d_out + r * C + v * LANES)
+                                                               : vf{});
+        acc[v] += dy;
+        acc[V + v] += dy * wide(centred);
       }
   }, sums.data());
-  moments(pixels, C, shift, sums.data(), eps, mean, var, invstd);
+  return sums;
 }
 
 // A first block's 3x3 convolution (padding 1, stride 1, no bias) of x [B, H, W, G·Cin] (NHWC) by
@@ -336,16 +414,10 @@ void conv_pool_relu(const FirstConv<CIN, K>& conv, int threads, const Affine& A,
       }
 }
 
-// The first pass of a first block's forward with the batch's statistics: the convolution's
-// outputs, computed once, give the batch's statistics (shifted sums in double about the first
-// pixel's outputs, as batch_statistics takes them of x) and each window's output at the maximum
-// of the normalised values, extremes [B, H/2, W/2, C], found before the statistics are known:
-// the normalisation (y − μ) k + β is monotone in y, its rounding too, so that maximum is at the
-// window's largest output where γ > 0, its smallest where γ < 0, and its first where γ = 0 (all
-// equal; a NaN output wins, as in WindowOf). The sums run over row pairs (b, i) in order, per
-// pair its windows' four pixels, then a pixel of an odd last column (an odd last row is a pair
-// of its own), in float per row pair and channel, those added in double in blocks of about ROWS
-// pixels: the same bits for any thread count.
+// The first pass of a first block's forward with the batch's statistics, as
+// statistics_and_extremes takes it of x: the convolution's outputs, computed once, give the
+// batch's statistics and each window's extreme, extremes [B, H/2, W/2, C], the sums in the same
+// order (row pairs in order; the windows' pixels, then those in no window).
 template <int CIN, int K>
 void conv_statistics_and_extremes(const FirstConv<CIN, K>& conv, int threads,
                                   const float* gamma, float eps, float* mean, float* var,
@@ -360,9 +432,8 @@ void conv_statistics_and_extremes(const FirstConv<CIN, K>& conv, int threads,
     for (int k = 0; k < K; k++) base[v / 2 + k] = y[0][k];
     for (long u = v; u < v + 2 * K; u++) shift[u] = wide(half(y[0][(u - v) / 2], u));
   }
-  vf sign[MAX_VECTORS];  // +1 where γ > 0, −1 where γ < 0, 0 elsewhere (0 or NaN)
-  for (long c = 0; c < C; c++)
-    sign[c / LANES][c % LANES] = gamma[c] > 0.0f ? 1.0f : gamma[c] < 0.0f ? -1.0f : 0.0f;
+  vf sign[MAX_VECTORS];
+  signs_of(C, gamma, sign);
   std::vector<double> sums(2 * C);
   channel_sums(B * row_pairs, 2 * C, threads, [&](long first, long last, vd* acc) {
     for (long row = first; row < last; row++) {
@@ -384,13 +455,8 @@ void conv_statistics_and_extremes(const FirstConv<CIN, K>& conv, int threads,
           add(y, 4);
           float* e = extremes + ((b * Ho + i) * Wo + j) * C + v * LANES;
           for (int k = 0; k < K; k++) {
-            const vf2 s = ld2(&sign[v + 2 * k]);
-            vf2 best = y[0][k];
-            for (int q = 1; q < 4; q++) {
-              const vf2 x = y[q][k];
-              best = (s * x > s * best) | (x != x) ? x : best;
-            }
-            st2(e + 2 * k * LANES, best);
+            const vf2 window[4] = {y[0][k], y[1][k], y[2][k], y[3][k]};
+            st2(e + 2 * k * LANES, extreme(window, ld2(&sign[v + 2 * k])));
           }
         }
         for (long h = 2 * i; h < std::min(H, 2 * i + 2); h++)
@@ -405,26 +471,18 @@ void conv_statistics_and_extremes(const FirstConv<CIN, K>& conv, int threads,
         }
       }
     }
-  }, sums.data(), std::max(1L, ROWS / (2 * W)));
+  }, sums.data(), row_pairs_per_block(W));
   moments(B * H * W, C, shift, sums.data(), eps, mean, var, invstd);
 }
 
-// ReLU((e − μ) k + β) of each window's extreme e (conv_statistics_and_extremes): out
-// [B, H/2, W/2, C], what conv_pool_relu computes from the convolution's outputs.
-void pool_relu_of_extremes(long windows, long C, int threads, const Affine& A,
-                           const float* extremes, float* out) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (long r = 0; r < windows; r++)
-    for (long v = 0; v < C / LANES; v++) {
-      const vf best = (ld(extremes + r * C + v * LANES) - A.mu[v]) * A.k[v] + A.beta[v];
-      st(out + r * C + v * LANES, best <= 0.0f ? vf{} : best);  // ReLU (NaN stays NaN)
-    }
-}
-
 // Pieces of a first block's weight gradient: rows of windows (b, i) cut into pieces fixed by the
-// shape alone, each piece's sums taken in float on whichever thread gets it, the pieces then
-// added in order in double: the same bits for any thread count.
+// shape alone (about PIECE_WORK multiply-adds each, at most MAX_GRADIENT_PIECES), each piece's
+// sums taken in float on whichever thread gets it, the pieces then added in order in double:
+// the same bits for any thread count. (A piece per row pair made adding the pieces a third of
+// the backward of 8 episodes' 5 support images at 28x28.)
 constexpr long MAX_GRADIENT_PIECES = 128;
+constexpr double PIECE_WORK = 1 << 21;  // multiply-adds a piece should hold at least (adding
+                                        // a piece's sums costs about one of its rows' work)
 
 // The first block's backward with the batch's statistics, as metalstm_block_backward computes
 // it from x = the convolution's outputs: its sums from the forward's extremes (each window's
@@ -448,24 +506,16 @@ void conv_block_backward(const FirstConv<CIN, K>& conv, int threads, const float
     dy = win.best > 0.0f ? ld2(d + u * LANES) : vf2{};
     return win;
   };
-  // Σ ∂y and Σ ∂y (x − μ) per channel, x at each window's maximum: the forward's extremes
-  std::vector<double> sums(2 * C);
-  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
-    for (long r = first; r < last; r++)
-      for (long v = 0; v < V; v++) {
-        const vf centred = ld(extremes + r * C + v * LANES) - A.mu[v];
-        const vd dy = wide(centred * A.k[v] + A.beta[v] > 0.0f ? ld(d_out + r * C + v * LANES)
-                                                               : vf{});
-        acc[v] += dy;
-        acc[V + v] += dy * wide(centred);
-      }
-  }, sums.data());
+  const std::vector<double> sums = extreme_sums(B * Ho * Wo, C, threads, extremes, d_out, A);
   // ∂x = k ∂y + a + s (x − μ) at each pixel of the convolution's output (as
   // metalstm_block_backward computes it), row pair by row pair, then into dW
   vf a[MAX_VECTORS], s[MAX_VECTORS];
   backward_coefficients(C, pixels, sums.data(), invstd.data(), A, false, d_gamma, d_beta, a, s);
   const long row_pairs = (H + 1) / 2, rows = B * row_pairs;
-  const long pieces = std::min(rows, MAX_GRADIENT_PIECES), width = 9 * CIN * C;
+  const long width = 9 * CIN * C;
+  const double work = double(B) * H * W * width;  // the weight gradient's multiply-adds
+  const long pieces = std::clamp(long(std::ceil(work / PIECE_WORK)), 1L,
+                                 std::min(rows, MAX_GRADIENT_PIECES));
   const std::unique_ptr<float[]> partial(new float[pieces * width]);
 #pragma omp parallel num_threads(threads)
   {
@@ -553,7 +603,7 @@ void with_first_conv(long B, long H, long W, long Cin, long C, long G, int threa
 
 extern "C" {
 
-int metalstm_block_abi() { return 6; }
+int metalstm_block_abi() { return 7; }
 
 // Whether the learner should run a first block with its convolution fused (layers.fuses_conv):
 // where this build vectorises it well, on AVX-512. Built for AVX2, the fused block took 3-27
@@ -570,16 +620,22 @@ long metalstm_block_fuses_conv() {
 
 // Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) per channel, writing out
 // [B, H/2, W/2, C]. given = 0: μ and σ² are the batch's mean and biased variance, written to
-// mean and var [C]; given = 1: they are read from mean and var.
+// mean and var [C], in one pass over x that also writes each window's input at its maximum to
+// extremes [B, H/2, W/2, C] (for the backward), then one over those; given = 1: they are read
+// from mean and var, in one pass (no extremes).
 void metalstm_block_forward(long B, long H, long W, long C, int threads, const float* x,
                             const float* gamma, const float* beta, float eps, float* out,
-                            float* mean, float* var, int given) {
+                            float* mean, float* var, float* extremes, int given) {
   const long Ho = H / 2, Wo = W / 2, V = C / LANES;
   std::vector<float> invstd(C);
-  if (given)
-    invstd = inverse_deviations(C, var, eps);
-  else
-    batch_statistics(B * H * W, C, threads, x, eps, mean, var, invstd.data());
+  if (!given) {
+    statistics_and_extremes(B, H, W, C, threads, x, gamma, eps, mean, var, invstd.data(),
+                            extremes);
+    pool_relu_of_extremes(B * Ho * Wo, C, threads, affine(C, mean, invstd.data(), gamma, beta),
+                          extremes, out);
+    return;
+  }
+  invstd = inverse_deviations(C, var, eps);
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
   const Pixels px{H, W, C};
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
@@ -596,14 +652,15 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
       }
 }
 
-// Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean and var:
-// ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015; given = 1: the statistics are constants,
-// so ∂x = k ∂y). The pooling and ReLU gradient is ∂y = ∂out at each window's maximum, found again
-// from x exactly as the forward found it, where the maximum is positive, and 0 elsewhere.
+// Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean and var
+// (and extremes, given = 0): ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015; given = 1: the
+// statistics are constants, so ∂x = k ∂y). The pooling and ReLU gradient is ∂y = ∂out at each
+// window's maximum, found again from x exactly as the forward found it, where the maximum is
+// positive, and 0 elsewhere; the sums over it take the forward's extremes (given = 0).
 void metalstm_block_backward(long B, long H, long W, long C, int threads, const float* x,
-                             const float* d_out, const float* gamma, const float* beta,
-                             const float* mean, const float* var, float eps, float* d_x,
-                             float* d_gamma, float* d_beta, int given) {
+                             const float* extremes, const float* d_out, const float* gamma,
+                             const float* beta, const float* mean, const float* var, float eps,
+                             float* d_x, float* d_gamma, float* d_beta, int given) {
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
   const std::vector<float> invstd = inverse_deviations(C, var, eps);
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
@@ -621,26 +678,28 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
     dx[3] = d_x + base + (W + 1) * C;
   };
   // Σ ∂y and Σ ∂y (x − μ) per channel: sums[0 .. C) and sums[C .. 2C); with given statistics
-  // the windows' ∂x in the same pass.
+  // from x, the windows' ∂x in the same pass.
   std::vector<double> sums(2 * C);
-  channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
-    WindowCursor at(Ho, Wo, first);
-    for (long r = first; r < last; r++, at.next()) {
-      const float* p[4];
-      px.of(x, at.b, at.i, at.j, p);
-      float* dx[4];
-      if (given) window_gradients(at.b, at.i, at.j, dx);
-      for (long v = 0; v < V; v++) {
-        const Window win = window(p, v, A);
-        vf dy, x_at;
-        pooled_gradient(win, d_out + r * C + v * LANES, dy, x_at);
-        acc[v] += wide(dy);
-        acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
-        if (given)
+  if (given)
+    channel_sums(B * Ho * Wo, 2 * C, threads, [&](long first, long last, vd* acc) {
+      WindowCursor at(Ho, Wo, first);
+      for (long r = first; r < last; r++, at.next()) {
+        const float* p[4];
+        px.of(x, at.b, at.i, at.j, p);
+        float* dx[4];
+        window_gradients(at.b, at.i, at.j, dx);
+        for (long v = 0; v < V; v++) {
+          const Window win = window(p, v, A);
+          vf dy, x_at;
+          pooled_gradient(win, d_out + r * C + v * LANES, dy, x_at);
+          acc[v] += wide(dy);
+          acc[V + v] += wide(dy) * wide(x_at - A.mu[v]);
           for (int q = 0; q < 4; q++) st(dx[q] + v * LANES, win.at == q ? A.k[v] * dy : vf{});
+        }
       }
-    }
-  }, sums.data());
+    }, sums.data());
+  else
+    sums = extreme_sums(B * Ho * Wo, C, threads, extremes, d_out, A);
   // ∂x = k ∂y + a + s (x − μ), with a = −k mean(∂y), s = −k / σ · mean(∂y x̂) through the
   // batch's statistics (a = s = 0 for given ones)
   vf a[MAX_VECTORS], s[MAX_VECTORS];
