@@ -3,17 +3,18 @@
 // given ones (``given``: running statistics, layers.normalise_pool_relu). The PyTorch
 // composition makes about ten passes over the [B, C, H, W] activations each way (statistics,
 // centring, squares, normalisation, pooling with int64 indices, ReLU, then the zero-filled
-// max-pool gradient and batch norm's backward); here the forward reads x twice (the sums for
-// mean and variance, then normalise-and-pool) and writes only the pooled output, and the
-// backward reads x twice (the sums, then ∂x), finding each window's maximum again rather than
-// storing it. With given statistics each reads x once: no statistics to sum forward, and ∂x,
-// which does not depend on the sums then, written in the same pass as them. A first block (1-4
-// input channels: an image's) computes its 3x3 convolution inside its passes (FirstConv;
-// metalstm_conv_block_forward and _backward, layers.conv_batch_norm_pool_relu and
-// conv_normalise_pool_relu): its [B, H, W, C] output is never written. With the batch's
-// statistics the forward computes it once, for the sums and each window's output at its maximum
-// (a pooled-size tensor, kept for the backward), the backward once more, for ∂x, which it takes
-// into the convolution's weight gradient instead of writing it.
+// max-pool gradient and batch norm's backward). Here, with the batch's statistics, the forward
+// reads x once: the sums for mean and variance, and each window's input at its maximum (its
+// extreme: the normalisation is monotone, so it is known before the statistics are), a quarter
+// of x written for the backward; a pass over the extremes then writes the pooled output. The
+// backward takes its sums from the extremes and ∂out, then reads x once for ∂x, finding each
+// window's maximum again rather than storing its position. With given statistics each reads x
+// once: no statistics to sum forward, and ∂x, which does not depend on the sums then, written
+// in the same pass as them. A first block (1-4 input channels: an image's) computes its 3x3
+// convolution inside its passes (FirstConv; metalstm_conv_block_forward and _backward,
+// layers.conv_batch_norm_pool_relu and conv_normalise_pool_relu): its [B, H, W, C] output is
+// never written, computed once forward and once back, where ∂x is taken into the
+// convolution's weight gradient instead of being written.
 // Built and loaded by metalstm/native.py (optional: needs a C++ compiler).
 //
 // Layout: x [B, H, W, C] (NHWC, channels contiguous, C a multiple of 8), pooled tensors
@@ -21,9 +22,9 @@
 // PyTorch's max-pool, and rows or columns left over by an odd side belong to no window
 // (PyTorch's floor mode).
 //
-// Determinism: every sum over pixels is taken in double, per block of ROWS pixels (a first
-// block's statistics: in float per row pair first), and the block sums added in block order, so
-// the results do not depend on the number of threads.
+// Determinism: every sum over pixels is taken in double, per block of about ROWS pixels (the
+// forward's statistics: in float per row pair first), and the block sums added in block order,
+// so the results do not depend on the number of threads.
 
 #include <algorithm>
 #include <cmath>
