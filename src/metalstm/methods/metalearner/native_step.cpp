@@ -273,17 +273,6 @@ void copy_rows(const float* src, long rows, long n, long j, long count, long wid
   }
 }
 
-// Prefetches columns j .. j + count − 1 of every row of `rows` (row stride n) into the cache.
-template <long N>
-void prefetch_columns(const Rows (&rows)[N], long n, long j, long count) {
-  for (const Rows& r : rows)
-    for (long k = 0; r.p && k < r.rows; k++) {
-      const float* p = r.p + k * n + j;
-      for (long f = 0; f < count; f += 16) __builtin_prefetch(p + f);
-      __builtin_prefetch(p + count - 1);
-    }
-}
-
 // f(V, column) on the vectors of a block `width` columns wide: on AVX-512 two at a time (V = 2:
 // twice the independent chains in the step's products and activations; on the AVX-512 Xeon the
 // forward took 5-6 % less time, the chain backward 4-5 %), the last one alone where their number
@@ -744,10 +733,8 @@ void metalstm_step_forward(long E, long n, long H, int threads, const float* fea
       for (long t = 0; t < F_NOUT; t++)
         out_e[t] = {out[t].p ? out[t].p + e * out[t].rows * n : nullptr, out[t].rows};
       const Params P{H, W, b + e * 4 * H, W2, b2};
-      const long next = j + BLOCK;  // the next block's inputs, fetched while this one computes
       run_block(in_e, out_e, n, j, std::min(BLOCK, n - j), buffer, stream,
                 [&](auto V, auto& i, At src, auto& o, At dst) {
-                  if (next + src.column < n) prefetch_columns(in_e, n, next + src.column, V * L);
                   forward_vector<V>(P, i, src, o, dst);
                 },
                 [](auto&, long) {});
@@ -868,13 +855,7 @@ void metalstm_chain_backward(long n, long H, int threads, long T, const float* c
                                    {nullptr, 1}};
       const Params P{H, W[s], b[s], W2, nullptr};
       sums.clear();
-      // step t − 1's input rows at this block's columns, fetched while step t computes
-      const Rows previous[7] = {{s ? features[s - 1] : nullptr, 2}, {s ? h[s - 1] : nullptr, H},
-                                {s ? c[s - 1] : nullptr, H},        {s ? theta[s - 1] : nullptr, 1},
-                                {s ? prev_logits[s - 1] : nullptr, 2},
-                                {s ? grad[s - 1] : nullptr, 1},     {s ? gates[s - 1] : nullptr, 2}};
       for_each_vector_pair(width, [&](auto V, long col) {
-        if (col < count) prefetch_columns(previous, n, j + col, std::min(V * L, count - col));
         backward_vector<V>(P, true, in, At{pitch, col}, out, At{pitch, col}, sums);
       });
       block_parameter_sums(H, sums, x, pitch, width,
