@@ -959,6 +959,28 @@ def test_native_block_tail_matches_pytorch(shape: tuple[int, ...]) -> None:
 
 
 @needs_native_block
+def test_native_block_tail_matches_pytorch_where_windows_tie() -> None:
+    """Activations on a coarse grid (many windows whose maximum, or minimum, is shared by two or
+    more pixels; γ of both signs and 0): the forward's extremes are the first of the tied pixels,
+    where PyTorch's max-pool sends the gradient, so every gradient agrees."""
+    x, *params = tail_inputs((4, 24, 10, 10))
+    x = x.detach().round().contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    inputs = [x, *params]
+    windows = x.detach().unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # [B, C, 5, 5, 4]
+    assert (windows == windows.amax(-1, keepdim=True)).sum(-1).gt(1).float().mean() > 0.2
+    native_out = layers._NativeTail.apply(*inputs, 1e-5)
+    torch_out = layers._reference_tail(*inputs, 1e-5)
+    for a, b in zip(native_out, torch_out):
+        assert_close(a, b, rtol=1e-6)
+    d_out = torch.randn(native_out[0].shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(native_out[0], inputs, d_out)
+    want = torch.autograd.grad(torch_out[0], inputs, d_out)
+    for a, b in zip(got, want):
+        assert_close(a, b, rtol=2e-6, atol=1e-6)
+
+
+@needs_native_block
 def test_native_block_statistics_hold_far_from_zero() -> None:
     """Mean and variance from one pass of shifted sums: a mean 100 standard deviations from 0
     still gives float64's statistics to float32 rounding."""
@@ -1221,6 +1243,34 @@ def test_first_block_with_batch_statistics_fused_matches_pytorch(
         again = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
         assert all(torch.equal(a, b) for a, b in zip(got, again))
     torch.set_num_threads(1)
+
+
+@needs_native_block
+def test_first_block_with_batch_statistics_fused_matches_pytorch_on_binary_images() -> None:
+    """Binary images with flat regions, as Omniglot's are: there windows' convolution outputs
+    tie exactly; the fused block (its extremes the first of the tied pixels, as
+    PyTorch's max-pool takes) against PyTorch's operators in float64."""
+    x, weight, _, _, gamma, beta = first_block_inputs(6, 1, 32, (28, 28), 2)
+    strokes = torch.rand(6, 2, 7, 7, generator=torch.Generator().manual_seed(3)) > 0.6
+    x = strokes.float().repeat_interleave(4, 2).repeat_interleave(4, 3)  # flat 4x4 regions
+    x = x.contiguous(memory_format=torch.channels_last)
+    gamma[::5] = 0.0
+    shift = torch.zeros(weight.shape[0])
+    y = F.conv2d(x, weight, padding=1, groups=2)
+    windows = y.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # [B, C, 14, 14, 4]
+    assert (windows == windows.amax(-1, keepdim=True)).sum(-1).gt(1).float().mean() > 0.2
+    got = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
+
+    def reference(x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, _: float):
+        y = F.conv2d(x.double(), weight.double(), padding=1, groups=x.shape[1] // weight.shape[1])
+        y = y + shift.double().view(1, -1, 1, 1)
+        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+        return reference_first_block(x, weight, None, None, gamma, beta, shift), mean, var
+
+    want = first_block_gradients(reference, x, weight, shift, gamma, beta)
+    for name, a, b in zip(["out", "mean", "var", "weight", "shift", "γ", "β"], got, want):
+        if name != "shift":
+            assert_close(a.double(), b, rtol=2e-5, atol=1e-6), name
 
 
 @needs_native_block
