@@ -12,8 +12,11 @@ above 32 MB of outputs with streaming stores) and as evaluation runs it (``keep=
 first-order chain backward of ``--steps`` steps (``metalstm_chain_backward``, per step), beside
 the rates ``benchmarks/throughput.py``'s LSTM floor assumes for the same work (PyTorch's
 ``sigmoid``, ``tanh`` and ``mm`` on this machine): the forward's activations and product, the
-backward's two products. The same inputs serve every call, so at the smaller sizes some may
-still be in the cache, as in an episode they are not. The last line names the CPU: timings
+backward's two products. The same inputs serve every call, so some may still be in the cache,
+as in an episode they are not; the second column times ``--steps`` forward steps chained as an
+episode runs them (each step's state the last's output, its outputs new tensors; per step),
+which on the AVX-512 Xeon took 4-25 % longer than the first in three runs of 12 steps (session
+29). The last line names the CPU: timings
 compare only within one run (for a before and after, run this script in alternation with
 ``PYTHONPATH`` at each checkout's ``src``).
 """
@@ -58,9 +61,9 @@ def step_inputs(n: int, generator: torch.Generator) -> list[Tensor]:
     ]
 
 
-def chain(n: int, steps: int, generator: torch.Generator) -> tuple[tuple[Tensor, ...], ...]:
-    """What ``steps`` forward steps save for the chain backward, each step's state the last's."""
-    inputs = step_inputs(n, generator)
+def chain(inputs: list[Tensor], steps: int) -> tuple[tuple[Tensor, ...], ...]:
+    """What ``steps`` forward steps from ``inputs`` save for the chain backward, each step's
+    state the last's, its outputs new tensors: as an episode's steps run."""
     saved = []
     for _ in range(steps):
         out = native.step_forward(HIDDEN, *inputs)
@@ -87,13 +90,14 @@ def row(n: int, label: str, args: argparse.Namespace, floors: tuple[float, float
     inputs = step_inputs(n, generator)
     per = 1e6 / n  # ms per call -> ns per coordinate
     train = median_ms(lambda: native.step_forward(HIDDEN, *inputs), args.repeats)
+    chained = median_ms(lambda: chain(inputs, args.steps), args.repeats) / args.steps
     evaluation = median_ms(lambda: native.step_forward(HIDDEN, *inputs, keep=False), args.repeats)
-    steps = chain(n, args.steps, generator)
+    steps = chain(inputs, args.steps)
     d_theta = torch.randn(n, generator=generator)
     backward = median_ms(lambda: native.chain_backward(HIDDEN, steps, d_theta), args.repeats)
     return (
-        f"| {n:,} ({label}) | {train * per:.1f} | {evaluation * per:.1f} | {floors[0]:.1f} "
-        f"| {backward * per / args.steps:.1f} | {floors[1]:.1f} |"
+        f"| {n:,} ({label}) | {train * per:.1f} | {chained * per:.1f} | {evaluation * per:.1f} "
+        f"| {floors[0]:.1f} | {backward * per / args.steps:.1f} | {floors[1]:.1f} |"
     )
 
 
@@ -108,10 +112,10 @@ def main() -> None:
         raise SystemExit(f"native step kernels unavailable here: {native.status()}")
     floors = floor_ns(run_machine())
     print(
-        "| coordinates | forward, meta-training (ns) | forward, evaluation (ns) | floor (ns) "
-        "| chain backward, per step (ns) | floor (ns) |"
+        "| coordinates | forward, meta-training (ns) | the same, --steps chained (ns) "
+        "| forward, evaluation (ns) | floor (ns) | chain backward, per step (ns) | floor (ns) |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n, label in SIZES:
         print(row(n, label, args, floors))
     print(f"\nmachine: {cpu_name()}, {args.threads} threads; hidden size {HIDDEN}")
