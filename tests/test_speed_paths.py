@@ -967,8 +967,7 @@ def test_native_block_tail_matches_pytorch_where_windows_tie() -> None:
     x = x.detach().round().contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     inputs = [x, *params]
-    windows = x.detach().unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # [B, C, 5, 5, 4]
-    assert (windows == windows.amax(-1, keepdim=True)).sum(-1).gt(1).float().mean() > 0.2
+    assert tied_window_share(x.detach()) > 0.2
     native_out = layers._NativeTail.apply(*inputs, 1e-5)
     torch_out = layers._reference_tail(*inputs, 1e-5)
     for a, b in zip(native_out, torch_out):
@@ -1197,6 +1196,25 @@ def test_first_block_fused_with_its_convolution_matches_pytorch(
     torch.set_num_threads(1)
 
 
+def reference_batch_block(
+    x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, _eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``layers._NativeConvTail`` returns, by PyTorch's operators in float64: the first
+    block's output with the batch's statistics (:func:`reference_first_block`), and the mean and
+    biased variance of the convolution plus ``shift``."""
+    y = F.conv2d(x.double(), weight.double(), padding=1, groups=x.shape[1] // weight.shape[1])
+    y = y + shift.double().view(1, -1, 1, 1)
+    mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+    return reference_first_block(x, weight, None, None, gamma, beta, shift), mean, var
+
+
+def tied_window_share(y: Tensor) -> float:
+    """The share of y's 2x2 windows (y [B, C, H, W], even sides) whose maximum two or more
+    pixels take."""
+    windows = y.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # [B, C, H/2, W/2, 4]
+    return (windows == windows.amax(-1, keepdim=True)).sum(-1).gt(1).float().mean().item()
+
+
 def first_block_gradients(
     block: Any, x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor
 ) -> list[Tensor]:
@@ -1213,25 +1231,18 @@ def first_block_gradients(
 def test_first_block_with_batch_statistics_fused_matches_pytorch(
     shape: tuple[int, int, int, tuple[int, int], int],
 ) -> None:
-    """The first block with the batch's statistics, its convolution computed again in each pass
-    of the native kernels: output, mean, variance and the gradients of the conv weight, the
-    conv bias (exactly zero), γ and β against PyTorch's operators in float64 (the batch's
-    statistics through F.batch_norm, a conv bias that cancels), with γ of both signs and 0 (the
-    forward finds a window's maximum from its outputs' largest, smallest or first); the same
-    bits for any thread count."""
+    """The first block with the batch's statistics, its convolution computed inside the native
+    kernels (once forward, once back): output, mean, variance and the gradients of the conv
+    weight, the conv bias (exactly zero), γ and β against PyTorch's operators in float64 (the
+    batch's statistics through F.batch_norm, a conv bias that cancels), with γ of both signs and
+    0 (the forward finds a window's maximum from its outputs' largest, smallest or first); the
+    same bits for any thread count."""
     x, weight, _, _, gamma, beta = first_block_inputs(*shape)
     gamma[::7] = 0.0
     assert (gamma > 0).any() and (gamma < 0).any()
     shift = torch.linspace(-0.3, 0.3, weight.shape[0])
     got = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
-
-    def reference(x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, _: float):
-        y = F.conv2d(x.double(), weight.double(), padding=1, groups=x.shape[1] // weight.shape[1])
-        y = y + shift.double().view(1, -1, 1, 1)
-        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-        return reference_first_block(x, weight, None, None, gamma, beta, shift), mean, var
-
-    want = first_block_gradients(reference, x, weight, shift, gamma, beta)
+    want = first_block_gradients(reference_batch_block, x, weight, shift, gamma, beta)
     for name, a, b in zip(["out", "mean", "var", "weight", "shift", "γ", "β"], got, want):
         if name == "shift":  # the bias cancels: exactly zero here, rounding noise in float64
             assert torch.equal(a, torch.zeros_like(a)) and b.abs().max() < 1e-9
@@ -1256,18 +1267,9 @@ def test_first_block_with_batch_statistics_fused_matches_pytorch_on_binary_image
     x = x.contiguous(memory_format=torch.channels_last)
     gamma[::5] = 0.0
     shift = torch.zeros(weight.shape[0])
-    y = F.conv2d(x, weight, padding=1, groups=2)
-    windows = y.unfold(2, 2, 2).unfold(3, 2, 2).flatten(-2)  # [B, C, 14, 14, 4]
-    assert (windows == windows.amax(-1, keepdim=True)).sum(-1).gt(1).float().mean() > 0.2
+    assert tied_window_share(F.conv2d(x, weight, padding=1, groups=2)) > 0.2
     got = first_block_gradients(layers._NativeConvTail.apply, x, weight, shift, gamma, beta)
-
-    def reference(x: Tensor, weight: Tensor, shift: Tensor, gamma: Tensor, beta: Tensor, _: float):
-        y = F.conv2d(x.double(), weight.double(), padding=1, groups=x.shape[1] // weight.shape[1])
-        y = y + shift.double().view(1, -1, 1, 1)
-        mean, var = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
-        return reference_first_block(x, weight, None, None, gamma, beta, shift), mean, var
-
-    want = first_block_gradients(reference, x, weight, shift, gamma, beta)
+    want = first_block_gradients(reference_batch_block, x, weight, shift, gamma, beta)
     for name, a, b in zip(["out", "mean", "var", "weight", "shift", "γ", "β"], got, want):
         if name != "shift":
             assert_close(a.double(), b, rtol=2e-5, atol=1e-6), name
