@@ -138,11 +138,11 @@ _CONV_DIMS = (ctypes.c_long,) * 6 + (ctypes.c_int,)  # B, H, W, C_in, C, G, thre
 _P, _EPS = ctypes.c_void_p, ctypes.c_float
 BLOCK_SOURCE = native.NativeSource(
     Path(__file__).with_name("learner_block.cpp"),
-    constants=(("metalstm_block_abi", 7),),
+    constants=(("metalstm_block_abi", 8),),
     functions=(
-        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, *[_P] * 4, ctypes.c_int)),
-        ("metalstm_block_backward", (*_DIMS, *[_P] * 7, _EPS, _P, _P, _P, ctypes.c_int)),
-        ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 4, ctypes.c_int)),
+        ("metalstm_block_forward", (*_DIMS, _P, _P, _P, _EPS, *[_P] * 4)),
+        ("metalstm_block_backward", (*_DIMS, *[_P] * 7, _EPS, _P, _P, _P)),
+        ("metalstm_conv_block_forward", (*_CONV_DIMS, *[_P] * 4, _EPS, *[_P] * 4)),
         ("metalstm_conv_block_backward", (*_CONV_DIMS, *[_P] * 8, _EPS, *[_P] * 3)),
     ),
 )
@@ -268,7 +268,7 @@ def _native_forward(
         b, h, w, c, torch.get_num_threads(),
         x_nhwc.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
         out.data_ptr(), mean.data_ptr(), var.data_ptr(),
-        None if extremes is None else extremes.data_ptr(), int(extremes is None),
+        native.pointer(extremes),
     )  # fmt: skip
     return out
 
@@ -293,9 +293,9 @@ def _native_backward(
     mean, var = mean.detach().contiguous(), var.detach().contiguous()
     native.library(BLOCK_SOURCE).metalstm_block_backward(
         b, h, w, c, torch.get_num_threads(),
-        x.data_ptr(), None if extremes is None else extremes.data_ptr(), d_out.data_ptr(),
+        x.data_ptr(), native.pointer(extremes), d_out.data_ptr(),
         weight_c.data_ptr(), bias_c.data_ptr(), mean.data_ptr(), var.data_ptr(), eps,
-        d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(), int(extremes is None),
+        d_x.data_ptr(), d_weight.data_ptr(), d_bias.data_ptr(),
     )  # fmt: skip
     return d_x, d_weight, d_bias
 
@@ -568,7 +568,7 @@ def _native_conv_forward(
         b, h, w, inputs, filters, x.shape[1] // inputs, torch.get_num_threads(),
         x_nhwc.data_ptr(), kernel.data_ptr(), weight_c.data_ptr(), bias_c.data_ptr(), eps,
         out.data_ptr(), mean.data_ptr(), var.data_ptr(),
-        None if extremes is None else extremes.data_ptr(), int(extremes is None),
+        native.pointer(extremes),
     )  # fmt: skip
     return out
 

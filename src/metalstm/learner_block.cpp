@@ -1,6 +1,6 @@
 // The learner block's batch norm, 2x2 max-pool and ReLU as one forward and one backward over
 // channels-last tensors: with the batch's own statistics (layers.batch_norm_pool_relu) or with
-// given ones (``given``: running statistics, layers.normalise_pool_relu). The PyTorch
+// given ones (running statistics: a null `extremes`, layers.normalise_pool_relu). The PyTorch
 // composition makes about ten passes over the [B, C, H, W] activations each way (statistics,
 // centring, squares, normalisation, pooling with int64 indices, ReLU, then the zero-filled
 // max-pool gradient and batch norm's backward). Here, with the batch's statistics, the forward
@@ -604,7 +604,7 @@ void with_first_conv(long B, long H, long W, long Cin, long C, long G, int threa
 
 extern "C" {
 
-int metalstm_block_abi() { return 7; }
+int metalstm_block_abi() { return 8; }
 
 // Whether the learner should run a first block with its convolution fused (layers.fuses_conv):
 // where this build vectorises it well, on AVX-512. Built for AVX2, the fused block took 3-27
@@ -620,16 +620,16 @@ long metalstm_block_fuses_conv() {
 }
 
 // Forward: out = ReLU(max-pool(γ (x − μ) / sqrt(σ² + ε) + β)) per channel, writing out
-// [B, H/2, W/2, C]. given = 0: μ and σ² are the batch's mean and biased variance, written to
-// mean and var [C], in one pass over x that also writes each window's input at its maximum to
-// extremes [B, H/2, W/2, C] (for the backward), then one over those; given = 1: they are read
-// from mean and var, in one pass (no extremes).
+// [B, H/2, W/2, C]. With extremes [B, H/2, W/2, C]: μ and σ² are the batch's mean and biased
+// variance, written to mean and var [C], in one pass over x that also writes each window's
+// input at its maximum to extremes (for the backward), then one over those; extremes null
+// (given statistics): they are read from mean and var, in one pass.
 void metalstm_block_forward(long B, long H, long W, long C, int threads, const float* x,
                             const float* gamma, const float* beta, float eps, float* out,
-                            float* mean, float* var, float* extremes, int given) {
+                            float* mean, float* var, float* extremes) {
   const long Ho = H / 2, Wo = W / 2, V = C / LANES;
   std::vector<float> invstd(C);
-  if (!given) {
+  if (extremes) {
     statistics_and_extremes(B, H, W, C, threads, x, gamma, eps, mean, var, invstd.data(),
                             extremes);
     pool_relu_of_extremes(B * Ho * Wo, C, threads, affine(C, mean, invstd.data(), gamma, beta),
@@ -653,15 +653,16 @@ void metalstm_block_forward(long B, long H, long W, long C, int threads, const f
       }
 }
 
-// Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean and var
-// (and extremes, given = 0): ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015; given = 1: the
-// statistics are constants, so ∂x = k ∂y). The pooling and ReLU gradient is ∂y = ∂out at each
-// window's maximum, found again from x exactly as the forward found it, where the maximum is
-// positive, and 0 elsewhere; the sums over it take the forward's extremes (given = 0).
+// Backward of the forward above, given ∂out [B, H/2, W/2, C] and the forward's mean, var and
+// extremes: ∂x [B, H, W, C], ∂γ and ∂β [C] (Ioffe & Szegedy 2015; extremes null, given
+// statistics: they are constants, so ∂x = k ∂y). The pooling and ReLU gradient is ∂y = ∂out at
+// each window's maximum, found again from x exactly as the forward found it, where the maximum
+// is positive, and 0 elsewhere; with the batch's statistics the sums over it take the extremes.
 void metalstm_block_backward(long B, long H, long W, long C, int threads, const float* x,
                              const float* extremes, const float* d_out, const float* gamma,
                              const float* beta, const float* mean, const float* var, float eps,
-                             float* d_x, float* d_gamma, float* d_beta, int given) {
+                             float* d_x, float* d_gamma, float* d_beta) {
+  const bool given = extremes == nullptr;
   const long pixels = B * H * W, Ho = H / 2, Wo = W / 2, V = C / LANES;
   const std::vector<float> invstd = inverse_deviations(C, var, eps);
   const Affine A = affine(C, mean, invstd.data(), gamma, beta);
@@ -741,17 +742,17 @@ void metalstm_block_backward(long B, long H, long W, long C, int threads, const 
 }
 
 // A first block's forward with its convolution fused (FirstConv: its output is never written):
-// out [B, H/2, W/2, C] as metalstm_block_forward computes it from that output. given = 0: with
-// the batch's statistics, written to mean and var [C], in one pass of the convolution that also
-// writes each window's output at its maximum to extremes [B, H/2, W/2, C] (for the backward),
-// then one over those; given = 1: with the statistics read there, in one pass (no extremes).
+// out [B, H/2, W/2, C] as metalstm_block_forward computes it from that output. With extremes
+// [B, H/2, W/2, C]: with the batch's statistics, written to mean and var [C], in one pass of the
+// convolution that also writes each window's output at its maximum to extremes (for the
+// backward), then one over those; extremes null: with the statistics read there, in one pass.
 void metalstm_conv_block_forward(long B, long H, long W, long Cin, long C, long G, int threads,
                                  const float* x, const float* weight, const float* gamma,
                                  const float* beta, float eps, float* out, float* mean,
-                                 float* var, float* extremes, int given) {
+                                 float* var, float* extremes) {
   with_first_conv(B, H, W, Cin, C, G, threads, x, weight, [&](const auto& conv) {
     std::vector<float> invstd(C);
-    if (given) {
+    if (!extremes) {  // given statistics
       invstd = inverse_deviations(C, var, eps);
       conv_pool_relu(conv, threads, affine(C, mean, invstd.data(), gamma, beta), out);
       return;
