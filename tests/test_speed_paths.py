@@ -33,7 +33,7 @@ from conftest import small_config
 from metalstm import Config, MetaLSTM, build_method, layers, override
 from metalstm import native as metalstm_native
 from metalstm.bench import add_bench_arguments, bench_config, bench_main, episode_flops
-from metalstm.data import Episode
+from metalstm.data import Episode, Episodes
 from metalstm.inner_loop import SGD, run_inner_loop
 from metalstm.learner import BatchNormState, Learner, LearnerShape, to_channels_last
 from metalstm.methods.metalearner import CellState, MetaLearnerCell, native, preprocess
@@ -169,7 +169,7 @@ def perturbed_model(cfg: Config, seed: int = 1) -> MetaLSTM:
     return model
 
 
-def grads(model: MetaLSTM, loss: Tensor) -> dict[str, Tensor]:
+def grads(model: torch.nn.Module, loss: Tensor) -> dict[str, Tensor]:
     names = [name for name, _ in model.named_parameters()]
     return dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
 
@@ -1502,6 +1502,58 @@ def test_cuda_meta_gradient_and_logits_match_cpu() -> None:
     gpu.eval()
     logits = gpu.predict(ep_gpu.support_x, ep_gpu.support_y, ep_gpu.query_x).cpu()
     assert_close(logits, cpu.predict(ep.support_x, ep.support_y, ep.query_x), rtol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", ["lstm", "maml"])
+def test_cuda_batch_of_episodes_matches_cpu(method: str) -> None:
+    """The batched pass of three episodes (grouped convolutions, per-episode θ) on CUDA: the
+    meta-gradient and the adapted logits of the same float64 batch on the CPU."""
+    cfg = config(method=method, episode_batch=3)
+    cpu = build_method(cfg).double()
+    gpu = build_method(cfg).double()
+    gpu.load_state_dict(cpu.state_dict())
+    gpu.to("cuda")
+    episodes = [episode(cfg, seed=seed) for seed in range(3)]
+    batch = Episodes.stack(episodes)
+    on_gpu = Episodes.stack([e.to("cuda") for e in episodes])
+    cpu_grads = grads(cpu, cpu.meta_loss(batch).loss)
+    gpu_grads = grads(gpu, gpu.meta_loss(on_gpu).loss)
+    for name in cpu_grads:
+        assert_close(gpu_grads[name].cpu(), cpu_grads[name], rtol=1e-9, atol=1e-13)
+    with torch.no_grad():
+        expected = cpu.adapt(batch.support_x, batch.support_y)(batch.query_x)
+        actual = gpu.adapt(on_gpu.support_x, on_gpu.support_y)(on_gpu.query_x).cpu()
+    assert_close(actual, expected, rtol=1e-9)
+
+
+def test_the_prepared_gpu_check_runs_every_phase(tmp_path: Path) -> None:
+    """benchmarks/gpu.py, the script a session with a GPU runs (its dry run on the CPU): every
+    phase runs, and its four files hold the tables and figures of each timing phase."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    command = [sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    for phase in ("check", "batches", "meta-batch-32", "compile"):
+        assert f"| {phase} | ok |" in summary
+    assert "skipped" in (tmp_path / "check.txt").read_text()  # the CUDA tests, without CUDA
+    figures = json.loads((tmp_path / "throughput.json").read_text())
+    assert sorted(figures) == ["batches", "compile", "meta-batch-32"]
+    for phase in figures.values():
+        (runs,) = phase["runs"].values()
+        assert runs["28g-5w1s"][0]["s_per_episode"] > 0
+    assert summary.count("| 28g-5w1s |") == 3
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_the_gpu_check_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    command = [sys.executable, str(script), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no CUDA device here" in done.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_time_breakdown_charges_every_part_of_an_episode() -> None:
