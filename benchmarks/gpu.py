@@ -39,6 +39,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -112,26 +113,30 @@ def phases(args: argparse.Namespace, out: Path) -> list[Phase]:
 
 
 def run(phase: Phase, deadline: float, log: list[str]) -> None:
-    """Runs ``phase`` if time is left before ``deadline``, stopping it there."""
+    """Runs ``phase`` if time is left before ``deadline``, stopping it there with every process
+    it started (its own process group: throughput.py's workloads run in processes of their own,
+    which would otherwise go on beside the next phase)."""
     left = deadline - time.monotonic()
     if left < 10:
         return
     start = time.monotonic()
+    process = subprocess.Popen(
+        phase.command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            phase.command,
-            capture_output=True,
-            text=True,
-            env=environment(),
-            cwd=ROOT,
-            timeout=left,
-        )
-        phase.status = "ok" if done.returncode == 0 else f"failed (exit status {done.returncode})"
-        phase.stdout, stderr = done.stdout, done.stderr
-    except subprocess.TimeoutExpired as stopped:
+        phase.stdout, stderr = process.communicate(timeout=left)
+        code = process.returncode
+        phase.status = "ok" if code == 0 else f"failed (exit status {code})"
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        phase.stdout, stderr = process.communicate()
         phase.status = "stopped: over the budget"
-        phase.stdout = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else ""
-        stderr = stopped.stderr.decode() if isinstance(stopped.stderr, bytes) else ""
     phase.seconds = time.monotonic() - start
     log.append(f"## {phase.name}: {phase.status}\n$ {' '.join(phase.command)}\n{stderr}")
     if phase.json is not None and phase.json.is_file():
