@@ -9,7 +9,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=$(mktemp -d)
 git show 3438f19:src/metalstm/methods/metalearner/native_step.cpp > "$work/base.cpp"
-cp "$here/variants.py" "$here/forward_chain.cpp" "$here/chain_backward.cpp" "$work/"
+cp "$here/variants.py" "$here/episode.h" "$here/forward_chain.cpp" "$here/chain_backward.cpp" "$work/"
 (cd "$work" && python3 variants.py base.cpp && cp base.cpp units.cpp && patch -s -p5 units.cpp < "$here/units.patch")
 build() { g++ -O3 -march=native -fopenmp -DSRC="\"$work/$2.cpp\"" "$work/$1.cpp" -o "$work/$1_$2" 2>/dev/null; }
 forward=(base noact noprod none tiled fb1024 fb2048 units)
