@@ -43,7 +43,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,16 +64,16 @@ print(json.dumps(info))
 
 @dataclass
 class Phase:
-    """One step of the check: a command, whether it times workloads (its stdout then holds
-    tables and ``json`` its figures), and what became of it."""
+    """One step of the check: a command, where it writes its figures when it times workloads
+    (its stdout then holds the tables), and what became of it."""
 
     name: str
     command: list[str]
-    json: Path | None = None
+    figures_file: Path | None = None
     status: str = "skipped: over the budget"
     seconds: float = 0.0
     stdout: str = ""
-    figures: object = field(default=None)
+    figures: object = None
 
 
 def environment() -> dict[str, str]:
@@ -139,13 +139,14 @@ def run(phase: Phase, deadline: float, log: list[str]) -> None:
         phase.status = "stopped: over the budget"
     phase.seconds = time.monotonic() - start
     log.append(f"## {phase.name}: {phase.status}\n$ {' '.join(phase.command)}\n{stderr}")
-    if phase.json is not None and phase.json.is_file():
-        phase.figures = json.loads(phase.json.read_text())
-        phase.json.unlink()
+    if phase.figures_file is not None and phase.figures_file.is_file():
+        phase.figures = json.loads(phase.figures_file.read_text())
+        phase.figures_file.unlink()
 
 
 def device_info() -> dict[str, object]:
-    """The GPU (name, capability, memory), torch and CUDA versions, and the driver."""
+    """The GPU (name, capability, memory), torch and CUDA versions, and the driver; read in a
+    process of its own, so that this one holds no CUDA context while the phases run."""
     done = subprocess.run(
         [sys.executable, "-c", DEVICE_SCRIPT], capture_output=True, text=True, check=True
     )
@@ -209,12 +210,13 @@ def main() -> int:
         print(f"gpu.py: {phase.name} ...", file=sys.stderr, flush=True)
         run(phase, deadline, log)
         print(f"gpu.py: {phase.name}: {phase.status}", file=sys.stderr, flush=True)
-    (args.out / "summary.md").write_text(summary(info, done, args))
+    report = summary(info, done, args)
+    (args.out / "summary.md").write_text(report)
     (args.out / "check.txt").write_text(done[0].stdout)
     figures = {p.name: p.figures for p in done if p.figures is not None}
     (args.out / "throughput.json").write_text(json.dumps(figures, indent=2) + "\n")
     (args.out / "log.txt").write_text("\n".join(log))
-    print((args.out / "summary.md").read_text())
+    print(report)
     return 0 if all(p.status == "ok" for p in done) else 1
 
 

@@ -136,6 +136,8 @@ def reference_predict(model: MetaLSTM, episode: Episode) -> Tensor:
 
 # -- helpers -----------------------------------------------------------------------------------
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"  # the scripts the tests run
+
 
 def config(**changes: Any) -> Config:
     return small_config(**{"filters": 4, **changes})
@@ -1272,7 +1274,7 @@ def test_first_block_with_batch_statistics_fused_matches_pytorch_on_binary_image
     want = first_block_gradients(reference_batch_block, x, weight, shift, gamma, beta)
     for name, a, b in zip(["out", "mean", "var", "weight", "shift", "γ", "β"], got, want):
         if name != "shift":
-            assert_close(a.double(), b, rtol=2e-5, atol=1e-6), name
+            assert_close(a.double(), b, rtol=2e-5, atol=1e-6)
 
 
 @needs_native_block
@@ -1530,7 +1532,7 @@ def test_cuda_batch_of_episodes_matches_cpu(method: str) -> None:
 def test_the_prepared_gpu_check_runs_every_phase(tmp_path: Path) -> None:
     """benchmarks/gpu.py, the script a session with a GPU runs (its dry run on the CPU): every
     phase runs, and its four files hold the tables and figures of each timing phase."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    script = BENCHMARKS / "gpu.py"
     command = [sys.executable, str(script), "--device", "cpu", "--quick", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -1548,8 +1550,7 @@ def test_the_prepared_gpu_check_runs_every_phase(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
 def test_the_gpu_check_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
-    command = [sys.executable, str(script), "--out", str(tmp_path / "out")]
+    command = [sys.executable, str(BENCHMARKS / "gpu.py"), "--out", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True)
     assert done.returncode == 2
     assert "no CUDA device here" in done.stderr
@@ -1557,7 +1558,7 @@ def test_the_gpu_check_refuses_to_run_without_a_gpu(tmp_path: Path) -> None:
 
 
 def test_time_breakdown_charges_every_part_of_an_episode() -> None:
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "time_breakdown.py"
+    script = BENCHMARKS / "time_breakdown.py"
     command = [
         sys.executable, str(script), "--image-size", "16", "--filters", "4", "--ways", "3",
         "--queries", "2", "--steps", "2", "--episodes", "2", "--warmup", "1", "--device", "cpu",
@@ -1586,7 +1587,7 @@ def test_time_breakdown_charges_every_part_of_an_episode() -> None:
 
 def load_benchmark(name: str) -> Any:
     """The module of ``benchmarks/NAME.py`` (the scripts are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = BENCHMARKS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
