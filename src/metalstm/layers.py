@@ -4,7 +4,7 @@ A meta-training run is a chaotic process: the learner is piecewise linear (ReLU,
 handful of support images, so a difference in the last bit of one activation can flip a ReLU or a
 max-pool choice a few inner steps later, and Adam turns the changed meta-gradient into a different
 step. Float rounding that depends on the number of threads therefore sends runs with 1 and 2
-threads down different paths within a few updates. Two PyTorch CPU kernels did that here:
+threads down different paths within a few updates. These PyTorch CPU kernels did that here:
 
 - batch norm on channels-last tensors accumulates its statistics in float32 in a thread-dependent
   order, with errors up to 1e-4 relative on 28x28 Omniglot batches and 1e-3 at 84x84 (its weight
@@ -12,7 +12,10 @@ threads down different paths within a few updates. Two PyTorch CPU kernels did t
   instead (about 1e-7, the same bits for any thread count);
 - oneDNN's convolution weight gradient sums over the batch in a thread-dependent order:
   :func:`conv3x3` computes it natively on every thread in an order fixed by the shapes
-  (``learner_conv.cpp``) where a C++ compiler exists, else with oneDNN on one thread.
+  (``learner_conv.cpp``) where a C++ compiler exists, else with oneDNN on one thread;
+- MKL's small matrix products, and oneDNN's LSTM backward, on some CPUs (the output layer's weight
+  gradient on an AMD EPYC of the Zen 3 generation): :func:`product` and :func:`one_thread` run
+  them on one thread.
 
 :func:`single_threaded` is the context that weight gradient's fallback, and the meta-learner's
 long reductions over the n coordinates, run in. See README "Reproducibility" for what holds where.
@@ -59,6 +62,74 @@ def single_threaded(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class _OneThreadCall(torch.autograd.Function):
+    """fn(*inputs) and its backward, each on one thread (see one_thread)."""
+
+    @staticmethod
+    def forward(ctx: Any, fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        leaves = [x.detach().requires_grad_(x.requires_grad) for x in inputs]
+        with torch.enable_grad(), single_threaded(leaves[0].device):
+            out = fn(*leaves)
+        ctx.graph = out, leaves
+        return out.detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, d_out: Tensor) -> Any:
+        out, leaves = ctx.graph
+        wanted = [x for x in leaves if x.requires_grad]
+        with single_threaded(out.device):  # kept: a graph retained outside may run it again
+            grads = iter(
+                torch.autograd.grad(out, wanted, d_out, allow_unused=True, retain_graph=True)
+            )
+        return None, *(next(grads) if x.requires_grad else None for x in leaves)
+
+
+def one_thread(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """``fn(*inputs)``, its forward and its backward each on one thread (first derivatives only;
+    ``fn`` must depend on nothing that needs a gradient but ``inputs``).
+
+    For a composite PyTorch kernel whose backward rounds differently with the thread count: the
+    backward of oneDNN's LSTM (Matching Networks' full context embedding) on an AMD EPYC of the
+    Zen 3 generation."""
+    return _OneThreadCall.apply(fn, *inputs)
+
+
+class _OneThreadProduct(torch.autograd.Function):
+    """a @ b (+ bias) forward, and the two products of its backward, on one thread."""
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, b: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.batched, ctx.has_bias = a.dim() == 3, bias is not None
+        with single_threaded(a.device):
+            if bias is None:
+                return a @ b
+            return torch.baddbmm(bias, a, b) if ctx.batched else torch.addmm(bias, a, b)
+
+    @staticmethod
+    def backward(ctx: Any, d_out: Tensor) -> Any:
+        a, b = ctx.saved_tensors
+        need_a, need_b, need_bias = ctx.needs_input_grad
+        d_a = product(d_out, b.mT) if need_a else None
+        d_b = product(a.mT, d_out) if need_b else None
+        d_bias = None
+        if need_bias and ctx.has_bias:  # bias [N], or [E, 1, N] for a batch
+            d_bias = d_out.sum(1, keepdim=True) if ctx.batched else d_out.sum(0)
+        return d_a, d_b, d_bias
+
+
+def product(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a @ b + bias`` for a [M, K], b [K, N], bias [N] (or a batch: [E, M, K], [E, K, N],
+    [E, 1, N]), forward and backward (to any order) on one thread.
+
+    MKL's small products round differently with 1 and 2 threads on some CPUs (measured on an AMD
+    EPYC, Zen 3: the head's weight gradient [5, 5]ᵀ x [5, 32] differed in its last bits, and a run
+    of 24 episodes by 5e-3); a product of the learner's head is too small to gain from a second
+    thread anyway. The forward is ``torch.addmm`` (``baddbmm``), as ``F.linear`` computes it."""
+    return _OneThreadProduct.apply(a, b, bias)
 
 
 # -- batch norm with the batch's own statistics ---------------------------------------------------

@@ -23,7 +23,6 @@ import itertools
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -32,6 +31,7 @@ from .layers import (
     conv_batch_norm_relu,
     conv_normalise_pool_relu,
     conv_normalise_relu,
+    product,
     update_running_stats,
 )
 
@@ -147,9 +147,9 @@ def linear_head(
     ``bias`` [N]; for a batch of ``episodes`` E, logits [E, B, N] of features [E, B, D] with one
     layer per episode, weight [E·N, D] and bias [E·N]."""
     if episodes is None:
-        return F.linear(features, weight, bias)
+        return product(features, weight.t(), bias)
     weight = weight.unflatten(0, (episodes, -1))  # [E, N, D]
-    return torch.baddbmm(bias.view(episodes, 1, -1), features, weight.transpose(1, 2))
+    return product(features, weight.transpose(1, 2), bias.view(episodes, 1, -1))
 
 
 def feature_side(image_size: int, downsample: str = "pool") -> int:

@@ -29,9 +29,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from ..config import Config
 from ..inner_loop import episode_ways
+from ..layers import one_thread, product
 from ..registry import MethodSettings, register
 from .metric import MetricMethod, metric_recipe
 
@@ -104,9 +106,9 @@ def attention_probabilities(
 ) -> Tensor:
     """[Q, N]: Σ_i softmax_i(s · cos(query, support_i)) [y_i = n] (the Matching Networks
     classifier, s = ``scale``)."""
-    cos = F.normalize(query, dim=1) @ F.normalize(support, dim=1).T  # [Q, S]
+    cos = product(F.normalize(query, dim=1), F.normalize(support, dim=1).T)  # [Q, S]
     attention = (scale * cos).softmax(dim=1)
-    return attention @ F.one_hot(support_y, n_way).to(attention.dtype)
+    return product(attention, F.one_hot(support_y, n_way).to(attention.dtype))
 
 
 class FullContextEmbedding(nn.Module):
@@ -121,8 +123,15 @@ class FullContextEmbedding(nn.Module):
 
     def support(self, g: Tensor) -> Tensor:
         """g(x_i) [S, D] from g'(x_i) [S, D]: the support set read as one sequence, both ways."""
-        out, _ = self.support_lstm(g.unsqueeze(1))  # [S, 1, 2D]
-        forward, backward = out.squeeze(1).split(self.dim, dim=1)
+        lstm = self.support_lstm
+        names = [name for name, _ in lstm.named_parameters()]
+
+        def read(g: Tensor, *weights: Tensor) -> Tensor:
+            out, _ = functional_call(lstm, dict(zip(names, weights, strict=True)), g.unsqueeze(1))
+            return out.squeeze(1)  # [S, 2D]
+
+        # oneDNN's LSTM backward rounds differently with 1 and 2 threads
+        forward, backward = one_thread(read, g, *lstm.parameters()).split(self.dim, dim=1)
         return g + forward + backward
 
     def query(self, f: Tensor, support: Tensor) -> Tensor:
@@ -130,8 +139,9 @@ class FullContextEmbedding(nn.Module):
         h = torch.zeros_like(f)
         c = torch.zeros_like(f)
         for _ in range(self.steps):
-            r = (h @ support.T).softmax(dim=1) @ support  # read-out of the support set
-            z = self.query_gates(torch.cat([f, h, r], dim=1))
+            r = product(product(h, support.T).softmax(dim=1), support)  # support read-out
+            gates = self.query_gates
+            z = product(torch.cat([f, h, r], dim=1), gates.weight.T, gates.bias)  # [Q, 4D]
             i, forget, o, g = z.chunk(4, dim=1)
             c = torch.sigmoid(forget) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c) + f
