@@ -53,11 +53,13 @@ def assert_same_run(single: Path, other: Path) -> None:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -> None:
+def test_two_gloo_processes_match_one_process(
+    data_root: Path, session_cache: Path, tmp_path: Path
+) -> None:
     env = {
         **os.environ,
         "METALSTM_DATA": str(data_root),
-        "METALSTM_CACHE": str(tmp_path / "cache"),
+        "METALSTM_CACHE": str(session_cache),
         "OMP_NUM_THREADS": "1",
     }
     train = [sys.executable, "-m", "metalstm", "train"]
@@ -77,7 +79,7 @@ def test_two_gloo_processes_match_one_process(data_root: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_batches_of_episodes(
-    data_root: Path, tmp_path: Path
+    data_root: Path, session_cache: Path, tmp_path: Path
 ) -> None:
     """With ``episode_batch`` 2 each rank's share of the meta-batch (2 episodes) is one batched
     item, and validation's episodes go in blocks of 2 to the ranks: the same bits as one process,
@@ -85,7 +87,7 @@ def test_two_gloo_processes_match_one_process_with_batches_of_episodes(
     env = {
         **os.environ,
         "METALSTM_DATA": str(data_root),
-        "METALSTM_CACHE": str(tmp_path / "cache"),
+        "METALSTM_CACHE": str(session_cache),
         "OMP_NUM_THREADS": "1",
     }
     tiny = [*TINY, "--set", "episode_batch=2", "--set", "filters=8"]

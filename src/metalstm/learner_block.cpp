@@ -281,6 +281,14 @@ std::vector<double> extreme_sums(long windows, long C, int threads, const float*
   return sums;
 }
 
+// Where the CPU lacks AVX-512 the fused first block is never run (metalstm_block_fuses_conv), only
+// tested: its code is built at -O2 there, where -O3 took a minute to compile on a Zen 3 EPYC
+// (GCC splitting every 64-byte vector into two) for a library otherwise built in a few seconds.
+#if !defined(__AVX512F__)
+#pragma GCC push_options
+#pragma GCC optimize("O2")
+#endif
+
 // A first block's 3x3 convolution (padding 1, stride 1, no bias) of x [B, H, W, G·Cin] (NHWC) by
 // weight [C, Cin, 3, 3] in G groups, computed where it is needed rather than written out: for
 // the few input channels of a first block (an image's 1 or 3) it is a few multiply-adds per
@@ -599,6 +607,10 @@ void with_first_conv(long B, long H, long W, long Cin, long C, long G, int threa
     case 4: return of(std::integral_constant<int, 4>());
   }
 }
+
+#if !defined(__AVX512F__)
+#pragma GCC pop_options
+#endif
 
 }  // namespace
 
