@@ -138,9 +138,9 @@ class FullContextEmbedding(nn.Module):
         """f(x̂) [Q, D] from f'(x̂) [Q, D], attending over the context-embedded support [S, D]."""
         h = torch.zeros_like(f)
         c = torch.zeros_like(f)
+        gates = self.query_gates
         for _ in range(self.steps):
             r = product(product(h, support.T).softmax(dim=1), support)  # support read-out
-            gates = self.query_gates
             z = product(torch.cat([f, h, r], dim=1), gates.weight.T, gates.bias)  # [Q, 4D]
             i, forget, o, g = z.chunk(4, dim=1)
             c = torch.sigmoid(forget) * c + torch.sigmoid(i) * torch.tanh(g)
