@@ -61,12 +61,20 @@ def step_inputs(n: int, generator: torch.Generator) -> list[Tensor]:
     ]
 
 
+def forward(inputs: list[Tensor], keep: bool = True) -> tuple[Tensor, ...]:
+    """native.step_forward on one step's ``inputs`` (as :func:`step_inputs` lists them)."""
+    features, h, c, theta, logits, grad, weight, bias, gate_weight, gate_bias = inputs
+    return native.step_forward(
+        HIDDEN, features, h, c, theta, logits, grad, weight, bias, gate_weight, gate_bias, keep
+    )
+
+
 def chain(inputs: list[Tensor], steps: int) -> tuple[tuple[Tensor, ...], ...]:
     """What ``steps`` forward steps from ``inputs`` save for the chain backward, each step's
     state the last's, its outputs new tensors: as an episode's steps run."""
     saved = []
     for _ in range(steps):
-        out = native.step_forward(HIDDEN, *inputs)
+        out = forward(inputs)
         saved.append(tuple(out[5:]))
         theta, logits, h, c = out[:4]
         inputs = [inputs[0], h, c, theta, logits, *inputs[5:]]
@@ -89,9 +97,9 @@ def row(n: int, label: str, args: argparse.Namespace, floors: tuple[float, float
     generator = torch.Generator().manual_seed(n)
     inputs = step_inputs(n, generator)
     per = 1e6 / n  # ms per call -> ns per coordinate
-    train = median_ms(lambda: native.step_forward(HIDDEN, *inputs), args.repeats)
+    train = median_ms(lambda: forward(inputs), args.repeats)
     chained = median_ms(lambda: chain(inputs, args.steps), args.repeats) / args.steps
-    evaluation = median_ms(lambda: native.step_forward(HIDDEN, *inputs, keep=False), args.repeats)
+    evaluation = median_ms(lambda: forward(inputs, keep=False), args.repeats)
     steps = chain(inputs, args.steps)
     d_theta = torch.randn(n, generator=generator)
     backward = median_ms(lambda: native.chain_backward(HIDDEN, steps, d_theta), args.repeats)

@@ -242,7 +242,9 @@ def main() -> int:
     args = parser.parse_args()
     names = args.only or [*TRAIN_WORKLOADS, "omniglot-eval600"]
     variants = [(kernels, batch) for kernels in args.kernels for batch in args.batches]
-    runs = {variant: {name: [] for name in names} for variant in variants}
+    runs: dict[tuple[str, int], dict[str, list[dict[str, Any]]]] = {
+        variant: {name: [] for name in names} for variant in variants
+    }
     machine: list[dict[str, Any]] = []
     for repeat in range(args.repeats):  # workloads interleaved: slow drifts hit all alike
         if args.device in ("auto", "cpu"):

@@ -127,7 +127,7 @@ def main() -> int:
     s, threads = work.config, torch.get_num_threads()
     print(
         f"{args.mode}: {s.image_size}x{s.image_size}x{s.channels}, {s.n_way}-way {s.k_shot}-shot, "
-        f"T = {s.settings.inner_steps} on {work.batch}, {s.filters} filters, {work.device} "
+        f"T = {args.steps} on {work.batch}, {s.filters} filters, {work.device} "
         f"({threads} thread{'s' if threads > 1 else ''}), {episodes} profiled episodes"
     )
     print("\n| part | ms per episode | share |\n| --- | --- | --- |")
