@@ -25,7 +25,7 @@ from metalstm import inner_loop as ml
 from metalstm import training as tr
 from metalstm.cli import main
 from metalstm.data import ClassImages, Episode, EpisodeSampler
-from metalstm.methods.metalearner.ablation import sgd_from_init
+from metalstm.methods.metalearner.ablation import sgd_on_validation
 from metalstm.training import Trainer, TrainingStopped
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "best.safetensors", "last.safetensors")
@@ -382,17 +382,14 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         # rounding: on the AVX-512 Xeon 74.67 vs 74.57 %, +0.09 ± 1.84 points paired, with
         # PyTorch's batch norm, +3.35 ± 1.91 with the native block kernels. At full scale it
         # does: test_pretrained.py checks the shipped omniglot-5w1s-paper.)
-        init = model.learner.initial_theta()
-        candidates = {lr: sgd_from_init(model.config, init, lr) for lr in SGD_LEARNING_RATES}
-        validation = {
-            lr: metalstm.evaluate(
-                sgd, part="val", episodes=SGD_VAL_EPISODES, seed=cfg.val_seed
-            ).mean
-            for lr, sgd in candidates.items()
-        }
-        sgd_lr = max(validation, key=validation.__getitem__)
-        default = candidates[sgd_lr]
-        sgd_default = metalstm.evaluate(default, episodes=DEFAULT_INIT_EPISODES).accuracies
+        default = sgd_on_validation(
+            model.config,
+            model.learner.initial_theta(),
+            SGD_LEARNING_RATES,
+            val_episodes=SGD_VAL_EPISODES,
+            start="the default initialisation",
+        )
+        sgd_default = metalstm.evaluate(default.model, episodes=DEFAULT_INIT_EPISODES).accuracies
         finished = time.perf_counter()
     torch.set_num_threads(threads)
 
@@ -406,7 +403,7 @@ def short_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         f"{TEST_EPISODES} test episodes, 5-way 1-shot, 15 queries, BN: support statistics\n"
         f"  meta-learner LSTM          {100 * meta_m:.2f} ± {196 * meta_se:.2f} %\n"
         f"  SGD from the default init  {100 * dflt_m:.2f} ± {196 * dflt_se:.2f} %  "
-        f"(lr {sgd_lr:g}, best on validation; first {DEFAULT_INIT_EPISODES} episodes)\n"
+        f"({default.describe()}; first {DEFAULT_INIT_EPISODES} episodes)\n"
         f"  chance                     20.00 %"
     )
     yield out

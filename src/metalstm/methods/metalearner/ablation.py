@@ -109,17 +109,18 @@ def sgd_from_init(
 
 @dataclass
 class SGDAblation:
-    """Plain SGD from a meta-learner's learned θ_0, with the step it uses."""
+    """Plain SGD from a θ_0 (``start`` names it), with the step it uses."""
 
     model: Method
     lr: float
     validation: dict[float, float]  # validation accuracy per step tried (empty: step given)
+    start: str = "the learned θ_0"
 
     def describe(self) -> str:
         if not self.validation:
-            return f"plain SGD from the learned θ_0, lr {self.lr:g}"
+            return f"plain SGD from {self.start}, lr {self.lr:g}"
         tried = ", ".join(f"{lr:g}: {100 * acc:.1f} %" for lr, acc in self.validation.items())
-        return f"plain SGD from the learned θ_0, lr {self.lr:g} (validation: {tried})"
+        return f"plain SGD from {self.start}, lr {self.lr:g} (validation: {tried})"
 
 
 def sgd_from_learned_init(
@@ -142,15 +143,36 @@ def sgd_from_learned_init(
         raise MetaLSTMError(
             f"the SGD ablation needs a meta-learner LSTM checkpoint, not a {model.name!r} one"
         )
+    stats = model.meta_batchnorm() if model.settings.query_bn == "meta" else None
+    return sgd_on_validation(
+        model.config,
+        model.cell.theta0.detach(),
+        lrs,
+        val_episodes=val_episodes,
+        progress=progress,
+        query_stats=stats,
+    )
+
+
+def sgd_on_validation(
+    config: Config,
+    theta0: Tensor,
+    lrs: Sequence[float],
+    *,
+    val_episodes: int | None = None,
+    progress: TextIO | None = None,
+    query_stats: BatchNormState | None = None,
+    start: str = "the learned θ_0",
+) -> SGDAblation:
+    """Plain SGD from ``theta0`` (:func:`sgd_from_init`) with the step among ``lrs`` that scores
+    best on ``val_episodes`` validation episodes (``config.val_episodes`` by default; one step:
+    that one, nothing validated); ``start`` names ``theta0`` in :meth:`SGDAblation.describe`."""
     if not lrs or any(not 0 < lr < math.inf for lr in lrs):
         raise MetaLSTMError(f"SGD steps must be positive numbers, got {list(lrs)}")
-    theta0 = model.cell.theta0.detach()
-    stats = model.meta_batchnorm() if model.settings.query_bn == "meta" else None
-    candidates = {lr: sgd_from_init(model.config, theta0, lr, stats) for lr in lrs}
+    candidates = {lr: sgd_from_init(config, theta0, lr, query_stats) for lr in lrs}
     if len(candidates) == 1:
         ((lr, sgd),) = candidates.items()
-        return SGDAblation(sgd, lr, {})
-    config = model.config
+        return SGDAblation(sgd, lr, {}, start)
     episodes = val_episodes or config.val_episodes
     scores = {}
     for lr, sgd in candidates.items():
@@ -160,4 +182,4 @@ def sgd_from_learned_init(
             )
         scores[lr] = result.mean
     best = max(scores, key=scores.__getitem__)
-    return SGDAblation(candidates[best], best, scores)
+    return SGDAblation(candidates[best], best, scores, start)
