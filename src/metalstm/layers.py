@@ -117,7 +117,8 @@ class _OneThreadProduct(torch.autograd.Function):
         d_b = product(a.mT, d_out) if need_b else None
         d_bias = None
         if need_bias and ctx.has_bias:  # bias [N], or [E, 1, N] for a batch
-            d_bias = d_out.sum(1, keepdim=True) if ctx.batched else d_out.sum(0)
+            with single_threaded(d_out.device):
+                d_bias = d_out.sum(1, keepdim=True) if ctx.batched else d_out.sum(0)
         return d_a, d_b, d_bias
 
 
