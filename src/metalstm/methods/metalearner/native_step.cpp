@@ -514,8 +514,10 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
     d1 *= g1 - g1 * g1;
     if (ip[B_D_LOGITS]) d0 += row(B_D_LOGITS, 0, v), d1 += row(B_D_LOGITS, 1, v);
     st(op[B_D_THETA_PREV] + to, d0 * W2[H] + d1 * W2[X + H] + d_theta * g0);
-    st(op[B_D_PREV_LOGITS] + to, d0 * W2[H + 1]);
-    st(op[B_D_PREV_LOGITS] + so + to, d1 * W2[X + H + 1]);
+    if (op[B_D_PREV_LOGITS]) {
+      st(op[B_D_PREV_LOGITS] + to, d0 * W2[H + 1]);
+      st(op[B_D_PREV_LOGITS] + so + to, d1 * W2[X + H + 1]);
+    }
     if (op[B_D_GRAD]) st(op[B_D_GRAD] + to, -(d_theta * g1));
     if (need_params) {
       vf p0 = row(B_PREV, 0, v), p1 = row(B_PREV, 1, v);
@@ -526,20 +528,23 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
     dl0[v] = d0, dl1[v] = d1;
   }
   // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b),
-  // computed again from the step's inputs (x = [features; h], c_{t-1}).
+  // computed again from the step's inputs (x = [features; h], c_{t-1}), as the forward computes
+  // them: null h and c are the initial state, zeros, not read (h's products and σ(f) skipped,
+  // c_t = i ⊙ g), and σ(f)'s logit then gets ∂z = c_{t-1} ⊙ ... = 0.
+  const bool zero_h = !ip[B_H], zero_c = !ip[B_C];
   vf x[(2 + MAX_H) * V], act[4 * MAX_H * V], dz[4 * MAX_H * V];
   for (long k = 0; k < 2; k++)
     for (long v = 0; v < V; v++) x[k * V + v] = row(B_FEATURES, k, v);
-  for (long k = 0; k < H; k++)
+  for (long k = 0; !zero_h && k < H; k++)
     for (long v = 0; v < V; v++) x[(2 + k) * V + v] = row(B_H, k, v);
-  layer1_gates<V>(P, x, act, X);
+  layer1_gates<V>(P, x, act, zero_h ? 2 : X, !zero_c);
   for (long k = 0; k < H; k++) {
 #pragma GCC unroll 2
     for (long v = 0; v < V; v++) {
       const long e = k * V + v;
       vf i = act[e], f = act[H * V + e], o = act[2 * H * V + e], g = act[3 * H * V + e];
-      vf c = row(B_C, k, v);
-      vf tc = vtanh(f * c + i * g);  // tanh c_t
+      vf c = zero_c ? vf{} : row(B_C, k, v);
+      vf tc = vtanh(zero_c ? i * g : f * c + i * g);  // tanh c_t
       if (need_params) {             // layer 2 read h_t = o ⊙ tanh c_t
         vf hn = o * tc;
         sum_W2[k] += dl0[v] * hn;
@@ -550,10 +555,10 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
       vf d_cn = d_hn * o * (1.0f - tc * tc);
       if (ip[B_D_C]) d_cn += row(B_D_C, k, v);
       dz[e] = d_cn * g * (i - i * i);
-      dz[H * V + e] = d_cn * c * (f - f * f);
+      dz[H * V + e] = zero_c ? vf{} : d_cn * c * (f - f * f);
       dz[2 * H * V + e] = d_hn * tc * (o - o * o);
       dz[3 * H * V + e] = d_cn * i * (1.0f - g * g);
-      st(op[B_D_C_PREV] + k * so + jo + v * L, d_cn * f);
+      if (op[B_D_C_PREV]) st(op[B_D_C_PREV] + k * so + jo + v * L, d_cn * f);
     }
   }
   if (need_params) {
@@ -564,8 +569,8 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
       }
   }
   // ∂x = Wᵀ ∂z, eight input rows at a time (8 V FMA chains over r), then four, then one;
-  // rows 0, 1 (the gradient's features) when asked.
-  const long first = op[B_D_FEATURES] ? 0 : 2;
+  // rows 0, 1 (the gradient's features) and rows 2 .. X − 1 (∂h_{t-1}) when asked.
+  const long first = op[B_D_FEATURES] ? 0 : 2, end = op[B_D_H_PREV] ? X : 2;
   auto store_dx = [&](long k, long v, vf value) {
     if (k < 2)
       st(op[B_D_FEATURES] + k * so + jo + v * L, value);
@@ -575,9 +580,9 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
   auto store_from = [&](long k) { return [&, k](long q, long v, vf value) { store_dx(k + q, v, value); }; };
   auto zero = [](long) { return vf{}; };
   long k = first;
-  for (; k + 8 <= X; k += 8) product_rows<8, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
-  for (; k + 4 <= X; k += 4) product_rows<4, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
-  for (; k < X; k++) product_rows<1, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
+  for (; k + 8 <= end; k += 8) product_rows<8, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
+  for (; k + 4 <= end; k += 4) product_rows<4, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
+  for (; k < end; k++) product_rows<1, V>(P.W + k, 1, X, dz, R, zero, store_from(k));
 }
 
 // The block's ∂W [4H, 2 + H] = Σ_columns ∂z xᵀ: four rows of ∂z by KX rows of x at a time (4 KX
@@ -601,29 +606,33 @@ void weight_gradient_tile(long X, const float* dz, const float* x, long pitch, l
     for (long e = 0; e < KX; e++) d_W[q * X + e] = hsum(a[q][e]);
 }
 
-void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, long pitch,
-                           long columns, float* d_W) {
+// x's rows from `rows` on are zeros (the initial state h = 0: rows = 2), not read: their columns
+// of ∂W are zeros, as the sums of zero products give.
+void block_weight_gradient(long H, const BlockSums& sums, const float* x_rows, long rows,
+                           long pitch, long columns, float* d_W) {
   const long X = 2 + H, R = 4 * H;
   for (long r = 0; r < R; r += 4) {
     const float* dz = sums.dz + r * PITCH;
     long k = 0;
-    for (; k + 4 <= X; k += 4)
+    for (; k + 4 <= rows; k += 4)
       weight_gradient_tile<4>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
-    for (; k + 2 <= X; k += 2)
+    for (; k + 2 <= rows; k += 2)
       weight_gradient_tile<2>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
-    for (; k < X; k++)
+    for (; k < rows; k++)
       weight_gradient_tile<1>(X, dz, x_rows + k * pitch, pitch, columns, d_W + r * X + k);
+    for (long q = 0; q < 4; q++) std::fill(d_W + (r + q) * X + rows, d_W + (r + q) * X + X, 0.0f);
   }
 }
 
 long blocks_of(long n) { return (n + BLOCK - 1) / BLOCK; }
 
 // The per-block parameter sums of one step's backward (∂W, ∂b, ∂W2, ∂b2, `per_block` floats),
-// from a block's BlockSums and its copy of layer 1's input rows x = [features; h].
-void block_parameter_sums(long H, const BlockSums& sums, const float* x_rows, long pitch,
-                          long columns, float* part) {
+// from a block's BlockSums and its copy of layer 1's input rows x = [features; h] (`rows` of
+// them; the rest zeros, not read).
+void block_parameter_sums(long H, const BlockSums& sums, const float* x_rows, long rows,
+                          long pitch, long columns, float* part) {
   const long X = 2 + H, R = 4 * H;
-  block_weight_gradient(H, sums, x_rows, pitch, columns, part);
+  block_weight_gradient(H, sums, x_rows, rows, pitch, columns, part);
   for (long r = 0; r < R; r++) part[R * X + r] = hsum(sums.d_b[r]);
   for (long k = 0; k < 2 * X; k++) part[R * X + R + k] = hsum(sums.d_W2[k]);
   for (long k = 0; k < 2; k++) part[R * X + R + 2 * X + k] = hsum(sums.d_b2[k]);
@@ -780,7 +789,7 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
         },
         [&](auto& i, long pitch) {  // the block's parameter gradients, from its copy of x
           if (need_params)
-            block_parameter_sums(H, sums, i[B_FEATURES].p, pitch, columns,
+            block_parameter_sums(H, sums, i[B_FEATURES].p, 2 + H, pitch, columns,
                                  partial_sums + blk * per_block);
         });
   });
@@ -796,9 +805,11 @@ void metalstm_step_backward(long n, long H, int threads, const float* features, 
 
 // The backward of steps 1 .. T of a first-order meta-gradient, from ∂θ_T alone (nothing else of
 // step T is used): per step t (index s = t − 1) the inputs step_backward takes, as arrays of T
-// pointers; h[0] and c[0] may be null (the initial state, zeros). Per block of coordinates it
-// runs steps T .. 1 with each step's outgoing gradients (∂h_{t-1}, ∂c_{t-1}, ∂θ_{t-1},
-// ∂logits_{t-1}) kept in the block's scratch as the next one's incoming. Writes ∂θ_0 [n], each
+// pointers; h[0] and c[0] may be null (the initial state, zeros: not read, and step 1 then skips
+// what the forward skipped, h_0's products and σ(f), and the zero columns of its ∂W). Per block
+// of coordinates it runs steps T .. 1 with each step's outgoing gradients (∂h_{t-1}, ∂c_{t-1},
+// ∂θ_{t-1}, ∂logits_{t-1}) kept in the block's scratch as the next one's incoming; step 1 hands
+// on only ∂θ_0 (h_0, c_0 and logits_0 are constants: their ∂h_0 = Wᵀ ∂z is not computed). Writes ∂θ_0 [n], each
 // step's ∂W [T, 4H, 2 + H] and ∂b [T, 4H] (separate inputs per step), and ∂W2, ∂b2 summed over
 // the steps in the order autograd adds T separate steps' (T first): the same numbers as T calls
 // of metalstm_step_backward.
@@ -828,16 +839,17 @@ void metalstm_chain_backward(long n, long H, int threads, long T, const float* c
     copy_rows(d_theta_T, 1, n, j, count, width, pitch, incoming);
     for (long s = T - 1; s >= 0; s--) {
       copy_rows(features[s], 2, n, j, count, width, pitch, x);
-      copy_rows(h[s], H, n, j, count, width, pitch, h_rows);
-      copy_rows(c[s], H, n, j, count, width, pitch, c_rows);
+      if (h[s]) copy_rows(h[s], H, n, j, count, width, pitch, h_rows);
+      if (c[s]) copy_rows(c[s], H, n, j, count, width, pitch, c_rows);
       copy_rows(theta[s], 1, n, j, count, width, pitch, theta_row);
       copy_rows(prev_logits[s], 2, n, j, count, width, pitch, logit_rows);
       copy_rows(grad[s], 1, n, j, count, width, pitch, grad_row);
       copy_rows(gates[s], 2, n, j, count, width, pitch, gate_rows);
       const bool last = s == T - 1;  // step T: only ∂θ_T comes in
+      const bool first = s == 0;     // step 1: only ∂θ_0 goes out (h_0, c_0, logits_0 constants)
       const Rows in[B_NIN] = {{x, 2},
-                              {h_rows, H},
-                              {c_rows, H},
+                              {h[s] ? h_rows : nullptr, H},
+                              {c[s] ? c_rows : nullptr, H},
                               {theta_row, 1},
                               {logit_rows, 2},
                               {grad_row, 1},
@@ -848,17 +860,17 @@ void metalstm_chain_backward(long n, long H, int threads, long T, const float* c
                               {last ? nullptr : incoming + (3 + H) * pitch, H},
                               {nullptr, 2}};
       const OutRows out[B_NOUT] = {{nullptr, 2},
-                                   {outgoing + 3 * pitch, H},
-                                   {outgoing + (3 + H) * pitch, H},
+                                   {first ? nullptr : outgoing + 3 * pitch, H},
+                                   {first ? nullptr : outgoing + (3 + H) * pitch, H},
                                    {outgoing, 1},
-                                   {outgoing + pitch, 2},
+                                   {first ? nullptr : outgoing + pitch, 2},
                                    {nullptr, 1}};
       const Params P{H, W[s], b[s], W2, nullptr};
       sums.clear();
       for_each_vector_pair(width, [&](auto V, long col) {
         backward_vector<V>(P, true, in, At{pitch, col}, out, At{pitch, col}, sums);
       });
-      block_parameter_sums(H, sums, x, pitch, width,
+      block_parameter_sums(H, sums, x, h[s] ? 2 + H : 2, pitch, width,
                            partial_sums + (s * blocks + blk) * per_block);
       std::swap(incoming, outgoing);
     }
