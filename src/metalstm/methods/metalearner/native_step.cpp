@@ -530,7 +530,8 @@ void backward_vector(const Params& P, bool need_params, const Rows (&in)[B_NIN],
   // Layer 1: h_t = o ⊙ tanh c_t, c_t = f ⊙ c_{t-1} + i ⊙ g, (i, f, o, g) = act(W x + b),
   // computed again from the step's inputs (x = [features; h], c_{t-1}), as the forward computes
   // them: null h and c are the initial state, zeros, not read (h's products and σ(f) skipped,
-  // c_t = i ⊙ g), and σ(f)'s logit then gets ∂z = c_{t-1} ⊙ ... = 0.
+  // c_t = i ⊙ g), and σ(f)'s logit then gets ∂z = c_{t-1} ⊙ ... = 0. The initial state is a
+  // constant: with null h and c, ∂h_{t-1} and ∂c_{t-1} are not asked for (null outputs).
   const bool zero_h = !ip[B_H], zero_c = !ip[B_C];
   vf x[(2 + MAX_H) * V], act[4 * MAX_H * V], dz[4 * MAX_H * V];
   for (long k = 0; k < 2; k++)
