@@ -1,5 +1,11 @@
+// 12 forward steps, then the first-order chain backward, each timed, REPEATS times (the first
+// untimed), on N coordinates: with STORED = 1 the forward writes layer 1's gate activations and
+// the backward reads them (stored.cpp, from make_stored.py); 0, the library's way (computed
+// again). Prints ns per coordinate and step, and two results to compare between the two.
+// Build beside session 30's harness/episode.h:
+//   g++ -O3 -march=native -fopenmp -DSRC='"stored.cpp"' stored_main.cpp
+// Run: ./a.out THREADS REPEATS N STORED   (session 33: ./a.out 2 6 227840 0, then 1)
 #include "episode.h"
-// forward 12 steps (timed) then chain backward (timed), repeated; STORE=1 stores the gates.
 int main(int argc, char** argv) {
   const int threads = atoi(argv[1]), repeats = atoi(argv[2]);
   const long n = atol(argv[3]), T = Episode::T, R = Episode::R, X = Episode::X;
