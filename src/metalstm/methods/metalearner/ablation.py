@@ -114,7 +114,7 @@ class SGDAblation:
     model: Method
     lr: float
     validation: dict[float, float]  # validation accuracy per step tried (empty: step given)
-    start: str = "the learned θ_0"
+    start: str  # what θ_0 is, for describe()
 
     def describe(self) -> str:
         if not self.validation:
@@ -151,6 +151,7 @@ def sgd_from_learned_init(
         val_episodes=val_episodes,
         progress=progress,
         query_stats=stats,
+        start="the learned θ_0",
     )
 
 
@@ -162,7 +163,7 @@ def sgd_on_validation(
     val_episodes: int | None = None,
     progress: TextIO | None = None,
     query_stats: BatchNormState | None = None,
-    start: str = "the learned θ_0",
+    start: str,
 ) -> SGDAblation:
     """Plain SGD from ``theta0`` (:func:`sgd_from_init`) with the step among ``lrs`` that scores
     best on ``val_episodes`` validation episodes (``config.val_episodes`` by default; one step:
