@@ -39,6 +39,29 @@ struct Episode {
   }
 };
 
+// The first-order chain backward of an episode's T steps (after its forwards) from a random
+// ∂θ_T, with the gradients it writes.
+struct ChainBackward {
+  static constexpr long T = Episode::T, R = Episode::R, X = Episode::X;
+  Episode& e;
+  const float *features[T], *h[T], *c[T], *theta[T], *logits[T], *grad[T], *W[T], *b[T], *gates[T];
+  std::vector<float> d_theta_T, d_theta_0, d_W, d_b, d_W2, d_b2;
+  explicit ChainBackward(Episode& e)
+      : e(e), d_theta_T(e.random(e.n, 1)), d_theta_0(e.n), d_W(T * R * X), d_b(T * R),
+        d_W2(2 * X), d_b2(2) {
+    for (long s = 0; s < T; s++) {
+      features[s] = e.features.data(), h[s] = e.h[s].data(), c[s] = e.c[s].data();
+      theta[s] = e.theta[s].data(), logits[s] = e.logits[s].data(), grad[s] = e.grad.data();
+      W[s] = e.W.data(), b[s] = e.b.data(), gates[s] = e.gates[s].data();
+    }
+  }
+  void run(int threads) {
+    metalstm_chain_backward(e.n, Episode::H, threads, T, features, h, c, theta, logits, grad, W,
+                            b, gates, e.W2.data(), d_theta_T.data(), d_theta_0.data(),
+                            d_W.data(), d_b.data(), d_W2.data(), d_b2.data());
+  }
+};
+
 inline double seconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }

@@ -8,19 +8,12 @@
 #include "episode.h"
 int main(int argc, char** argv) {
   const int threads = atoi(argv[1]), repeats = atoi(argv[2]);
-  const long n = atol(argv[3]), T = Episode::T, R = Episode::R, X = Episode::X;
+  const long n = atol(argv[3]), T = Episode::T, R = Episode::R;
   g_on = atoi(argv[4]) != 0; g_n = n;
   std::vector<std::vector<float>> store(T);
   if (g_on) for (long s = 0; s < T; s++) { store[s].resize(R * n + 16); g_store[s] = store[s].data(); }
   Episode e(n);
-  const float *features[T], *h[T], *c[T], *theta[T], *logits[T], *grad[T], *W[T], *b[T], *gates[T];
-  for (long s = 0; s < T; s++) {
-    features[s] = e.features.data(), h[s] = e.h[s].data(), c[s] = e.c[s].data();
-    theta[s] = e.theta[s].data(), logits[s] = e.logits[s].data(), grad[s] = e.grad.data();
-    W[s] = e.W.data(), b[s] = e.b.data(), gates[s] = e.gates[s].data();
-  }
-  std::vector<float> d_theta_T = e.random(n, 1), d_theta_0(n), d_W(T * R * X), d_b(T * R);
-  std::vector<float> d_W2(2 * X), d_b2(2);
+  ChainBackward chain(e);
   std::vector<char> junk(64 << 20);
   double tf = 0, tb = 0;
   for (int r = 0; r < repeats; r++) {
@@ -29,12 +22,10 @@ int main(int argc, char** argv) {
     double f = seconds_since(t0);
     for (size_t i = 0; i < junk.size(); i += 64) junk[i] += 1;
     t0 = std::chrono::steady_clock::now();
-    metalstm_chain_backward(n, Episode::H, threads, T, features, h, c, theta, logits, grad, W, b,
-                            gates, e.W2.data(), d_theta_T.data(), d_theta_0.data(), d_W.data(),
-                            d_b.data(), d_W2.data(), d_b2.data());
+    chain.run(threads);
     double bb = seconds_since(t0);
     if (r > 0) tf += f, tb += bb;
   }
   double k = 1e9 / ((repeats - 1) * T * n);
-  printf("store=%d fwd %.1f bwd %.1f total %.1f ns per coord-step  dtheta0[7]=%g dW[5]=%g\n", (int)g_on, tf * k, tb * k, (tf + tb) * k, d_theta_0[7], d_W[5]);
+  printf("store=%d fwd %.1f bwd %.1f total %.1f ns per coord-step  dtheta0[7]=%g dW[5]=%g\n", (int)g_on, tf * k, tb * k, (tf + tb) * k, chain.d_theta_0[7], chain.d_W[5]);
 }
