@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import small_config
 from metalstm import Config, build_method, load_method
 from metalstm.checkpoint import save_checkpoint
-from metalstm.config import load_preset, override
+from metalstm.config import load_preset, override, with_recipe
 from metalstm.data import ClassImages, Episode
 from metalstm.data.batches import ClassBatches
 from metalstm.errors import ConfigError
@@ -369,8 +369,8 @@ SHORT = {  # per method: a few seconds of training on 2 shared cores
     "nn-embedding": {"pretrain_epochs": 0.1},
     "matching": {"episodes": 100},
     "matching-fce": {"episodes": 100},
-    # 50 updates: the recipe's Adam 1e-3 (Finn et al.'s, for 60,000 updates) barely moves θ_0 in
-    # so few (25 % on the AVX-512 Xeon, 35 % with one test step); 1e-2 reaches 75 % there
+    # 50 updates: the recipe's Adam 1e-3 (Finn et al.'s, for 60,000 updates) moves θ_0 little in
+    # so few (46 % on the model-207 AVX-512 Xeon); 1e-2 reaches 57 % there
     "maml": {"episodes": 100, "meta_batch": 2, "lr": 0.01},
     "maml-fo": {"episodes": 100, "meta_batch": 2},
     "protonet": {"episodes": 100},
@@ -382,8 +382,8 @@ SHORT = {  # per method: a few seconds of training on 2 shared cores
 def test_every_method_beats_chance_after_a_short_training(
     method: str, data_env: Path, tmp_path: Path
 ) -> None:
-    preset = load_preset("omniglot-5w1s")
-    config = override(preset, {"method": method, **method_entry(method).recipe(preset)})
+    # as compare and train --method build it: the method's own settings, not the preset's
+    config = with_recipe(load_preset("omniglot-5w1s"), method)
     config = override(
         config,
         {
