@@ -235,18 +235,19 @@ def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
     assert compare_config(preset, method, *argv).to_dict() == committed_config(run, method)
 
 
-def test_first_order_maml_5_way_1_shot_recipe_reproduces_the_committed_run() -> None:
+@pytest.mark.parametrize(("method", "alpha"), [("maml", 0.4), ("maml-fo", 0.1)])
+def test_maml_5_way_1_shot_recipe_reproduces_the_committed_runs(method: str, alpha: float) -> None:
     """Finn et al.'s 5-way settings on the pooled learner (one step, 32 tasks per update, the
-    recipe's 120,000 tasks; α = 0.1 first-order), queries normalised at θ_T at test."""
-    config = compare_config("omniglot-5w1s", "maml-fo")
+    recipe's 120,000 tasks; α = 0.4, 0.1 first-order), queries normalised at θ_T at test."""
+    config = compare_config("omniglot-5w1s", method)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], settings["query_bn"]) == (
-        0.1,
+        alpha,
         1,
         "final",
     )
     assert (config.downsample, config.episodes, config.meta_batch) == ("pool", 120_000, 32)
-    assert config.to_dict() == committed_config("omniglot-5w1s-maml-fo", "maml-fo")
+    assert config.to_dict() == committed_config(f"omniglot-5w1s-{method}", method)
 
 
 def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
