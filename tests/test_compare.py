@@ -235,10 +235,13 @@ def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
     assert compare_config(preset, method, *argv).to_dict() == committed_config(run, method)
 
 
-@pytest.mark.parametrize(("method", "alpha"), [("maml", 0.4), ("maml-fo", 0.1)])
-def test_maml_5_way_1_shot_recipe_reproduces_the_committed_runs(method: str, alpha: float) -> None:
+@pytest.mark.parametrize(("method", "alpha", "lr"), [("maml", 0.4, 1e-3), ("maml-fo", 0.1, 4e-3)])
+def test_maml_5_way_1_shot_recipe_reproduces_the_committed_runs(
+    method: str, alpha: float, lr: float
+) -> None:
     """Finn et al.'s 5-way settings on the pooled learner (one step, 32 tasks per update, the
-    recipe's 120,000 tasks; α = 0.4, 0.1 first-order), queries normalised at θ_T at test."""
+    recipe's 120,000 tasks; α = 0.4, 0.1 first-order, whose meta learning rate validation chose),
+    queries normalised at θ_T at test."""
     config = compare_config("omniglot-5w1s", method)
     settings = config.to_dict()["settings"]
     assert (settings["inner_lr"], settings["inner_steps"], settings["query_bn"]) == (
@@ -246,8 +249,18 @@ def test_maml_5_way_1_shot_recipe_reproduces_the_committed_runs(method: str, alp
         1,
         "final",
     )
+    assert config.lr == lr
     assert (config.downsample, config.episodes, config.meta_batch) == ("pool", 120_000, 32)
     assert config.to_dict() == committed_config(f"omniglot-5w1s-{method}", method)
+
+
+@pytest.mark.parametrize("lr", ["0.001", "0.002"])
+def test_first_order_maml_meta_learning_rates_tried_are_the_recipe_with_lr_set(lr: str) -> None:
+    """The runs validation chose first-order MAML's 5-way 1-shot meta learning rate among are the
+    recipe with ``--set maml-fo:lr=...``, as their README's commands say."""
+    config = compare_config("omniglot-5w1s", "maml-fo", "--set", f"maml-fo:lr={lr}")
+    committed = committed_config(f"tried-fo-5w1s-meta-lr/lr-{lr}", "maml-fo")
+    assert config.to_dict() == committed
 
 
 def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
