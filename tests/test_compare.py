@@ -215,6 +215,8 @@ STRIDED = ("--set", "maml:downsample=stride")
 # the tried-strided runs predate first-order MAML's 10 test steps on 20-way (session 20)
 STRIDED_FO = ("--set", "maml-fo:downsample=stride", "--set", "maml-fo:eval_inner_steps=5")
 POOLED_20K = ("--set", "maml:downsample=pool", "--train-episodes", "20000")
+FO_LR_1E3 = ("--set", "maml-fo:lr=0.001")
+FO_LR_2E3 = ("--set", "maml-fo:lr=0.002")
 
 
 @pytest.mark.parametrize(
@@ -224,14 +226,16 @@ POOLED_20K = ("--set", "maml:downsample=pool", "--train-episodes", "20000")
         ("omniglot-20w5s", "maml-fo", STRIDED_FO, "tried-strided/omniglot-20w5s-maml-fo"),
         ("omniglot-5w1s", "maml", STRIDED, "tried-strided/omniglot-5w1s-maml"),
         ("omniglot-5w5s", "maml", POOLED_20K, "omniglot-5w5s-maml-pooled"),
+        ("omniglot-5w1s", "maml-fo", FO_LR_1E3, "tried-fo-5w1s-meta-lr/lr-0.001"),
+        ("omniglot-5w1s", "maml-fo", FO_LR_2E3, "tried-fo-5w1s-meta-lr/lr-0.002"),
     ],
 )
-def test_maml_runs_on_the_other_learner_are_the_recipe_with_downsample_set(
+def test_tried_maml_runs_are_the_recipe_with_their_set_options(
     preset: str, method: str, argv: tuple[str, ...], run: str
 ) -> None:
-    """The committed runs on the learner the recipe did not choose are the recipe with ``--set
-    METHOD:downsample=...`` (and the pooled 5-way 5-shot run's 20,000 tasks), as the READMEs'
-    commands say."""
+    """The committed runs of settings the recipe did not choose (the other learner, first-order
+    MAML's other meta learning rates) are the recipe with ``--set METHOD:KEY=...`` (and the
+    pooled 5-way 5-shot run's 20,000 tasks), as the READMEs' commands say."""
     assert compare_config(preset, method, *argv).to_dict() == committed_config(run, method)
 
 
@@ -252,15 +256,6 @@ def test_maml_5_way_1_shot_recipe_reproduces_the_committed_runs(
     assert config.lr == lr
     assert (config.downsample, config.episodes, config.meta_batch) == ("pool", 120_000, 32)
     assert config.to_dict() == committed_config(f"omniglot-5w1s-{method}", method)
-
-
-@pytest.mark.parametrize("lr", ["0.001", "0.002"])
-def test_first_order_maml_meta_learning_rates_tried_are_the_recipe_with_lr_set(lr: str) -> None:
-    """The runs validation chose first-order MAML's 5-way 1-shot meta learning rate among are the
-    recipe with ``--set maml-fo:lr=...``, as their README's commands say."""
-    config = compare_config("omniglot-5w1s", "maml-fo", "--set", f"maml-fo:lr={lr}")
-    committed = committed_config(f"tried-fo-5w1s-meta-lr/lr-{lr}", "maml-fo")
-    assert config.to_dict() == committed
 
 
 def test_maml_5_way_5_shot_recipe_reproduces_the_committed_run() -> None:
