@@ -179,17 +179,25 @@ def test_matching_networks_recipe_reproduces_the_committed_runs(
         assert config.to_dict() == committed_config(committed, method)
 
 
-@pytest.mark.parametrize(("method", "downsample"), [("maml", "stride"), ("maml-fo", "pool")])
-@pytest.mark.parametrize("preset", ["omniglot-20w1s", "omniglot-20w5s"])
+@pytest.mark.parametrize(
+    ("preset", "method", "downsample", "meta_batch"),
+    [
+        ("omniglot-20w1s", "maml", "stride", 16),
+        ("omniglot-20w5s", "maml", "stride", 4),
+        ("omniglot-20w1s", "maml-fo", "pool", 16),
+        ("omniglot-20w5s", "maml-fo", "pool", 16),
+    ],
+)
 def test_maml_20_way_recipe_reproduces_the_committed_runs(
-    preset: str, method: str, downsample: str
+    preset: str, method: str, downsample: str, meta_batch: int
 ) -> None:
     """Finn et al.'s 20-way settings (α = 0.1, 5 steps, 16 tasks per update; second order on
-    their strided learner), the committed runs' configs (benchmarks/results/compare-recipes/)."""
+    their strided learner, and on 5-shot 4 tasks per update, chosen on validation), the committed
+    runs' configs (benchmarks/results/compare-recipes/)."""
     config = compare_config(preset, method)
     settings = config.to_dict()["settings"]
-    assert (settings["inner_lr"], settings["inner_steps"], config.meta_batch) == (0.1, 5, 16)
-    assert config.downsample == downsample
+    assert (settings["inner_lr"], settings["inner_steps"]) == (0.1, 5)
+    assert (config.downsample, config.meta_batch) == (downsample, meta_batch)
     assert config.to_dict() == committed_config(f"{preset}-{method}", method)
 
 
@@ -218,6 +226,7 @@ POOLED_20K = ("--set", "maml:downsample=pool", "--train-episodes", "20000")
 FO_LR_1E3 = ("--set", "maml-fo:lr=0.001")
 FO_LR_2E3 = ("--set", "maml-fo:lr=0.002")
 SO_LR_1E3 = ("--set", "maml:lr=0.001")
+SO_FINN_META_BATCH = ("--set", "maml:meta_batch=16")
 
 
 @pytest.mark.parametrize(
@@ -230,13 +239,19 @@ SO_LR_1E3 = ("--set", "maml:lr=0.001")
         ("omniglot-5w1s", "maml-fo", FO_LR_1E3, "tried-fo-5w1s-meta-lr/lr-0.001"),
         ("omniglot-5w1s", "maml-fo", FO_LR_2E3, "tried-fo-5w1s-meta-lr/lr-0.002"),
         ("omniglot-5w1s", "maml", SO_LR_1E3, "tried-so-5w1s-meta-lr/lr-0.001"),
+        (
+            "omniglot-20w5s",
+            "maml",
+            SO_FINN_META_BATCH,
+            "tried-so-20w-meta-batch/omniglot-20w5s-mb16",
+        ),
     ],
 )
 def test_tried_maml_runs_are_the_recipe_with_their_set_options(
     preset: str, method: str, argv: tuple[str, ...], run: str
 ) -> None:
     """The committed runs of settings the recipe did not choose (the other learner, the other
-    meta learning rates) are the recipe with ``--set METHOD:KEY=...`` (and the
+    meta learning rates and meta-batches) are the recipe with ``--set METHOD:KEY=...`` (and the
     pooled 5-way 5-shot run's 20,000 tasks), as the READMEs' commands say."""
     assert compare_config(preset, method, *argv).to_dict() == committed_config(run, method)
 
