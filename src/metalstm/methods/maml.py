@@ -67,6 +67,12 @@ FIRST_ORDER_OMNIGLOT_LR = 4e-3
 SECOND_ORDER_20_WAY_META_BATCH = 4
 
 
+def _omniglot_5_way_1_shot(config: Config) -> bool:
+    """Whether ``config`` is Omniglot 5-way 1-shot (where each order's meta learning rate is its
+    own)."""
+    return config.dataset == "omniglot" and config.n_way < 20 and config.k_shot == 1
+
+
 def finn_recipe(config: Config) -> dict[str, float | int | str]:
     """Finn et al.'s settings (their README's commands and code), from which each order's recipe
     departs where validation chose otherwise: Adam with meta learning rate 1e-3; Omniglot 5-way α
@@ -131,12 +137,11 @@ def recipe(config: Config) -> dict[str, float | int | str]:
     +2.18 ± 0.13) (benchmarks/results/compare-recipes/tried-so-20w-meta-batch/)."""
     values = finn_recipe(config)
     if config.dataset == "omniglot":
-        one_shot_5_way = config.n_way < 20 and config.k_shot == 1
-        values["downsample"] = "pool" if one_shot_5_way else "stride"
-        if one_shot_5_way:
-            values["lr"] = SECOND_ORDER_OMNIGLOT_LR
+        values["downsample"] = "pool" if _omniglot_5_way_1_shot(config) else "stride"
         if config.n_way >= 20:
             values["meta_batch"] = SECOND_ORDER_20_WAY_META_BATCH
+    if _omniglot_5_way_1_shot(config):
+        values["lr"] = SECOND_ORDER_OMNIGLOT_LR
     return values
 
 
@@ -213,8 +218,8 @@ def first_order_recipe(config: Config) -> dict[str, float | int | str]:
     values = finn_recipe(config)
     if config.dataset != "miniimagenet" and config.n_way < 20:
         values["inner_lr"] = 0.1
-        if config.dataset == "omniglot" and config.k_shot == 1:
-            values["lr"] = FIRST_ORDER_OMNIGLOT_LR
+    if _omniglot_5_way_1_shot(config):
+        values["lr"] = FIRST_ORDER_OMNIGLOT_LR
     if config.dataset == "omniglot" and config.n_way >= 20:
         values["eval_inner_steps"] = 10
     values["downsample"] = "pool"
