@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import run_cli
 from metalstm import build_method, cli, compare
 from metalstm.checkpoint import save_checkpoint
 from metalstm.compare import (
@@ -129,6 +130,29 @@ def test_settings_precedence_preset_recipe_set_method_set_train_episodes() -> No
     finetune = method_config(req, "finetune", lambda: 640)  # 10 batches of 64 per epoch
     assert finetune.settings.pretrain_epochs == pytest.approx(4.0)
     assert load_preset("omniglot-5w1s") == override(method_config(request(), "lstm", int), {})
+
+
+@pytest.mark.parametrize("preset", ["omniglot-5w1s", "omniglot-20w5s", "miniimagenet-5w5s"])
+def test_methods_lists_the_recipes_compare_trains_with_their_sources(preset: str) -> None:
+    code, out, err = run_cli(["methods", "--preset", preset, "--json"])
+    assert code == 0, err
+    rows = json.loads(out)
+    assert tuple(rows) == tuple(method_names())
+    test = load_preset(preset)
+    for name, row in rows.items():
+        trained = compare_config(preset, name).to_dict()
+        values = {**trained, **trained.pop("settings")}
+        assert {key: values[key] for key in row["recipe"]} == row["recipe"], name
+        published = method_entry(name).published.get((test.dataset, test.n_way, test.k_shot))
+        assert row["published"] == published
+    assert rows["maml"]["reference"].startswith("Finn") and rows["maml"]["recipe"]
+    assert rows["protonet"]["recipe"]["train_n_way"] > test.n_way  # Snell et al.'s episodes
+    assert rows["nn-pixel"]["recipe"] == {} and rows["nn-pixel"]["published"] is None
+    code, out, _ = run_cli(["methods", "--preset", preset])
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith(f"recipes on {preset}")
+    maml = lines.index(next(line for line in lines if line.startswith("maml ")))
+    assert lines[maml + 1].split() == [f"{k}={v}" for k, v in rows["maml"]["recipe"].items()]
 
 
 @pytest.mark.parametrize(

@@ -360,18 +360,30 @@ def with_recipe(config: Config, method: str) -> Config:
     recipe: the preset's data, test episodes and training schedule, the method's own default
     settings, and meta-training episodes of the test's shape (N ways, K shots, the test's
     queries) unless the recipe says otherwise. What ``compare`` and ``train --method`` train."""
-    entry = method_entry(method)
-    if method != config.method:
-        config = dataclasses.replace(
-            config,
-            method=method,
-            settings=entry.settings(),
-            train_n_way=None,
-            train_k_shot=None,
-            q_query=config.eval_queries,
-            eval_q_query=None,
-        )
-    return override(config, entry.recipe(config))
+    config = _turned_to(config, method)
+    return override(config, method_entry(method).recipe(config))
+
+
+def recipe_values(config: Config, method: str) -> dict[str, Any]:
+    """What ``method``'s registered recipe sets on ``config`` (a preset), as ``key: value``: the
+    settings of its own paper that :func:`with_recipe` puts on top of the preset."""
+    return method_entry(method).recipe(_turned_to(config, method))
+
+
+def _turned_to(config: Config, method: str) -> Config:
+    """``config`` with ``method``'s default settings and episodes of the test's shape (unchanged
+    where ``method`` is already the config's)."""
+    if method == config.method:
+        return config
+    return dataclasses.replace(
+        config,
+        method=method,
+        settings=method_entry(method).settings(),
+        train_n_way=None,
+        train_k_shot=None,
+        q_query=config.eval_queries,
+        eval_q_query=None,
+    )
 
 
 def save_yaml(config: Config) -> str:

@@ -129,6 +129,8 @@ class MethodEntry:
     trains_on: TrainsOn
     recipe: Recipe = _no_recipe
     published: Published = field(default_factory=dict)
+    # The paper the method, its recipe and its published figures come from ("" for none).
+    reference: str = ""
     # Another method whose trained checkpoint this one is built from (its training is shared).
     uses_training_of: str | None = None
 
@@ -145,6 +147,7 @@ def register(
     trains_on: TrainsOn = TrainsOn.EPISODES,
     recipe: Recipe = _no_recipe,
     published: Published | None = None,
+    reference: str = "",
     uses_training_of: str | None = None,
 ) -> Callable[[M], M]:
     """Class decorator: register a :class:`~metalstm.methods.base.Method` subclass as ``name``.
@@ -163,7 +166,15 @@ def register(
             raise ConfigError(f"{name!r} trains on mini-batches: its settings need BatchSettings")
         cls.name = name
         _METHODS[name] = MethodEntry(
-            name, cls, title, settings, trains_on, recipe, published or {}, uses_training_of
+            name,
+            cls,
+            title,
+            settings,
+            trains_on,
+            recipe,
+            published or {},
+            reference,
+            uses_training_of,
         )
         return cls
 

@@ -29,6 +29,9 @@ from .base import Classifier, Score
 from .metric import NearestNeighbour
 from .pretraining import PretrainedClassifier, PretrainSettings, parse_grid, pretrained_recipe
 
+# Both baselines start from one network pre-trained on all meta-training classes (Sec. 5).
+RAVI_LAROCHELLE_BASELINES = "Ravi & Larochelle, ICLR 2017, Sec. 5"
+
 
 @register(
     "finetune",
@@ -36,6 +39,7 @@ from .pretraining import PretrainedClassifier, PretrainSettings, parse_grid, pre
     settings=PretrainSettings,
     trains_on=TrainsOn.BATCHES,
     recipe=pretrained_recipe,
+    reference=RAVI_LAROCHELLE_BASELINES,
     # Ravi & Larochelle (2017), Table 1.
     published={("miniimagenet", 5, 1): 28.86, ("miniimagenet", 5, 5): 49.79},
 )
@@ -112,6 +116,7 @@ class Finetune(PretrainedClassifier):
     settings=PretrainSettings,
     trains_on=TrainsOn.BATCHES,
     uses_training_of=Finetune.name,  # the same pre-trained network (same state)
+    reference=RAVI_LAROCHELLE_BASELINES,
     # Ravi & Larochelle (2017), Table 1.
     published={("miniimagenet", 5, 1): 41.08, ("miniimagenet", 5, 5): 51.04},
 )

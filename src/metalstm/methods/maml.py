@@ -27,6 +27,7 @@ from ..inner_loop import SGD, InnerLoopResult, InnerLoopSettings, run_inner_loop
 from ..registry import register
 from .base import InnerLoopMethod
 
+REFERENCE = "Finn, Abbeel & Levine, ICML 2017"
 # Finn et al. (2017), Table 1 (Omniglot, transductive batch norm) and Table 2 (miniImageNet).
 PUBLISHED = {
     ("omniglot", 5, 1): 98.7,
@@ -145,7 +146,14 @@ def recipe(config: Config) -> dict[str, float | int | str]:
     return values
 
 
-@register("maml", title="MAML", settings=MAMLSettings, recipe=recipe, published=PUBLISHED)
+@register(
+    "maml",
+    title="MAML",
+    settings=MAMLSettings,
+    recipe=recipe,
+    published=PUBLISHED,
+    reference=REFERENCE,
+)
 class MAML(InnerLoopMethod):
     """Second-order MAML: the meta-gradient flows through the inner loop's gradients.
 
@@ -226,7 +234,13 @@ def first_order_recipe(config: Config) -> dict[str, float | int | str]:
     return values
 
 
-@register("maml-fo", title="MAML (first-order)", settings=MAMLSettings, recipe=first_order_recipe)
+@register(
+    "maml-fo",
+    title="MAML (first-order)",
+    settings=MAMLSettings,
+    recipe=first_order_recipe,
+    reference=REFERENCE,
+)
 class FirstOrderMAML(MAML):
     """First-order MAML: inner gradients are constants; meta-gradient = query gradient at θ_T."""
 

@@ -37,6 +37,7 @@ from ..layers import one_thread, product
 from ..registry import MethodSettings, register
 from .metric import MetricMethod, metric_recipe
 
+REFERENCE = "Vinyals et al., NeurIPS 2016"
 # Vinyals et al. (2016), Table 1 (Omniglot; their miniImageNet figures as quoted by Ravi &
 # Larochelle 2017, Table 1).
 PUBLISHED = {
@@ -154,6 +155,7 @@ class FullContextEmbedding(nn.Module):
     settings=MatchingSettings,
     recipe=matching_recipe,
     published=PUBLISHED,
+    reference=REFERENCE,
 )
 class MatchingNet(MetricMethod):
     """Matching Networks without FCE: cosine attention over the conv-4 support embeddings."""
@@ -175,6 +177,7 @@ class MatchingNet(MetricMethod):
     title="Matching Networks FCE",
     settings=FCESettings,
     recipe=matching_recipe,
+    reference=REFERENCE,
     published={("miniimagenet", 5, 1): 43.56, ("miniimagenet", 5, 5): 55.31},
 )
 class MatchingNetFCE(MatchingNet):

@@ -53,6 +53,7 @@ def squared_distances(x: Tensor, y: Tensor) -> Tensor:
     "protonet",
     title="Prototypical Networks",
     recipe=protonet_recipe,
+    reference="Snell, Swersky & Zemel, NeurIPS 2017",
     # Snell et al. (2017), Tables 1 and 2.
     published={
         ("omniglot", 5, 1): 98.8,

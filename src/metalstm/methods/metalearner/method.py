@@ -54,6 +54,7 @@ class LSTMSettings(InnerLoopSettings):
     "lstm",
     title="Meta-learner LSTM",
     settings=LSTMSettings,
+    reference="Ravi & Larochelle, ICLR 2017",
     # Ravi & Larochelle (2017), Table 1.
     published={("miniimagenet", 5, 1): 43.44, ("miniimagenet", 5, 5): 60.60},
 )
