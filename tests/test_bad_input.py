@@ -213,3 +213,14 @@ def test_ctrl_c_while_the_command_starts_is_one_line_and_exit_130() -> None:
     )
     assert result.returncode == 130, result.stderr
     assert result.stderr == "metalstm: interrupted\n"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``metalstm methods | head -1``: stdout closed before the command prints (exit 141, as
+    when SIGPIPE kills a Unix tool), with no traceback."""
+    command = [sys.executable, "-m", "metalstm", "methods", "--preset", "omniglot-5w1s"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command has imported torch, let alone printed
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 141 and err == ""

@@ -1,14 +1,16 @@
 """Command-line interface: a thin layer over the Python API.
 
 Every command exits 0 on success and 2 on a usage or input error, printing one line that says what
-is wrong and how to fix it (no traceback). Commands that report results take ``--json``. Each
-command is a module of :mod:`metalstm.commands` (its parser and its run); :data:`COMMANDS` lists
-them in the order of ``metalstm --help``.
+is wrong and how to fix it (no traceback); a reader of its output that goes away (``metalstm
+methods | head``) ends it quietly, as it does other Unix tools (exit 141). Commands that report
+results take ``--json``. Each command is a module of :mod:`metalstm.commands` (its parser and its
+run); :data:`COMMANDS` lists them in the order of ``metalstm --help``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -55,4 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("metalstm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it at /dev/null so that raises nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # killed by SIGPIPE, as the shell reports it
     return 0
