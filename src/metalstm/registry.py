@@ -134,6 +134,10 @@ class MethodEntry:
     # Another method whose trained checkpoint this one is built from (its training is shared).
     uses_training_of: str | None = None
 
+    def published_on(self, config: Config) -> float | None:
+        """The figure the method's paper published for ``config``'s dataset, N and K, if any."""
+        return self.published.get((config.dataset, config.n_way, config.k_shot))
+
 
 _METHODS: dict[str, MethodEntry] = {}
 M = TypeVar("M", bound="type[Method]")

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
         }
         if preset is not None:
             row["recipe"] = recipe_values(preset, name)
-            row["published"] = entry.published.get((preset.dataset, preset.n_way, preset.k_shot))
+            row["published"] = entry.published_on(preset)
     if args.json:
         print(json.dumps(rows, indent=2))
         return

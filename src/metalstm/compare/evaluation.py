@@ -115,7 +115,6 @@ def evaluate_methods(
     """
     base = base_config(request)
     fixed = FixedTest(base)
-    setting = (base.dataset, base.n_way, base.k_shot)
     results = []
     for method, info in trained.items():
         model = fixed.load(info.checkpoint, base.transductive)
@@ -140,7 +139,7 @@ def evaluate_methods(
             fixed.fingerprint,
             seconds,
             method_notes(model, info, result.protocol, base),
-            entry.published.get(setting),
+            entry.published_on(base),
             transductive,
         )
         extra = "" if transductive is None else f"; transductive {transductive.line()}"

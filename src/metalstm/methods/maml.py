@@ -69,10 +69,12 @@ FIRST_ORDER_OMNIGLOT_LR = 4e-3
 SECOND_ORDER_OMNIGLOT_META_BATCH = {(5, 5): 4, (20, 1): 4, (20, 5): 2}
 
 
-def _omniglot_5_way_1_shot(config: Config) -> bool:
-    """Whether ``config`` is Omniglot 5-way 1-shot (where each order's meta learning rate is its
-    own)."""
-    return config.dataset == "omniglot" and config.n_way < 20 and config.k_shot == 1
+def _omniglot_setting(config: Config) -> tuple[int, int] | None:
+    """Which of Finn et al.'s Omniglot settings ``config`` is, as (5 or 20 ways, K shots); None
+    off Omniglot. Each order's recipe departs from theirs per setting."""
+    if config.dataset != "omniglot":
+        return None
+    return (20 if config.n_way >= 20 else 5, config.k_shot)
 
 
 def finn_recipe(config: Config) -> dict[str, float | int | str]:
@@ -144,13 +146,11 @@ def recipe(config: Config) -> dict[str, float | int | str]:
     and then fell behind 32 (93.65 against 95.51 % after 37,500 tasks, where it was stopped)
     (benchmarks/results/compare-recipes/tried-so-5w-meta-batch/)."""
     values = finn_recipe(config)
-    if config.dataset == "omniglot":
-        values["downsample"] = "pool" if _omniglot_5_way_1_shot(config) else "stride"
-        ways = 20 if config.n_way >= 20 else 5
-        values["meta_batch"] = SECOND_ORDER_OMNIGLOT_META_BATCH.get(
-            (ways, config.k_shot), values["meta_batch"]
-        )
-    if _omniglot_5_way_1_shot(config):
+    setting = _omniglot_setting(config)
+    if setting is not None:
+        values["downsample"] = "pool" if setting == (5, 1) else "stride"
+        values["meta_batch"] = SECOND_ORDER_OMNIGLOT_META_BATCH.get(setting, values["meta_batch"])
+    if setting == (5, 1):
         values["lr"] = SECOND_ORDER_OMNIGLOT_LR
     return values
 
@@ -235,7 +235,7 @@ def first_order_recipe(config: Config) -> dict[str, float | int | str]:
     values = finn_recipe(config)
     if config.dataset != "miniimagenet" and config.n_way < 20:
         values["inner_lr"] = 0.1
-    if _omniglot_5_way_1_shot(config):
+    if _omniglot_setting(config) == (5, 1):
         values["lr"] = FIRST_ORDER_OMNIGLOT_LR
     if config.dataset == "omniglot" and config.n_way >= 20:
         values["eval_inner_steps"] = 10
