@@ -27,8 +27,8 @@ from torch import Tensor
 
 from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
-from metalstm.bench import cpu_name
 from metalstm.learner import to_channels_last
+from metalstm.machine import cpu_name
 
 EPS = 1e-5
 

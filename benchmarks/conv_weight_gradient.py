@@ -24,7 +24,7 @@ from torch import Tensor
 
 from grouped_conv import kernel_arguments, median_ms
 from metalstm import layers
-from metalstm.bench import cpu_name
+from metalstm.machine import cpu_name
 
 # (label, images, C_in, side, C_out per group, groups)
 SHAPES = [

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from metalstm.allocator import keep_freed_memory
-from metalstm.bench import cpu_name
 from metalstm.layers import single_threaded
+from metalstm.machine import cpu_name
 
 SHAPES = [  # (images per episode, input channels, side, filters)
     (25, 3, 84, 32), (25, 32, 42, 32), (25, 32, 21, 32), (25, 32, 10, 32),

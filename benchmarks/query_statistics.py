@@ -25,11 +25,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from metalstm.bench import cpu_name
 from metalstm.data import EpisodeSampler
 from metalstm.evaluation import ci95
 from metalstm.inner_loop import AdaptedLearner
 from metalstm.learner import BatchNormState
+from metalstm.machine import cpu_name
 from metalstm.methods.base import InnerLoopMethod, accuracy
 from metalstm.serialization import load_method
 from metalstm.util import load_part

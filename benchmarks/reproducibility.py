@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from metalstm.bench import cpu_name
 from metalstm.checkpoint import load_checkpoint
+from metalstm.machine import cpu_name
 
 # The paper's recipe, whose runs agree across thread counts to rounding (README
 # "Reproducibility"); the library's recipe with a head built per episode drifted by 1.0e-4 after

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from grouped_conv import kernel_arguments, median_ms
-from metalstm.bench import cpu_name
+from metalstm.machine import cpu_name
 from metalstm.methods.metalearner import native
 from throughput import lstm_kernel_seconds, run_machine
 

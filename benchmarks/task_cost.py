@@ -34,9 +34,9 @@ import torch
 
 from metalstm import Config, override
 from metalstm.allocator import keep_freed_memory
-from metalstm.bench import cpu_name
 from metalstm.compare import Request, add_compare_arguments, method_config
 from metalstm.data import Episodes
+from metalstm.machine import cpu_name
 from metalstm.methods.finetune import Finetune
 from metalstm.methods.pretraining import parse_grid
 from metalstm.serialization import load_method

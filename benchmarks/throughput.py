@@ -57,7 +57,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from metalstm.bench import cpu_name
+from metalstm.machine import cpu_name
 
 TRAIN_WORKLOADS: dict[str, list[str]] = {
     "84rgb-5w5s": ["--image-size", "84", "--channels", "3", "--shots", "5", "--steps", "8"],

@@ -24,13 +24,15 @@ from metalstm.compare import (
     method_config,
 )
 from metalstm.compare.evaluation import method_notes
-from metalstm.compare.training import Trained
+from metalstm.compare.training import Cost, Trained
 from metalstm.config import Config, load_preset, override
 from metalstm.data import ClassImages, Episode, fixed_episodes, load_split
 from metalstm.errors import ConfigError
 from metalstm.evaluation import protocol_for
+from metalstm.machine import describe
 from metalstm.registry import method_entry, method_names
 from metalstm.serialization import method_meta, method_tensors
+from metalstm.training import UNRECORDED
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -447,6 +449,18 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
         assert len(row["per_episode"]) == 6 and 0.0 <= row["accuracy"] <= 1.0
     by_name = {row["method"]: row for row in results["methods"]}
     assert by_name["nn-pixel"]["train_seconds"] == 0.0  # nothing to train
+    # Every time names its machine: where the comparison ran, and each method's training (all
+    # here, on this CPU, in this process's thread count), with CPU time beside wall time.
+    here = describe(torch.device("cpu"))
+    assert results["machine"] == here
+    for name in ("finetune", "nn-embedding", "protonet"):
+        row = by_name[name]
+        assert row["train_machines"] == [here], name
+        assert row["train_cpu_seconds"] > 0.0 and row["eval_cpu_seconds"] > 0.0, name
+    assert (by_name["nn-pixel"]["train_cpu_seconds"], by_name["nn-pixel"]["train_machines"]) == (
+        0.0,
+        [],
+    )
     transductive = {m: row["transductive_accuracy"] for m, row in by_name.items()}
     assert [m for m, value in transductive.items() if value is not None] == ["protonet"]
     shared = by_name["nn-embedding"]
@@ -455,6 +469,7 @@ def test_compare_writes_table_csv_json_and_chart_on_identical_episodes(
     table = (out / "results.md").read_text()
     assert "6 fixed episodes" in table and expected[:16] in table and "metalstm compare" in table
     assert all(f"(`{m}`)" in table for m in TINY_METHODS) and "| Transductive (%) |" in table
+    assert f"Machine: {here} (evaluation and training)." in table
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["method"] for r in rows] == list(TINY_METHODS)
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -494,9 +509,22 @@ def test_untrained_and_config_only_methods_need_no_data(tmp_path: Path) -> None:
     assert model.name == "nn-pixel" and meta["kind"] == "untrained"
 
 
+def test_training_cost_is_read_from_the_training_state_and_unknown_where_not_recorded() -> None:
+    here = describe(torch.device("cpu"))
+    full = {"elapsed": 70.5, "cpu_seconds": 69, "machines": ["EPYC; 1 thread", here]}
+    assert Cost.of(full) == Cost(70.5, 69.0, ("EPYC; 1 thread", here))
+    # A checkpoint from before CPU time was recorded: wall time only.
+    assert Cost.of({"step": 3, "elapsed": 12.0}) == Cost(12.0, None, ())
+    # Resumed from such a checkpoint: CPU time of part of the run only, so not given.
+    assert Cost.of({"elapsed": 9.0, "cpu_seconds": 4.0, "machines": [UNRECORDED, here]}) == Cost(
+        9.0, None, ()
+    )
+    assert Cost.of(None) == Cost.of([1]) == Cost()
+
+
 def test_notes_name_a_learner_other_than_the_presets() -> None:
     base = override(load_preset("omniglot-5w1s"), {"filters": 8})
-    trained = Trained(Path("unused"), None, "trained")
+    trained = Trained(Path("unused"), Cost(), "trained")
     for method, downsample, named in [("maml", "stride", True), ("protonet", "pool", False)]:
         model = build_method(override(base, {"method": method, "downsample": downsample}))
         protocol = protocol_for(model, model.config, "test", 6, 0)

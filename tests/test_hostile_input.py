@@ -114,7 +114,20 @@ def test_non_finite_weights_are_refused_at_load(tmp_path: Path) -> None:
     assert code == 2 and "non-finite" in err and name.removeprefix("model.") in err
 
 
-@pytest.mark.parametrize("train_state", [None, [1], {"step": "abc"}, {"bogus": 1}, {"step": 0}])
+MALFORMED_TRAIN_STATES = [
+    None,
+    [1],
+    {"step": "abc"},
+    {"bogus": 1},
+    {"step": 1, "elapsed": "1 h"},
+    {"step": 1, "cpu_seconds": None},
+    {"step": 1, "machines": "Xeon"},
+    {"step": 1, "machines": [3]},
+    {"step": 0},  # a good train_state: the optimizer's param groups are what is malformed
+]
+
+
+@pytest.mark.parametrize("train_state", MALFORMED_TRAIN_STATES)
 def test_a_malformed_train_state_or_optimizer_is_one_line(
     train_state: object, tmp_path: Path, data_env: Path
 ) -> None:

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from conftest import tensorboard_scalars
-from metalstm.checkpoint import load_checkpoint
-from metalstm.training import catch_sigint
+from metalstm.checkpoint import load_checkpoint, save_checkpoint
+from metalstm.machine import cpu_name
+from metalstm.training import UNRECORDED, catch_sigint
 
 TINY = [
     "--preset", "omniglot-5w1s-paper", "--episodes", "64", "--quiet",
@@ -124,6 +125,39 @@ def test_killed_run_resumes_bit_for_bit(
     resumed = metalstm("train", "--resume", str(run), "--quiet", env=env)
     assert finish(resumed) == 0
     assert_same_run(reference, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recorded", [True, False])
+def test_a_resumed_run_adds_its_cpu_time_and_machine_to_the_checkpoints(
+    reference_run: tuple[Path, dict], tmp_path: Path, recorded: bool
+) -> None:
+    """Training's CPU time and machines go on from the checkpoint's; resumed from a checkpoint
+    that predates them (``recorded=False``), the machines start with ``UNRECORDED``."""
+    _, env = reference_run
+    run = tmp_path / "run"
+    process = metalstm(
+        "train", "--out", str(run), *TINY, env=env, signal_after=(10, signal.SIGKILL)
+    )
+    assert finish(process) == -signal.SIGKILL
+    last = run / "last.safetensors"
+    tensors, meta = load_checkpoint(last)
+    state = meta["train_state"]
+    assert state["step"] == 8 and state["cpu_seconds"] > 0 and len(state["machines"]) == 1
+    here = state["machines"][0]
+    assert here.startswith(cpu_name())
+    if recorded:
+        state["cpu_seconds"] = 1000.0  # as if the first process had run for that long
+    else:
+        del state["cpu_seconds"], state["machines"]
+    save_checkpoint(last, tensors, meta)
+    assert finish(metalstm("train", "--resume", str(run), "--quiet", env=env)) == 0
+    state = load_checkpoint(last)[1]["train_state"]
+    assert state["step"] == 64
+    if recorded:
+        assert state["cpu_seconds"] > 1000.0 and state["machines"] == [here]
+    else:
+        assert 0.0 < state["cpu_seconds"] < 1000.0 and state["machines"] == [UNRECORDED, here]
 
 
 @pytest.mark.slow

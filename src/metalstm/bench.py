@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,29 +40,12 @@ from .evaluation import score_episodes
 from .files import check_output, output_path, write_file
 from .layers import block_kernels, conv_kernels
 from .learner import DOWNSAMPLING, LearnerShape, conv_flops, conv_sides
+from .machine import cpu_name
 from .methods import build_method
 from .methods.base import Method, learner_shape
 from .methods.metalearner import LSTMSettings, step_kernels
 from .training import episode_items, meta_gradient
 from .util import resolve_device
-
-
-def cpu_name() -> str:
-    """The CPU's model name, family and model, and widest vector ISA (Linux ``/proc/cpuinfo``),
-    or the platform's processor string: what a reported time must name, as machines of one
-    kind differ several-fold."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine() or "unknown CPU"
-    name = fields.get("model name", platform.processor() or platform.machine())
-    if "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    flags = fields.get("flags", "").split()
-    return name + (", AVX-512" if "avx512f" in flags else ", AVX2" if "avx2" in flags else "")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -30,6 +30,7 @@ from typing import Any, TextIO
 
 import torch
 
+from . import machine
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import Config, save_yaml
 from .data import Episode, Episodes, EpisodeSampler
@@ -65,6 +66,10 @@ from .serialization import (
 )
 from .util import load_part, resolve_device
 
+# In TrainState.machines: training before this entry ran where nothing recorded it (a checkpoint
+# written before the CPU time and machines were), so its CPU time is not known.
+UNRECORDED = "(not recorded)"
+
 
 @dataclass
 class TrainState:
@@ -78,6 +83,10 @@ class TrainState:
     nonfinite_streak: int = 0
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "acc": 0.0, "n": 0.0})
     elapsed: float = 0.0  # seconds of training before this process
+    # CPU seconds of training (every thread of the main process) before this process, and where
+    # it ran (machine.describe: the CPU, or GPU, and the thread count), in order
+    cpu_seconds: float = 0.0
+    machines: list[str] = field(default_factory=list)
     stopped: str = ""  # why training ended: "", "completed", "early stopping", "interrupted"
 
 
@@ -339,6 +348,12 @@ class Trainer:
         if state.step == 0:
             self.pretrain()
         start = time.perf_counter() - state.elapsed
+        cpu_start = time.process_time() - state.cpu_seconds
+        if state.step > 0 and not state.machines:
+            state.machines.append(UNRECORDED)  # resumed from a checkpoint that predates the record
+        here = machine.describe(self.device)
+        if state.machines[-1:] != [here]:
+            state.machines.append(here)
         progress = Progress(self.total_steps, cfg.meta_batch, state.step, self.log)
         if self.dist.is_main:
             self.events = open_tensorboard(self.run_dir, first_step=state.step + 1)
@@ -351,6 +366,7 @@ class Trainer:
                     state.window["acc"] += acc
                     state.window["n"] += 1
                 state.elapsed = time.perf_counter() - start
+                state.cpu_seconds = time.process_time() - cpu_start
                 if state.step % self.log_every == 0 or state.step == self.total_steps:
                     self.log_window()
                 if state.step % self.val_every == 0 or state.step == self.total_steps:
@@ -630,6 +646,12 @@ def train_state_from(meta: dict[str, Any], path: Path) -> TrainState:
         state = TrainState(**values)
         if type(state.step) is not int or state.step < 0:
             raise TypeError("step is not a count")
+        if not all(type(t) in (int, float) for t in (state.elapsed, state.cpu_seconds)):
+            raise TypeError("elapsed or cpu_seconds is not a number of seconds")
+        if not isinstance(state.machines, list) or not all(
+            isinstance(m, str) for m in state.machines
+        ):
+            raise TypeError("machines is not a list of names")
     except TypeError as error:
         raise CheckpointError(f"checkpoint {path} has a malformed train_state ({error})") from None
     return state

@@ -71,7 +71,9 @@ def run(args: argparse.Namespace) -> None:
         )
         print(
             f"{state.stopped}: {state.step * trainer.config.meta_batch} episodes in "
-            f"{state.elapsed:.1f} s; {best}; checkpoints in {printable(str(trainer.run_dir))}"
+            f"{state.elapsed:.1f} s ({state.cpu_seconds:.1f} s of CPU on "
+            f"{' then '.join(state.machines)}); {best}; checkpoints in "
+            f"{printable(str(trainer.run_dir))}"
         )
     if state.stopped == "interrupted":
         raise SystemExit(130)

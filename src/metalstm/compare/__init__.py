@@ -17,7 +17,8 @@ episodes) and :mod:`.reports` (the files).
    non-transductive protocol, a method whose query statistics come from the episode is evaluated
    once more with transductive batch norm, the protocol of several published figures;
 3. writes ``OUT/results.md`` (Markdown table: mean ± 95% CI, the transductive figure beside it,
-   episodes, training wall time, published figure; protocol line and command),
+   episodes, training wall and CPU time, published figure; protocol line, command and the
+   machine),
    ``results.csv``, ``results.json`` (with every per-episode accuracy) and ``results.png``
    (bar chart, error bars = 95% CI).
 
@@ -37,7 +38,8 @@ from typing import Any, TextIO
 
 from ..errors import ConfigError
 from ..files import write_file
-from ..util import load_part
+from ..machine import describe
+from ..util import load_part, resolve_device
 from .configs import ComparisonProgress, base_config, method_config, planned_work, train_image_count
 from .evaluation import RecordingSampler, evaluate_methods
 from .reports import csv_text, markdown, plot, results_json
@@ -69,10 +71,11 @@ def compare(request: Request, log: TextIO | None = sys.stderr) -> dict[str, Any]
     results, fingerprint, base = evaluate_methods(request, trained, log, progress)
     test = load_part(base, "test")
     data_digest = hashlib.sha256(test.images.numpy().tobytes()).hexdigest()
-    payload = results_json(results, request, base, fingerprint, data_digest)
+    here = describe(resolve_device(base.device))
+    payload = results_json(results, request, base, fingerprint, data_digest, here)
     out = request.out
     out.mkdir(parents=True, exist_ok=True)
-    write_file(out / "results.md", markdown(results, request, base, fingerprint))
+    write_file(out / "results.md", markdown(results, request, base, fingerprint, here))
     write_file(out / "results.csv", csv_text(results))
     write_file(out / "results.json", json.dumps(payload, indent=2) + "\n")
     title = (

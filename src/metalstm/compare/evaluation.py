@@ -57,6 +57,7 @@ class MethodResult:
     trained: Trained
     fingerprint: str
     eval_seconds: float
+    eval_cpu_seconds: float  # every thread of the process
     notes: str
     published: float | None
     # The same checkpoint with the query batch's own statistics (transductive batch norm, the
@@ -73,9 +74,12 @@ class MethodResult:
             "transductive_accuracy": None if self.transductive is None else self.transductive.mean,
             "transductive_ci95": None if self.transductive is None else self.transductive.ci95,
             "episodes": len(self.result.accuracies),
-            "train_seconds": self.trained.seconds,
+            "train_seconds": self.trained.cost.seconds,
+            "train_cpu_seconds": self.trained.cost.cpu_seconds,
+            "train_machines": list(self.trained.cost.machines),
             "train_origin": self.trained.origin,
             "eval_seconds": self.eval_seconds,
+            "eval_cpu_seconds": self.eval_cpu_seconds,
             "published": self.published,
             "notes": self.notes,
             "checkpoint": str(self.trained.checkpoint),
@@ -118,10 +122,10 @@ def evaluate_methods(
     results = []
     for method, info in trained.items():
         model = fixed.load(info.checkpoint, base.transductive)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         with progress.stage(method, "evaluation"):
             result = fixed.evaluate(method, model, log)
-        seconds = time.perf_counter() - start
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         transductive = None
         if not base.transductive:
             other = fixed.load(info.checkpoint, transductive=True)
@@ -138,6 +142,7 @@ def evaluate_methods(
             info,
             fixed.fingerprint,
             seconds,
+            cpu_seconds,
             method_notes(model, info, result.protocol, base),
             entry.published_on(base),
             transductive,

@@ -14,6 +14,7 @@ from ..files import write_file
 from ..progress import format_seconds
 from .evaluation import MethodResult
 from .request import Request
+from .training import Trained
 
 
 def protocol_line(base: Config, fingerprint: str) -> str:
@@ -30,11 +31,32 @@ def _seconds(value: float | None) -> str:
     return "—" if value is None else format_seconds(value)
 
 
+def _cost(trained: Trained) -> str:
+    """A method's training cost in the table: wall time / CPU time."""
+    return f"{_seconds(trained.cost.seconds)} / {_seconds(trained.cost.cpu_seconds)}"
+
+
+def machines_line(results: Sequence[MethodResult], here: str) -> str:
+    """Where the comparison ran, and where each method trained where that was elsewhere (or is
+    not recorded)."""
+    line = f"Machine: {here} (evaluation"
+    elsewhere = []
+    for r in results:
+        if r.trained.origin == "untrained":
+            continue
+        where = " then ".join(r.trained.cost.machines) or "a machine not recorded"
+        if where != here:
+            elsewhere.append(f"`{r.method}` trained on {where}")
+    return line + (f"; {'; '.join(elsewhere)})." if elsewhere else " and training).")
+
+
 def _accuracy(result: EvalResult | None) -> str:
     return "—" if result is None else f"{100 * result.mean:.2f} ± {100 * result.ci95:.2f}"
 
 
-def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp: str) -> str:
+def markdown(
+    results: Sequence[MethodResult], request: Request, base: Config, fp: str, here: str
+) -> str:
     beside = not base.transductive  # a transductive column beside the protocol's
     lines = [
         f"# Few-shot comparison: {request.preset}",
@@ -43,7 +65,7 @@ def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp
         "",
         "| Method | Accuracy (%) | "
         + ("Transductive (%) | " if beside else "")
-        + "Episodes | Training time | Published (%) | Notes |",
+        + "Episodes | Training: wall / CPU time | Published (%) | Notes |",
         "|---|---|" + ("---|" if beside else "") + "---|---|---|---|",
     ]
     for r in results:
@@ -51,16 +73,20 @@ def markdown(results: Sequence[MethodResult], request: Request, base: Config, fp
         lines.append(
             f"| {r.title} (`{r.method}`) | {_accuracy(r.result)} | "
             + (f"{_accuracy(r.transductive)} | " if beside else "")
-            + f"{len(r.result.accuracies)} | {_seconds(r.trained.seconds)} | {published} "
+            + f"{len(r.result.accuracies)} | {_cost(r.trained)} | {published} "
             f"| {r.notes} |"
         )
     lines += [
         "",
         f"Command: `{request.command()}`",
         "",
-        "Training time: wall time of each method's training run on this machine (validation "
-        "included); `—` when unknown. Published: the figure quoted in the project's SPEC for "
-        "this dataset and N-way K-shot setting, for reference only (other budgets and protocols).",
+        machines_line(results, here),
+        "",
+        "Training: wall time of each method's training run, and CPU time (every thread of the "
+        "process: one core's minutes when it ran on one thread), validation included; `—` when "
+        "the checkpoint does not record it. Published: the figure quoted in the project's SPEC "
+        "for this dataset and N-way K-shot setting, for reference only (other budgets and "
+        "protocols).",
     ]
     if beside:
         lines.append(
@@ -81,7 +107,9 @@ CSV_FIELDS = (
     "transductive_ci95",
     "episodes",
     "train_seconds",
+    "train_cpu_seconds",
     "eval_seconds",
+    "eval_cpu_seconds",
     "published",
     "notes",
     "checkpoint",
@@ -100,11 +128,17 @@ def csv_text(results: Sequence[MethodResult]) -> str:
 
 
 def results_json(
-    results: Sequence[MethodResult], request: Request, base: Config, fingerprint: str, data: str
+    results: Sequence[MethodResult],
+    request: Request,
+    base: Config,
+    fingerprint: str,
+    data: str,
+    here: str,
 ) -> dict[str, Any]:
     return {
         "preset": request.preset,
         "command": request.command(),
+        "machine": here,  # where the methods were evaluated; each one's training: train_machines
         "protocol": protocol_line(base, fingerprint),
         "dataset": base.dataset,
         "split": base.split,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -15,7 +15,7 @@ from ..errors import CheckpointError, ConfigError
 from ..methods import build_method
 from ..registry import TrainsOn, method_entry, method_names
 from ..serialization import load_method, method_meta, method_tensors
-from ..training import resume, train
+from ..training import UNRECORDED, resume, train
 from .configs import (
     ComparisonProgress,
     base_config,
@@ -25,18 +25,45 @@ from .configs import (
 from .request import Request, say
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What a method's training cost, from its run's :class:`~metalstm.training.TrainState`: wall
+    seconds, CPU seconds (every thread of the main process) and the machines it ran on
+    (:func:`metalstm.machine.describe`, in order). None and () where a checkpoint does not
+    record them (written before they were recorded, or with no training state)."""
+
+    seconds: float | None = None
+    cpu_seconds: float | None = None
+    machines: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, state: Any) -> Cost:
+        """The cost recorded in a training state (a checkpoint's ``train_state``)."""
+        if not isinstance(state, dict):
+            return cls()
+        seconds, cpu = (state.get(key) for key in ("elapsed", "cpu_seconds"))
+        machines = state.get("machines")
+        if not isinstance(machines, list) or not machines or UNRECORDED in machines:
+            cpu, machines = None, []  # CPU time of part of the run only, or of none of it
+        return cls(
+            float(seconds) if isinstance(seconds, int | float) else None,
+            float(cpu) if isinstance(cpu, int | float) else None,
+            tuple(str(m) for m in machines),
+        )
+
+
 @dataclass
 class Trained:
     """Where a method's checkpoint came from and what its training cost."""
 
     checkpoint: Path
-    seconds: float | None  # training wall time (None: unknown)
+    cost: Cost
     origin: str  # "trained", "reused", "resumed", "given", "shared", "untrained"
     note: str = ""
 
 
-def _training_seconds(path: Path) -> float | None:
-    """Training wall time recorded in the run's last checkpoint (or in ``path`` itself)."""
+def _training_cost(path: Path) -> Cost:
+    """The training cost recorded in the run's last checkpoint (or in ``path`` itself)."""
     for candidate in (path.parent / "last.safetensors", path):
         try:
             meta = read_checkpoint_meta(candidate)
@@ -44,10 +71,10 @@ def _training_seconds(path: Path) -> float | None:
             continue
         if candidate != path and meta.get("config") != read_checkpoint_meta(path).get("config"):
             continue  # a last checkpoint of another run
-        state = meta.get("train_state")
-        if isinstance(state, dict) and isinstance(state.get("elapsed"), int | float):
-            return float(state["elapsed"])
-    return None
+        cost = Cost.of(meta.get("train_state"))
+        if cost.seconds is not None:
+            return cost
+    return Cost()
 
 
 def _finished_run(run_dir: Path, config: Config) -> tuple[bool, bool]:
@@ -70,7 +97,7 @@ def train_method(method: str, config: Config, run_dir: Path, log: TextIO | None)
     best = run_dir / "best.safetensors"
     if same and finished and best.is_file():
         say(log, f"{method}: reusing the finished run in {run_dir}")
-        return Trained(best, _training_seconds(best), "reused")
+        return Trained(best, _training_cost(best), "reused")
     if same:
         say(log, f"{method}: resuming the run in {run_dir}")
         trainer = resume(run_dir, log=log)
@@ -81,7 +108,7 @@ def train_method(method: str, config: Config, run_dir: Path, log: TextIO | None)
         origin = "trained"
     if trainer.state.stopped == "interrupted":
         raise KeyboardInterrupt
-    return Trained(best, trainer.state.elapsed, origin)
+    return Trained(best, Cost.of(asdict(trainer.state)), origin)
 
 
 def write_untrained(method: str, config: Config, run_dir: Path) -> Trained:
@@ -89,7 +116,7 @@ def write_untrained(method: str, config: Config, run_dir: Path) -> Trained:
     model = build_method(config)
     path = run_dir / "best.safetensors"
     save_checkpoint(path, method_tensors(model), method_meta(model, "untrained"))
-    return Trained(path, 0.0, "untrained", "no training")
+    return Trained(path, Cost(0.0, 0.0), "untrained", "no training")
 
 
 def write_shared(method: str, source: Path, run_dir: Path) -> Trained:
@@ -99,8 +126,8 @@ def write_shared(method: str, source: Path, run_dir: Path) -> Trained:
     path = run_dir / "best.safetensors"
     extra = {"source": str(source), "train_state": meta.get("train_state")}
     save_checkpoint(path, method_tensors(model), method_meta(model, "shared", **extra))
-    seconds = _training_seconds(source)
-    return Trained(path, seconds, "shared", f"training shared with {meta['algorithm']}")
+    cost = _training_cost(source)
+    return Trained(path, cost, "shared", f"training shared with {meta['algorithm']}")
 
 
 def given_checkpoint(method: str, spec: str, base: Config) -> Trained:
@@ -117,7 +144,7 @@ def given_checkpoint(method: str, spec: str, base: Config) -> Trained:
     except ConfigError as error:
         raise CheckpointError(f"checkpoint {path} has an unusable config: {error}") from None
     check_compatible(method, config, base, path)
-    return Trained(path, _training_seconds(path), "given")
+    return Trained(path, _training_cost(path), "given")
 
 
 def shares_training(a: Any, b: str) -> bool:
