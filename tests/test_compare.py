@@ -263,6 +263,8 @@ SO_FINN_META_BATCH = ("--set", "maml:meta_batch=16")
 SO_FINN_5_WAY_META_BATCH = ("--set", "maml:meta_batch=32")
 SO_META_BATCH_8 = ("--set", "maml:meta_batch=8")
 SO_META_BATCH_4 = ("--set", "maml:meta_batch=4")
+SO_META_BATCH_2 = ("--set", "maml:meta_batch=2")
+SO_META_BATCH_1 = ("--set", "maml:meta_batch=1")
 
 
 @pytest.mark.parametrize(
@@ -288,6 +290,8 @@ SO_META_BATCH_4 = ("--set", "maml:meta_batch=4")
             "tried-so-20w-meta-batch/omniglot-20w1s-mb16",
         ),
         ("omniglot-20w5s", "maml", SO_META_BATCH_4, "tried-so-20w-meta-batch/omniglot-20w5s-mb4"),
+        ("omniglot-20w1s", "maml", SO_META_BATCH_2, "tried-so-20w-meta-batch/omniglot-20w1s-mb2"),
+        ("omniglot-20w5s", "maml", SO_META_BATCH_1, "tried-so-20w-meta-batch/omniglot-20w5s-mb1"),
         (
             "omniglot-5w5s",
             "maml",

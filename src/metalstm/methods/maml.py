@@ -139,7 +139,9 @@ def recipe(config: Config) -> dict[str, float | int | str]:
     reached 84.5 %, and the test episodes scored 83.40 / 84.40 % against 82.10 / 83.30 % (+1.30 ±
     0.25 points paired). On 20-way 5-shot 2 (among 16, 4 and 2): validation 92.0, 94.0 and
     95.3 %, the test episodes 91.27 / 91.56, 93.45 / 93.70 and 94.93 / 95.10 % (2 against 4:
-    +1.48 ± 0.13) (benchmarks/results/compare-recipes/tried-so-20w-meta-batch/). On 5-way
+    +1.48 ± 0.13). Smaller still no longer pays: 2 on 1-shot trailed 4 throughout (validation
+    83.7 against 84.5 %), 1 on 5-shot tied 2 (95.35 against 95.25 %; test, paired: −0.07 ± 0.11)
+    (benchmarks/results/compare-recipes/tried-so-20w-meta-batch/). On 5-way
     5-shot 4 instead of 32 (among 32, 8 and 4): validation 99.03 against 98.17 % (8: 98.96 %), the
     test episodes 98.42 / 98.66 % against 97.73 / 97.99 % (+0.69 ± 0.14 points paired; 8: 98.39 /
     98.60 %). Not on 5-way 1-shot, where 8 per update led validation for the first 10,000 tasks
